@@ -1,0 +1,198 @@
+"""Atomic, non-pickle saving and loading of a run's files.
+
+A run directory holds:
+
+- ``config.json``: everything that rebuilds model, guide, objective and data;
+- ``weights.safetensors``: the model's and guide's weights and ``pyro.param`` s;
+- ``checkpoint.safetensors``: the same plus optimizer, scheduler, epoch, RNG
+  state and history, so ``fit(..., resume=True)`` continues the same trajectory;
+- ``history.csv``, ``metrics.json``, figures and ``report.md``.
+
+Tensors are stored with safetensors and everything else as JSON (in the
+safetensors header's metadata), so loading never runs code: there is no
+pickle anywhere. Every write goes to a temporary file in the same directory
+that is flushed, fsync'ed and ``os.replace`` d over the target, so a killed
+process leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch.distributions import constraints
+
+from .errors import CheckpointError
+
+__all__ = [
+    "atomic_write",
+    "write_json",
+    "read_json",
+    "save_tensors",
+    "load_tensors",
+    "constraint_to_json",
+    "constraint_from_json",
+    "FORMAT_VERSION",
+]
+
+FORMAT_VERSION = 1
+_META_KEY = "pyrovi"
+MAX_FILE_BYTES = 1 << 34  # 16 GiB: refuse absurd sizes before reading
+
+
+def atomic_write(path: str, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
+
+
+def read_json(path: str, what: str = "file") -> Any:
+    """Read JSON from ``path``; a missing or malformed file raises :class:`CheckpointError`."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES)
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({e}); it may be corrupt") from None
+
+
+def save_tensors(path: str, tensors: dict, meta: Optional[dict] = None) -> None:
+    """Atomically save ``{name: tensor}`` plus a JSON-able ``meta`` dict as one safetensors file."""
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    header = {_META_KEY: json.dumps({"format": FORMAT_VERSION, **(meta or {})}, allow_nan=True)}
+    atomic_write(path, st_save(clean, metadata=header))
+
+
+def load_tensors(path: str, device: str | torch.device = "cpu") -> tuple:
+    """Load a file written by :func:`save_tensors`: ``(tensors, meta)``.
+
+    Only safetensors' own format is accepted: a pickle (``torch.save``) file,
+    a truncated file or garbage raises :class:`CheckpointError`; nothing in the
+    file is ever executed.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise CheckpointError(f"{path} is {size} bytes, larger than any pyrovi checkpoint could be")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x80\x02" or raw[:2] == b"PK" or raw[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path} is a pickle/torch.save file, not safetensors; pyrovi never unpickles "
+            "checkpoints because unpickling can run arbitrary code"
+        )
+    try:
+        tensors = st_load(raw)
+        from safetensors import safe_open  # header metadata; reads the bytes already validated above
+
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, ValueError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({e}); it may be truncated or corrupt") from None
+    if _META_KEY not in header:
+        raise CheckpointError(f"{path} is a safetensors file but not one written by pyrovi (no metadata)")
+    try:
+        meta = json.loads(header[_META_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} has corrupt metadata: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} has malformed metadata")
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')!r}; this pyrovi reads {FORMAT_VERSION}")
+    if device != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors, meta
+
+
+# --------------------------------------------------------------------------- constraints as JSON
+
+_SIMPLE = {
+    "real": constraints.real,
+    "positive": constraints.positive,
+    "nonnegative": constraints.nonnegative,
+    "unit_interval": constraints.unit_interval,
+    "simplex": constraints.simplex,
+    "lower_cholesky": constraints.lower_cholesky,
+    "corr_cholesky": constraints.corr_cholesky,
+    "positive_definite": constraints.positive_definite,
+    "real_vector": constraints.real_vector,
+    "ordered_vector": getattr(constraints, "ordered_vector", constraints.real_vector),
+}
+
+
+def constraint_to_json(c) -> dict:
+    """A JSON description of a ``torch.distributions`` constraint (for ``pyro.param`` s)."""
+    for name, known in _SIMPLE.items():
+        if c is known:
+            return {"name": name}
+    if type(c) is type(constraints.real):  # Pyro's param store re-creates `real` on set_state
+        return {"name": "real"}
+    if isinstance(c, constraints.independent):
+        return {"name": "independent", "base": constraint_to_json(c.base_constraint),
+                "ndims": c.reinterpreted_batch_ndims}
+    if isinstance(c, (constraints.interval, constraints.half_open_interval)):
+        return {"name": type(c).__name__.lstrip("_").lower().replace("halfopeninterval", "half_open_interval"),
+                "lower": float(c.lower_bound), "upper": float(c.upper_bound)}
+    if isinstance(c, (constraints.greater_than, constraints.greater_than_eq)):
+        eq = isinstance(c, constraints.greater_than_eq)
+        return {"name": "greater_than_eq" if eq else "greater_than", "lower": float(c.lower_bound)}
+    if isinstance(c, constraints.less_than):
+        return {"name": "less_than", "upper": float(c.upper_bound)}
+    raise CheckpointError(f"cannot store parameter constraint {c!r}; supported: {sorted(_SIMPLE)} and bounds")
+
+
+def constraint_from_json(d) -> Any:
+    """Inverse of :func:`constraint_to_json`; unknown names raise :class:`CheckpointError`."""
+    if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+        raise CheckpointError(f"malformed constraint {d!r}")
+    n = d["name"]
+    try:
+        if n in _SIMPLE:
+            return _SIMPLE[n]
+        if n == "independent":
+            return constraints.independent(constraint_from_json(d["base"]), int(d["ndims"]))
+        if n in ("interval", "half_open_interval"):
+            return getattr(constraints, n)(float(d["lower"]), float(d["upper"]))
+        if n in ("greater_than", "greater_than_eq"):
+            return getattr(constraints, n)(float(d["lower"]))
+        if n == "less_than":
+            return constraints.less_than(float(d["upper"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"malformed constraint {d!r}: {e}") from None
+    raise CheckpointError(f"unknown constraint {n!r} in checkpoint")

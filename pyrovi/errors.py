@@ -1,0 +1,57 @@
+"""pyrovi's error types and the one name-lookup rule.
+
+Every error a user can cause derives from :class:`PyroviError` (itself a
+``ValueError``), so scripts and the CLI can tell "you handed in something
+wrong" from a bug. Messages name the argument, the value found and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+
+class PyroviError(ValueError):
+    """Base class of every error caused by user input."""
+
+
+class DataError(PyroviError):
+    """Data that cannot be used: NaN/inf, wrong shape, out of range, corrupt file."""
+
+
+class ConfigError(PyroviError):
+    """A bad argument, hyperparameter, unknown name or malformed config."""
+
+
+class CheckpointError(PyroviError):
+    """A run directory or checkpoint that is missing, corrupt or untrusted."""
+
+
+class TrainingError(PyroviError):
+    """Training could not go on (e.g. a non-finite loss); saved work is kept."""
+
+
+def lookup(table: Mapping[str, Any], name: str, what: str) -> Any:
+    """Resolve ``name`` in ``table``; unknown names list the valid ones.
+
+    Names are case-insensitive and ``-``/``_`` are interchangeable.
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"{what} must be a name (str), got {type(name).__name__} {name!r}")
+    key = name.strip().lower().replace("-", "_")
+    if key not in table:
+        valid = ", ".join(sorted(table))
+        raise ConfigError(f"unknown {what} {name!r}; valid {what}s: {valid}")
+    return table[key]
+
+
+def check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a positive (int) number."""
+    kind = "integer" if integer else "number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise ConfigError(f"{name} must be a positive {kind}, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name} must be finite, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be {bound}, got {value!r}")

@@ -1,0 +1,34 @@
+"""Guides: ``PyroModule`` s whose ``forward(x, y=None)`` is the Pyro *guide* q(z|x).
+
+Build one for a model with ``Guide(model, **options)``; rebuild from a run's
+config with :func:`build`.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError, lookup
+from .diag_normal import DiagNormal
+
+__all__ = ["DiagNormal", "GUIDES", "build", "names"]
+
+#: name -> guide class; each is built as ``cls(model, **options)``.
+GUIDES: dict = {"diag_normal": DiagNormal, "diagnormal": DiagNormal}
+
+
+def names() -> list:
+    """Guide names accepted by :func:`build` and the CLI."""
+    return sorted({k for k in GUIDES if k != "diagnormal"})
+
+
+def build(model, config) -> object:
+    """Build a guide for ``model`` from a name or a ``config()`` dict ``{"name": ..., **options}``."""
+    if isinstance(config, str):
+        config = {"name": config}
+    if not isinstance(config, dict) or "name" not in config:
+        raise ConfigError(f"guide config must be a name or a dict with a 'name'; got {config!r}")
+    opts = dict(config)
+    cls = lookup(GUIDES, opts.pop("name"), "guide")
+    try:
+        return cls(model, **opts)
+    except TypeError as e:
+        raise ConfigError(f"guide options {opts} do not fit {cls.__name__}: {e}") from None

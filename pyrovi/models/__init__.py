@@ -1,0 +1,31 @@
+"""Generative models: ``PyroModule`` s whose ``forward(x, y=None)`` is the Pyro *model*.
+
+Each model declares ``latent_sites`` (``{name: event shape}``) so guides can be
+built for it, and ``config()`` / ``from_config()`` so a run directory rebuilds it.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError, lookup
+from .vae import VAE, VAEConfig
+
+__all__ = ["VAE", "VAEConfig", "MODELS", "build", "names"]
+
+#: name -> model class; every class has ``from_config(dict)``.
+MODELS: dict = {"vae": VAE}
+
+
+def names() -> list:
+    """Model names accepted by :func:`build` and the CLI."""
+    return sorted(MODELS)
+
+
+def build(config: dict):
+    """Rebuild a model from its ``config()`` dict (as stored in ``config.json``)."""
+    if not isinstance(config, dict) or "name" not in config:
+        raise ConfigError(f"model config must be a dict with a 'name'; got {config!r}")
+    cls = lookup(MODELS, config["name"], "model")
+    try:
+        return cls.from_config(config)
+    except TypeError as e:
+        raise ConfigError(f"model config {config!r} does not fit {cls.__name__}: {e}") from None

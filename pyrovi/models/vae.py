@@ -1,0 +1,186 @@
+"""The variational autoencoder's generative model p(z) p(x|z) as a Pyro model.
+
+.. math::
+
+    z \\sim \\mathcal N(0, I_L), \\qquad x \\mid z \\sim p_\\theta(x \\mid \\mathrm{dec}(z))
+
+with a Bernoulli (logits), Gaussian (fixed or learned sigma, the seed's
+:math:`\\delta`) or Categorical likelihood. The guide is separate
+(:mod:`pyrovi.guides`); this module only says how data is generated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+
+from ..errors import ConfigError, check_positive, lookup
+from ..nets import MLP
+
+__all__ = ["VAE", "VAEConfig", "LIKELIHOODS"]
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+@dataclass
+class VAEConfig:
+    """Options of :class:`VAE` (stored in a run's ``config.json``)."""
+
+    input_dim: int  # D, size of one flattened item
+    latent_dim: int = 16  # L, size of the latent site "z"
+    hidden: tuple = (256,)  # decoder hidden widths (reversed order of a typical encoder)
+    likelihood: str = "bernoulli"  # "bernoulli" (logits) or "gaussian"
+    sigma: float = 1.0  # Gaussian observation std (the seed's delta); initial value when learned
+    learn_sigma: bool = False  # learn one sigma per pixel instead of keeping it fixed
+    activation: str = "relu"
+    image_shape: Optional[tuple] = None  # (H, W) for plots
+    num_classes: Optional[int] = field(default=None, repr=False)  # set by ConditionalVAE
+
+    def validate(self) -> None:
+        check_positive("input_dim", self.input_dim, integer=True)
+        check_positive("latent_dim", self.latent_dim, integer=True)
+        lookup({k: k for k in LIKELIHOODS}, self.likelihood, "likelihood")
+        check_positive("sigma", self.sigma)
+        if self.image_shape is not None and math.prod(self.image_shape) != self.input_dim:
+            raise ConfigError(f"image_shape {self.image_shape} does not match input_dim {self.input_dim}")
+
+
+class VAE(PyroModule):
+    """VAE generative model: latent site ``"z"`` of shape ``(L,)``, observation ``"x"`` of shape ``(D,)``.
+
+    ``forward(x, y=None)`` runs the model on a batch ``x`` of shape ``(B, D)``
+    inside ``pyro.plate("data", B)``; under vectorized particles ``z`` has
+    shape ``(S, B, L)``. Log-densities are in nats.
+
+    Args:
+        shape: the data's event shape ``(D,)`` (``dataset.shape``) or ``D``.
+        latent_dim: L.
+        hidden: decoder hidden layer widths.
+        likelihood: ``"bernoulli"`` (data in [0, 1], logits parameterization) or
+            ``"gaussian"`` (std ``sigma``; ``learn_sigma=True`` learns it per pixel).
+        image_shape: ``(H, W)`` used by plots.
+    """
+
+    latent_site = "z"
+    obs_site = "x"
+    max_plate_nesting = 1
+    uses_labels = False
+
+    def __init__(
+        self,
+        shape,
+        latent_dim: int = 16,
+        *,
+        hidden=(256,),
+        likelihood: str = "bernoulli",
+        sigma: float = 1.0,
+        learn_sigma: bool = False,
+        activation: str = "relu",
+        image_shape=None,
+        num_classes=None,
+    ):
+        super().__init__()
+        input_dim = _input_dim(shape)
+        likelihood = likelihood.lower() if isinstance(likelihood, str) else likelihood
+        self.cfg = VAEConfig(
+            input_dim=input_dim,
+            latent_dim=latent_dim,
+            hidden=tuple(hidden),
+            likelihood=likelihood,
+            sigma=float(sigma) if isinstance(sigma, (int, float)) and not isinstance(sigma, bool) else sigma,
+            learn_sigma=bool(learn_sigma),
+            activation=activation,
+            image_shape=tuple(image_shape) if image_shape is not None else None,
+            num_classes=num_classes,
+        )
+        self.cfg.validate()
+        self.decoder = MLP(latent_dim + self._context_dim(), self.cfg.hidden, input_dim, act=activation)
+        if likelihood == "gaussian":
+            log_sigma = torch.full((input_dim,), math.log(self.cfg.sigma))
+            if learn_sigma:
+                self.log_sigma = nn.Parameter(log_sigma)
+            else:
+                self.register_buffer("log_sigma", log_sigma)
+
+    # -- structure the guides read ----------------------------------------------------
+    @property
+    def latent_sites(self) -> dict:
+        """``{site name: event shape}`` of the latent sites a guide must cover."""
+        return {self.latent_site: (self.cfg.latent_dim,)}
+
+    @property
+    def obs_shape(self) -> tuple:
+        return (self.cfg.input_dim,)
+
+    def _context_dim(self) -> int:
+        return 0
+
+    def config(self) -> dict:
+        """JSON-able options that rebuild this model (``pyrovi.models.build``)."""
+        d = asdict(self.cfg)
+        d["hidden"] = list(d["hidden"])
+        d.pop("num_classes")
+        return {"name": "vae", **d}
+
+    @classmethod
+    def from_config(cls, d: dict) -> "VAE":
+        d = dict(d)
+        d.pop("name", None)
+        return cls(d.pop("input_dim"), **d)
+
+    # -- the model --------------------------------------------------------------------
+    def likelihood(self, out: torch.Tensor) -> dist.TorchDistribution:
+        """p(x | z) from the decoder output ``out`` of shape ``(..., D)``; event dim 1."""
+        if self.cfg.likelihood == "bernoulli":
+            # validate_args=False: grey levels in [0, 1] are allowed (cross-entropy); fit validates the range.
+            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+        return dist.Normal(out, self.log_sigma.exp()).to_event(1)
+
+    def prior(self, batch: int, like: torch.Tensor) -> dist.TorchDistribution:
+        """p(z) = N(0, I_L), event dim 1, on ``like``'s device and dtype."""
+        zero = like.new_zeros(())
+        return dist.Normal(zero, zero + 1.0).expand([self.cfg.latent_dim]).to_event(1)
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run the model on ``x`` of shape ``(B, D)``; returns the decoder output ``(..., B, D)``."""
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample(self.latent_site, self.prior(x.shape[0], x))  # (S?, B, L)
+            out = self.decoder(z)  # (S?, B, D)
+            pyro.sample(self.obs_site, self.likelihood(out), obs=x)
+        return out
+
+    # -- uses -------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x | z) for ``z`` of shape ``(..., L)``: probabilities (Bernoulli) or means, ``(..., D)``."""
+        out = self.decoder(z)
+        return torch.sigmoid(out) if self.cfg.likelihood == "bernoulli" else out
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Means of p(x|z) for ``n`` draws z ~ p(z); shape ``(n, D)``."""
+        check_positive("n", n, integer=True)
+        p = next(self.parameters())
+        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=p.device, dtype=p.dtype)
+        return self.decode(z)
+
+
+def _input_dim(shape) -> int:
+    if isinstance(shape, bool):
+        raise ConfigError(f"shape must be the data's event shape (D,) or an int D, got {shape!r}")
+    if isinstance(shape, int):
+        return shape
+    try:
+        dims = tuple(int(s) for s in shape)
+    except TypeError:
+        raise ConfigError(f"shape must be the data's event shape (D,) or an int D, got {shape!r}") from None
+    if not dims:
+        raise ConfigError("shape must not be empty")
+    return math.prod(dims)

@@ -1,0 +1,321 @@
+"""A trained run: model, guide, objective, config and history, and its directory.
+
+Parameters live in two places in Pyro code: ``nn.Module`` s (``state_dict``)
+and Pyro's param store (``pyro.param``, ``pyro.module`` in plain functions,
+autoguides). Each run keeps its own param-store state and enters it with
+:meth:`Run.scope`, so two runs in one process, or a run and the user's own
+SVI code, never see each other's parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import warnings
+from typing import Any, Iterator, Optional
+
+import pyro
+import torch
+from pyro import poutine
+
+from . import __version__
+from .checkpoint import (
+    constraint_from_json,
+    constraint_to_json,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
+from .errors import CheckpointError, ConfigError
+
+__all__ = ["Run", "load_run", "resolve_device", "empty_param_state", "discover_params"]
+
+CONFIG = "config.json"
+WEIGHTS = "weights.safetensors"
+CHECKPOINT = "checkpoint.safetensors"
+HISTORY = "history.csv"
+METRICS = "metrics.json"
+
+
+def resolve_device(device: Any = "auto") -> torch.device:
+    """``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str):
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' was asked for but no CUDA device is available; use device='auto' or 'cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device type {dev.type!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+def empty_param_state() -> dict:
+    """A fresh, empty param-store state for :meth:`pyro.params.param_store.ParamStoreDict.scope`."""
+    return {"params": {}, "constraints": {}}
+
+
+def discover_params(model, guide, loss_fn) -> list:
+    """All trainable tensors of a (model, guide) pair, found the way Pyro's SVI finds them.
+
+    ``loss_fn()`` is run once under a parameter-only trace; every ``pyro.param``
+    it touches (``pyro.module``, PyroModule attributes, autoguides) is collected
+    as its unconstrained tensor, together with the ``parameters()`` of model and
+    guide when they are ``nn.Module`` s. Call inside the run's param scope.
+    """
+    seen: dict[int, torch.Tensor] = {}
+    for m in (model, guide):
+        if isinstance(m, torch.nn.Module):
+            for p in m.parameters():
+                if p.requires_grad:
+                    seen.setdefault(id(p), p)
+    with poutine.trace(param_only=True) as cap:
+        loss_fn()
+    for site in cap.trace.nodes.values():
+        if site["type"] == "param":
+            p = site["value"].unconstrained()
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+class Run:
+    """The result of :func:`pyrovi.fit` or :func:`load_run`.
+
+    Attributes:
+        model, guide: the trained Pyro model and guide.
+        objective: the :class:`pyrovi.objectives.Objective` trained with.
+        config: JSON-able dict that rebuilds model, guide, objective and data.
+        history: list of per-epoch dicts (``epoch``, ``train_loss``, ``val_loss``
+            in nats/datapoint, loss = -bound; ``lr``, ``beta``, ``seconds``).
+        directory: the run directory, or None for an in-memory run.
+        param_state: this run's own Pyro param-store state (see :meth:`scope`).
+        device: where model and guide live.
+        data: the dataset trained on, when known (not saved).
+    """
+
+    def __init__(self, model, guide, objective, config, history=None, directory=None, param_state=None,
+                 device="cpu", data=None, metrics=None):
+        self.model = model
+        self.guide = guide
+        self.objective = objective
+        self.config = config
+        self.history = list(history or [])
+        self.directory = directory
+        self.param_state = param_state if param_state is not None else empty_param_state()
+        self.device = torch.device(device)
+        self.data = data
+        self.metrics = dict(metrics or {})
+
+    def __repr__(self) -> str:
+        last = self.history[-1] if self.history else {}
+        return (f"Run(model={type(self.model).__name__}, guide={type(self.guide).__name__}, "
+                f"objective={self.objective!r}, epochs={len(self.history)}, "
+                f"val_loss={last.get('val_loss')}, directory={self.directory!r})")
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[dict]:
+        """Enter this run's param-store state (restoring the global store on exit)."""
+        with pyro.get_param_store().scope(self.param_state) as state:
+            yield state
+
+    # ------------------------------------------------------------------ tensors
+    def state_tensors(self) -> dict:
+        """``{name: tensor}`` of everything learned: module state dicts and param-store params."""
+        out, module_ids = {}, set()
+        for prefix, m in (("model", self.model), ("guide", self.guide)):
+            if isinstance(m, torch.nn.Module):
+                for k, v in m.state_dict(keep_vars=True).items():
+                    out[f"{prefix}/{k}"] = v.detach()
+                    module_ids.add(id(v))
+        for k, v in self.param_state["params"].items():
+            if id(v) not in module_ids:
+                out[f"param/{k}"] = v.detach()
+        return out
+
+    def param_constraints(self) -> dict:
+        """JSON description of the param-store constraints (for ``param/`` tensors)."""
+        return {k: constraint_to_json(c) for k, c in self.param_state["constraints"].items()
+                if k in self.param_state["params"]}
+
+    def load_state_tensors(self, tensors: dict, constraints: dict, args: tuple = ()) -> None:
+        """Put saved tensors back into model, guide and param store (in place, shapes checked)."""
+        for prefix, m in (("model", self.model), ("guide", self.guide)):
+            if isinstance(m, torch.nn.Module):
+                sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
+                _load_module(m, sd, prefix)
+        params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+        if params:
+            self._load_params(params, constraints, args)
+
+    def _load_params(self, params: dict, constraints: dict, args: tuple) -> None:
+        # Bind saved values to the live tensors the user's code registers: a parameter-only
+        # trace in this run's (fresh) scope makes pyro.module/pyro.param register the very
+        # tensors the code will use; their values are then overwritten in place.
+        with self.scope():
+            if args:
+                _touch(self.model, self.guide, args)
+            store = pyro.get_param_store()
+            for name, value in params.items():
+                c = constraint_from_json(constraints.get(name, {"name": "real"}))
+                if name in store._params:
+                    live = store._params[name]
+                    if live.shape != value.shape:
+                        raise CheckpointError(f"saved parameter {name!r} has shape {tuple(value.shape)}, "
+                                              f"the code's has {tuple(live.shape)}")
+                    with torch.no_grad():
+                        live.copy_(value.to(live.device, live.dtype))
+                else:
+                    store._params[name] = value.to(self.device).requires_grad_(True)
+                    store._param_to_name[store._params[name]] = name
+                    store._constraints[name] = c
+
+    # ------------------------------------------------------------------ files
+    def save(self, directory: Optional[str] = None) -> str:
+        """Write ``config.json``, ``weights.safetensors``, ``history.csv`` and ``metrics.json``."""
+        directory = directory or self.directory
+        if directory is None:
+            raise ConfigError("Run.save needs a directory (this run was trained without out=)")
+        os.makedirs(directory, exist_ok=True)
+        write_json(os.path.join(directory, CONFIG), self.config)
+        save_tensors(os.path.join(directory, WEIGHTS), self.state_tensors(),
+                     {"constraints": self.param_constraints(), "pyrovi_version": __version__})
+        write_history(os.path.join(directory, HISTORY), self.history)
+        write_json(os.path.join(directory, METRICS), self.metrics)
+        self.directory = directory
+        return directory
+
+    @torch.no_grad()
+    def sample(self, n: int = 64) -> torch.Tensor:
+        """``n`` prior samples decoded to data space, ``(n, D)`` (pyrovi's models)."""
+        if not hasattr(self.model, "sample"):
+            raise ConfigError(f"{type(self.model).__name__} has no sample(n) method")
+        with self.scope():
+            return self.model.sample(n)
+
+
+def _touch(model, guide, args) -> None:
+    """Run guide then model once (no gradients) so their params register in the current store."""
+    with torch.no_grad(), poutine.trace(param_only=True):
+        tr = poutine.trace(guide).get_trace(*args)
+        poutine.replay(model, trace=tr)(*args)
+
+
+def _load_module(m: torch.nn.Module, sd: dict, prefix: str) -> None:
+    own = m.state_dict()
+    missing = sorted(set(own) - set(sd))
+    extra = sorted(set(sd) - set(own))
+    if missing or extra:
+        raise CheckpointError(
+            f"saved {prefix} weights do not fit this {type(m).__name__}: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}; was the run trained with a different architecture?")
+    for k, v in sd.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"saved {prefix} weight {k!r} has shape {tuple(v.shape)}, "
+                                  f"this {type(m).__name__} has {tuple(own[k].shape)}")
+    m.load_state_dict(sd)
+
+
+def write_history(path: str, history: list) -> None:
+    """Atomically write the per-epoch history as CSV."""
+    from .checkpoint import atomic_write
+
+    buf = io.StringIO()
+    keys: list = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    w = csv.DictWriter(buf, fieldnames=keys or ["epoch"])
+    w.writeheader()
+    for row in history:
+        w.writerow(row)
+    atomic_write(path, buf.getvalue())
+
+
+def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu") -> Run:
+    """Load a run directory written by :func:`pyrovi.fit`.
+
+    pyrovi's own models and guides are rebuilt from ``config.json``. A run of
+    your own Pyro code needs the same callables again: ``load_run(dir,
+    model=my_model, guide=my_guide)``; code is never stored in or executed
+    from a run directory, only tensors (safetensors) and JSON.
+
+    Args:
+        directory: the run directory.
+        model, guide: your own model/guide (required when the run used them).
+        device: where to put the weights (``"cpu"`` default, ``"auto"``, ``"cuda"``).
+    """
+    from . import guides as guides_mod
+    from . import models as models_mod
+    from . import objectives as objectives_mod
+
+    if not isinstance(directory, (str, os.PathLike)) or not os.path.isdir(directory):
+        raise CheckpointError(f"run directory not found: {directory!r}")
+    directory = os.fspath(directory)
+    dev = resolve_device(device)
+    config = read_json(os.path.join(directory, CONFIG), "run config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{directory}/{CONFIG} must hold a JSON object")
+    for key in ("model", "guide", "objective"):
+        if not isinstance(config.get(key), dict):
+            raise CheckpointError(f"{directory}/{CONFIG} has no valid {key!r} section")
+    version = config.get("pyrovi_version")
+    if version != __version__:
+        warnings.warn(f"run was written by pyrovi {version}, this is {__version__}", stacklevel=2)
+    if model is None:
+        if config["model"].get("name") == "user":
+            raise ConfigError(f"{directory} was trained on your own Pyro model: pass model= and guide= to load_run")
+        model = models_mod.build(config["model"])
+    if guide is None:
+        if config["guide"].get("name") == "user":
+            raise ConfigError(f"{directory} was trained with your own guide: pass guide= to load_run")
+        guide = guides_mod.build(model, config["guide"])
+    for m in (model, guide):
+        if isinstance(m, torch.nn.Module):
+            m.to(dev)
+    objective = objectives_mod.get(config["objective"])
+    tensors, meta = load_tensors(os.path.join(directory, WEIGHTS), dev)
+    metrics = {}
+    if os.path.isfile(os.path.join(directory, METRICS)):
+        metrics = read_json(os.path.join(directory, METRICS), "metrics")
+    run = Run(model, guide, objective, config, history=read_history(os.path.join(directory, HISTORY)),
+              directory=directory, device=dev, metrics=metrics if isinstance(metrics, dict) else {})
+    probe = _probe_args(config, dev)
+    run.load_state_tensors(tensors, meta.get("constraints", {}), probe)
+    for m in (model, guide):
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    return run
+
+
+def _probe_args(config: dict, dev) -> tuple:
+    shape = config.get("data", {}).get("shape")
+    if not shape:
+        return ()
+    return (torch.zeros(2, *shape, device=dev),)
+
+
+def read_history(path: str) -> list:
+    """Read ``history.csv`` back into a list of dicts of floats (missing file: empty list)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        row = {}
+        for k, v in r.items():
+            try:
+                row[k] = int(v) if k == "epoch" else float(v)
+            except (TypeError, ValueError):
+                row[k] = v
+        out.append(row)
+    return out

@@ -1,0 +1,181 @@
+"""Log importance weights log p(x, z) - log q(z|x) from Pyro traces.
+
+The one place where pyrovi reads Pyro traces by hand. Pyro's ``RenyiELBO``
+has no ``differentiable_loss`` and log-sum-exps whole batches when any site
+sits outside the data plate; pyrovi's importance-weighted objectives
+(``iwae``, ``renyi``, ``dreg``), the IWAE log-likelihood of ``evaluate`` and the
+weights of ``diagnose`` all start here instead.
+
+Per-datapoint weights. When every sample site (latent and observed) lies in
+the plate named ``data_plate`` ("data" in pyrovi's models), the weights
+factorize over datapoints and we return one weight per particle and
+datapoint, ``(S, B)``, so the IWAE bound log-sum-exps per datapoint:
+
+.. math::
+
+    \\log w_{s,n} = \\sum_{\\text{sites}} \\log p(x_n, z_{s,n}) - \\log q(z_{s,n} \\mid x_n).
+
+Otherwise (a global latent, or no data plate) the weights do not factorize:
+one weight per particle for the whole batch, ``(S, 1)``, exactly as Pyro's
+``RenyiELBO`` computes it. A bound over whole-batch weights is looser and
+its variance grows with the batch size; see the objectives docs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import site_is_subsample
+
+from .errors import ConfigError
+
+__all__ = ["LogWeights", "log_weights", "guess_max_plate_nesting", "PARTICLE_PLATE"]
+
+PARTICLE_PLATE = "num_particles_vectorized"  # Pyro's own name, so Pyro code treats it as particles
+
+
+class LogWeights(NamedTuple):
+    """Result of :func:`log_weights`. Log-densities in nats.
+
+    ``log_p``, ``log_q``, ``log_lik`` and ``log_w = log_p - log_q`` have shape ``(S, B)``
+    (per-datapoint) or ``(S, 1)`` (whole batch). A bound computed from them
+    is multiplied by ``scale`` (the data plate's subsampling factor N/B).
+    """
+
+    log_w: torch.Tensor
+    log_p: torch.Tensor
+    log_q: torch.Tensor
+    log_lik: torch.Tensor  # the observed sites' part of log_p, log p(x | z)
+    scale: float
+    per_datapoint: bool
+    model_trace: object
+    guide_trace: object
+
+
+def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
+    """Plate depth of model and guide, read from attributes or found by one trace."""
+    declared = [getattr(m, "max_plate_nesting", None) for m in (model, guide)]
+    declared = [d for d in declared if isinstance(d, int)]
+    if declared:
+        return max(declared)
+    with poutine.block():
+        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+    depth = 0
+    for tr in (guide_tr, model_tr):
+        for site in tr.nodes.values():
+            if site["type"] == "sample":
+                for f in site["cond_indep_stack"]:
+                    if f.vectorized and f.dim is not None:
+                        depth = max(depth, -f.dim)
+    return depth
+
+
+def _site_log_prob(site, detach_params: Optional[Callable] = None) -> torch.Tensor:
+    fn = site["fn"] if detach_params is None else detach_params(site)
+    lp = fn.log_prob(site["value"])
+    mask = site["mask"]
+    if mask is not None and mask is not True:
+        lp = torch.where(torch.as_tensor(mask, device=lp.device), lp, lp.new_zeros(()))
+    return lp
+
+
+def _reduce(lp: torch.Tensor, rank: int, data_dim: Optional[int]) -> torch.Tensor:
+    """Sum ``lp`` (batch shape of a site) to ``(S|1, B|1)``: keep the particle dim and the data dim."""
+    lp = lp.reshape((1,) * (rank - lp.dim()) + lp.shape)  # (S|1, ..., ) with `rank` dims
+    keep = {0} if data_dim is None else {0, rank + data_dim}
+    dims = [d for d in range(rank) if d not in keep]
+    if dims:
+        lp = lp.sum(dims, keepdim=True)
+    return lp.reshape(lp.shape[0], -1)  # (S|1, B|1)
+
+
+def log_weights(
+    model,
+    guide,
+    *args,
+    particles: int = 1,
+    max_plate_nesting: Optional[int] = None,
+    data_plate: str = "data",
+    guide_log_prob: Optional[Callable] = None,
+    **kwargs,
+) -> LogWeights:
+    """Draw ``particles`` vectorized samples z ~ q(z|x), replay the model, return log weights.
+
+    Args:
+        model, guide: Pyro callables taking ``(*args, **kwargs)``.
+        particles: S, drawn in one vectorized plate on the leftmost batch dim.
+        max_plate_nesting: plate depth; guessed by one trace when None.
+        data_plate: name of the plate over datapoints.
+        guide_log_prob: optional ``site -> distribution`` used to score guide
+            sites instead of ``site["fn"]`` (STL/DReG evaluate log q with
+            detached variational parameters this way).
+
+    Gradients flow through z (reparameterized guides) into both log p and log q.
+    """
+    if not isinstance(particles, int) or isinstance(particles, bool) or particles < 1:
+        raise ConfigError(f"particles must be a positive integer, got {particles!r}")
+    if max_plate_nesting is None:
+        max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+    rank = max_plate_nesting + 1
+    with pyro.plate(PARTICLE_PLATE, particles, dim=-rank):
+        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+    if is_validation_enabled():
+        _check_sites(model_tr, guide_tr)
+
+    sites = []  # (log_prob, scale, data_dim, sign); sign 2 marks observed model sites
+    for tr, sign, scorer in ((model_tr, 1.0, None), (guide_tr, -1.0, guide_log_prob)):
+        for site in tr.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            data_dim = next((f.dim for f in site["cond_indep_stack"] if f.name == data_plate), None)
+            use_scorer = scorer if not site["is_observed"] else None
+            kind = 2.0 if (sign > 0 and site["is_observed"]) else sign
+            sites.append((_site_log_prob(site, use_scorer), site["scale"], data_dim, kind))
+
+    per_datapoint = bool(sites) and all(d is not None for _, _, d, _ in sites)
+    # A data-plate subsampling factor N/B common to every site multiplies the per-datapoint
+    # bound from outside; any other scales stay inside the weights, as in Pyro's RenyiELBO.
+    scalar = all(not torch.is_tensor(s) or s.numel() == 1 for _, s, _, _ in sites)
+    distinct = {float(s) for _, s, _, _ in sites} if scalar else set()
+    factor_out = per_datapoint and len(distinct) == 1
+    scale = distinct.pop() if factor_out else 1.0
+
+    log_p = log_q = log_lik = None
+    for lp, s, data_dim, sign in sites:
+        if not factor_out and not (isinstance(s, (int, float)) and s == 1.0):
+            lp = lp * s
+        term = _reduce(lp, rank, data_dim if per_datapoint else None)
+        if sign > 0:
+            log_p = term if log_p is None else log_p + term
+            if sign == 2.0:
+                log_lik = term if log_lik is None else log_lik + term
+        else:
+            log_q = term if log_q is None else log_q + term
+    zero = torch.zeros(particles, 1)
+    log_p = zero if log_p is None else log_p
+    log_q = torch.zeros_like(log_p) if log_q is None else log_q
+    log_lik = torch.zeros_like(log_p) if log_lik is None else log_lik
+    log_p, log_q, log_lik = torch.broadcast_tensors(log_p, log_q, log_lik)
+    if log_p.shape[0] != particles:
+        log_p, log_q, log_lik = (t.expand(particles, -1) for t in (log_p, log_q, log_lik))
+    return LogWeights(log_p - log_q, log_p, log_q, log_lik, scale, per_datapoint, model_tr, guide_tr)
+
+
+def _check_sites(model_tr, guide_tr) -> None:
+    def latent(tr):
+        return {n for n, s in tr.nodes.items()
+                if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
+
+    model_latent, guide_latent = latent(model_tr), latent(guide_tr)
+    missing = model_latent - guide_latent
+    if missing:
+        raise ConfigError(
+            f"the guide does not sample the model's latent site(s) {sorted(missing)}; "
+            "an importance weight needs q for every latent of the model"
+        )
