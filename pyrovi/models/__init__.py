@@ -7,12 +7,13 @@ built for it, and ``config()`` / ``from_config()`` so a run directory rebuilds i
 from __future__ import annotations
 
 from ..errors import ConfigError, lookup
+from .linear_gaussian import LinearGaussian
 from .vae import VAE, VAEConfig
 
-__all__ = ["VAE", "VAEConfig", "MODELS", "build", "names"]
+__all__ = ["VAE", "VAEConfig", "LinearGaussian", "MODELS", "build", "names"]
 
 #: name -> model class; every class has ``from_config(dict)``.
-MODELS: dict = {"vae": VAE}
+MODELS: dict = {"vae": VAE, "linear_gaussian": LinearGaussian}
 
 
 def names() -> list:
