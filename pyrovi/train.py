@@ -9,6 +9,7 @@ into it nor is clobbered by it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -31,7 +32,7 @@ from .errors import CheckpointError, ConfigError, DataError, TrainingError, chec
 from .run import CHECKPOINT, CONFIG, Run, discover_params, empty_param_state, resolve_device
 from .weights import guess_max_plate_nesting
 
-__all__ = ["fit", "TrainConfig", "LR_SCHEDULES"]
+__all__ = ["fit", "train_step", "TrainConfig", "LR_SCHEDULES"]
 
 LR_SCHEDULES = ("constant", "cosine", "exponential")
 
@@ -329,6 +330,7 @@ def fit(
                  "num_classes": ds.num_classes if ds is not None else None,
                  "n_train": len(train), "n_val": len(val)},
     }
+    config = json.loads(json.dumps(config))  # the JSON form, as config.json and checkpoints store it
     run = Run(model, guide, obj, config, directory=out, param_state=empty_param_state(), device=dev, data=ds)
 
     pyro.set_rng_seed(cfg.seed)
@@ -429,6 +431,26 @@ def _best_from_checkpoint(path, dev) -> dict:
     return {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
 
 
+def train_step(objective, model, guide, optimizer, args: tuple, *, beta: float = 1.0,
+               clip_norm: Optional[float] = None, params: Optional[list] = None) -> float:
+    """One gradient step on the batch ``args``; returns its loss in nats per datapoint (before the update).
+
+    A non-finite loss is returned without touching the parameters, so the caller can stop cleanly.
+    """
+    m, g = (model, guide) if beta == 1.0 else (_ScaleLatents(beta)(model), _ScaleLatents(beta)(guide))
+    loss = objective(m, g, *args) / args[0].shape[0]
+    value = loss.item()
+    if not math.isfinite(value):
+        return value
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params or [p for grp in optimizer.param_groups for p in grp["params"]],
+                                       clip_norm)
+    optimizer.step()
+    return value
+
+
 def _train_loop(run, train, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path, binarize, progress, best) -> None:
     model, guide, obj = run.model, run.guide, run.objective
     n = len(train)
@@ -452,19 +474,14 @@ def _train_loop(run, train, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path, 
                     xb = torch.bernoulli(xb)
                 yb = None if train.y is None else train.y[idx]
                 beta = cfg.beta * (min(1.0, (loop["step"] + 1) / warm_steps) if warm_steps else 1.0)
-                m, g = (model, guide) if beta == 1.0 else (_ScaleLatents(beta)(model), _ScaleLatents(beta)(guide))
-                loss = obj(m, g, *_args(model, xb, yb)) / xb.shape[0]
-                if not torch.isfinite(loss):
+                loss = train_step(obj, model, guide, opt, _args(model, xb, yb), beta=beta, clip_norm=cfg.clip_norm,
+                                  params=params)
+                if not math.isfinite(loss):
                     raise TrainingError(
-                        f"loss became {loss.item()} at epoch {loop['epoch'] + 1}, step {loop['step'] + 1}; "
+                        f"loss became {loss} at epoch {loop['epoch'] + 1}, step {loop['step'] + 1}; "
                         f"training stopped. The last good checkpoint (epoch {loop['epoch']}) is kept"
                         f"{' in ' + repr(ckpt_path) if ckpt_path else ''}. Try a lower lr, clip_norm, or check the data.")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
-                opt.step()
-                total += loss.item() * xb.shape[0]
+                total += loss * xb.shape[0]
                 seen += xb.shape[0]
                 loop["step"] += 1
             lr_now = opt.param_groups[0]["lr"]
