@@ -183,7 +183,7 @@ def test_run_directory_contents_and_load_run(digits, tmp_path):
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["model"]["name"] == "vae" and cfg["guide"]["name"] == "diag_normal"
     loaded = pv.load_run(out)
-    assert loaded.history == pytest.approx(run.history)
+    assert loaded.history == run.history  # floats round-trip exactly through history.csv
     x = digits.val.x[:5]
     with torch.no_grad():
         a = g.encode(x)["z"][0]
