@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
+from . import fastpath
 from .errors import ConfigError, check_positive, lookup
 from .weights import LogWeights, log_weights
 
@@ -37,9 +38,14 @@ class Objective:
     """Base class: ``loss = objective(model, guide, *args, **kwargs)``; the bound is ``-loss``.
 
     :param int particles: number of vectorized particles S (>= 1).
+
+    ``fast`` (default True) evaluates pyrovi's own model/guide pairs through
+    :mod:`pyrovi.fastpath` (same draws and values, no Pyro tracing); other
+    callables always go through Pyro.
     """
 
     name = "objective"
+    fast = True
 
     def __init__(self, particles: int = 1):
         check_positive("particles", particles, integer=True)
@@ -79,6 +85,8 @@ class _PyroObjective(Objective):
         return self.pyro_class(num_particles=self.particles, vectorize_particles=True, **kw)
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        if self.fast and not kwargs and fastpath.supported(model, guide):
+            return -self._fast_bound(model, guide, *args)
         if self._elbo is None:
             self._elbo = self.pyro_elbo(self._plate_depth(model))
         return self._elbo.differentiable_loss(model, guide, *args, **kwargs)
@@ -95,6 +103,9 @@ class ELBO(_PyroObjective):
     name = "elbo"
     pyro_class = Trace_ELBO
 
+    def _fast_bound(self, model, guide, *args):
+        return fastpath.fast_log_weights(model, guide, *args, particles=self.particles).log_w.mean(0).sum()
+
 
 class MeanFieldELBO(_PyroObjective):
     """ELBO with analytic KL(q || p) per site where Pyro knows it (``TraceMeanField_ELBO``).
@@ -109,6 +120,9 @@ class MeanFieldELBO(_PyroObjective):
 
     name = "meanfield"
     pyro_class = TraceMeanField_ELBO
+
+    def _fast_bound(self, model, guide, *args):
+        return fastpath.fast_meanfield_bound(model, guide, *args, particles=self.particles)
 
 
 def iw_bound(lw: LogWeights, alpha: float = 0.0) -> torch.Tensor:
@@ -155,8 +169,11 @@ class Renyi(Objective):
         return {"name": self.name, "particles": self.particles, "alpha": self.alpha}
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        lw = log_weights(model, guide, *args, particles=self.particles,
-                         max_plate_nesting=self._plate_depth(model), **kwargs)
+        if self.fast and not kwargs and fastpath.supported(model, guide):
+            lw = fastpath.fast_log_weights(model, guide, *args, particles=self.particles)
+        else:
+            lw = log_weights(model, guide, *args, particles=self.particles,
+                             max_plate_nesting=self._plate_depth(model), **kwargs)
         return -iw_bound(lw, self.alpha)
 
 

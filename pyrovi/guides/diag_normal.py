@@ -69,10 +69,12 @@ class DiagNormal(PyroModule):
             out[name] = (loc.reshape(-1, *shape), scale.reshape(-1, *shape))
         return out
 
+    def posterior(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict:
+        """``{site: q(z|x)}``, each a Normal with batch shape ``(B,)`` and the site's event shape."""
+        return {name: dist.Normal(loc, scale).to_event(len(self.sites[name]))
+                for name, (loc, scale) in self.encode(x, y).items()}
+
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict:
-        params = self.encode(x, y)
+        qs = self.posterior(x, y)
         with pyro.plate("data", x.shape[0]):
-            return {
-                name: pyro.sample(name, dist.Normal(loc, scale).to_event(len(self.sites[name])))
-                for name, (loc, scale) in params.items()
-            }
+            return {name: pyro.sample(name, q) for name, q in qs.items()}

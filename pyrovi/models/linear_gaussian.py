@@ -91,14 +91,23 @@ class LinearGaussian(PyroModule):
         d.pop("name", None)
         return cls(torch.tensor(d.pop("W")), torch.tensor(d.pop("b")), **d)
 
+    def _prior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        zero = x.new_zeros(())
+        return dist.Normal(zero, zero + 1.0).expand([self.W.shape[1]]).to_event(1)
+
+    def _likelihood(self, z: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Normal(z @ self.W.T + self.b, self.sigma).to_event(1)  # mean (S?, B, D)
+
     def forward(self, x: torch.Tensor, y=None) -> torch.Tensor:
-        L = self.W.shape[1]
         with pyro.plate("data", x.shape[0]):
-            zero = x.new_zeros(())
-            z = pyro.sample("z", dist.Normal(zero, zero + 1.0).expand([L]).to_event(1))  # (S?, B, L)
-            mean = z @ self.W.T + self.b  # (S?, B, D)
-            pyro.sample("x", dist.Normal(mean, self.sigma).to_event(1), obs=x)
-        return mean
+            z = pyro.sample("z", self._prior(x))  # (S?, B, L)
+            lik = self._likelihood(z)
+            pyro.sample("x", lik, obs=x)
+        return lik.mean
+
+    def fast_log_joint(self, x: torch.Tensor, z: dict, y=None) -> tuple:
+        """``forward`` without Pyro's tracing (:mod:`pyrovi.fastpath`): ``(log p(x|z) (S, B), {"z": p(z)})``."""
+        return self._likelihood(z["z"]).log_prob(x), {"z": self._prior(x)}
 
     # -- closed forms ---------------------------------------------------------------
     def marginal(self) -> dist.MultivariateNormal:

@@ -156,6 +156,15 @@ class VAE(PyroModule):
             pyro.sample(self.obs_site, self.likelihood(out), obs=x)
         return out
 
+    def fast_log_joint(self, x: torch.Tensor, z: dict, y: Optional[torch.Tensor] = None) -> tuple:
+        """The model of :meth:`forward` without Pyro's tracing, for :mod:`pyrovi.fastpath`.
+
+        ``z = {"z": (S, B, L)}`` -> ``(log p(x|z) of shape (S, B), {"z": prior distribution})``.
+        Must compute exactly what ``forward`` does (a test compares the two).
+        """
+        out = self.decoder(z[self.latent_site])  # (S, B, D)
+        return self.likelihood(out).log_prob(x), {self.latent_site: self.prior(x.shape[0], x)}
+
     # -- uses -------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

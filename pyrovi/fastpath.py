@@ -1,0 +1,83 @@
+"""The fast path: the log weights of pyrovi's own model/guide pairs without Pyro's tracing.
+
+Pyro's ``Trace_ELBO`` runs every ``pyro.sample``/``pyro.param`` statement through
+its effect handlers (trace, plates, broadcasting, validation), about 1-2 ms per
+step on a small VAE: 30 % of a CPU training step. pyrovi's models and guides
+therefore expose the same computation as plain tensor functions —
+``guide.posterior(x, y) -> {site: q}`` and ``model.fast_log_joint(x, z, y) ->
+(log p(x|z), {site: p(z)})`` — built from the very methods their ``forward``
+uses, and the objectives evaluate those directly.
+
+Same draws, same values: sites are sampled in the guide's order with the same
+``rsample`` shapes Pyro's vectorized particle plate uses, so under one seed the
+fast path and Pyro's path give equal losses (tested). A class whose
+``forward`` is overridden below the class that defines the fast methods falls
+back to Pyro's path automatically.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.distributions import kl_divergence
+
+from .weights import LogWeights
+
+__all__ = ["supported", "fast_log_weights", "fast_meanfield_bound"]
+
+
+def _owner(cls, name: str):
+    return next((k for k in cls.__mro__ if name in k.__dict__), None)
+
+
+def supported(model, guide) -> bool:
+    """True when ``model`` and ``guide`` both implement the fast protocol consistently with their ``forward``."""
+    for obj, fast in ((model, "fast_log_joint"), (guide, "posterior")):
+        owner = _owner(type(obj), fast)
+        if owner is None or _owner(type(obj), "forward") is not owner:
+            return False
+    return True
+
+
+def _split(args: tuple) -> tuple:
+    return args[0], (args[1] if len(args) > 1 else None)
+
+
+def _draw(guide, x, y, particles: int) -> tuple:
+    qs = guide.posterior(x, y)  # {site: q}, batch shape (B,)
+    z = {s: q.rsample((particles,)) for s, q in qs.items()}  # {site: (S, B, *event)}
+    return qs, z
+
+
+def fast_log_weights(model, guide, *args, particles: int = 1, beta: float = 1.0) -> LogWeights:
+    """:func:`pyrovi.weights.log_weights` for fast-path pairs: all shapes ``(S, B)``, per datapoint.
+
+    ``beta`` weights the latent terms: log w = log p(x|z) + beta (log p(z) - log q(z|x)).
+    """
+    x, y = _split(args)
+    qs, z = _draw(guide, x, y, particles)
+    log_q = sum(q.log_prob(z[s]) for s, q in qs.items())  # (S, B)
+    log_lik, priors = model.fast_log_joint(x, z, y)  # (S, B), {site: p(z)}
+    log_prior = sum(priors[s].log_prob(z[s]) for s in qs)  # (S, B)
+    log_lik = log_lik.expand_as(log_q)
+    log_w = log_lik + (log_prior - log_q) if beta == 1.0 else log_lik + beta * (log_prior - log_q)
+    return LogWeights(log_w, log_lik + log_prior, log_q, log_lik, 1.0, True, None, None)
+
+
+def fast_meanfield_bound(model, guide, *args, particles: int = 1, beta: float = 1.0) -> torch.Tensor:
+    """ELBO with analytic KL(q || p) where one is registered, summed over datapoints (as TraceMeanField_ELBO).
+
+    .. math:: \\sum_n \\Big( \\frac1S \\sum_s \\log p(x_n \\mid z_{s,n}) - \\beta\\,\\mathrm{KL}(q(z|x_n) \\,\\|\\, p(z)) \\Big)
+    """
+    x, y = _split(args)
+    qs, z = _draw(guide, x, y, particles)
+    log_lik, priors = model.fast_log_joint(x, z, y)
+    kl: Optional[torch.Tensor] = None
+    for s, q in qs.items():
+        try:
+            k = kl_divergence(q, priors[s])  # (B,)
+        except NotImplementedError:  # Monte Carlo for pairs without a closed form, as Pyro does
+            k = (q.log_prob(z[s]) - priors[s].log_prob(z[s])).mean(0)
+        kl = k if kl is None else kl + k
+    return log_lik.mean(0).sum() - beta * kl.sum()
