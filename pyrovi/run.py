@@ -173,9 +173,13 @@ class Run:
         return out
 
     def param_constraints(self) -> dict:
-        """JSON description of the param-store constraints (for ``param/`` tensors)."""
-        return {k: constraint_to_json(c) for k, c in self.param_state["constraints"].items()
-                if k in self.param_state["params"]}
+        """JSON description of the param-store constraints of the ``param/`` tensors.
+
+        Parameters owned by a module (``PyroModule``/autoguide attributes) are saved in its
+        state dict, where the unconstrained value is all that is needed.
+        """
+        saved = {k[len("param/"):] for k in self.state_tensors() if k.startswith("param/")}
+        return {k: constraint_to_json(c) for k, c in self.param_state["constraints"].items() if k in saved}
 
     def load_state_tensors(self, tensors: dict, constraints: dict, args: tuple = (), kwargs=None) -> None:
         """Put saved tensors back into model, guide and param store (in place, shapes checked).
@@ -361,6 +365,11 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
     if x is not None:
         args, kw = run.call_args(x, y)
         run.load_state_tensors(tensors, meta.get("constraints", {}), args, kw)
+        if objective.max_plate_nesting is None:  # as fit set it; forked RNG keeps seeded evaluations reproducible
+            from .weights import guess_max_plate_nesting
+
+            with run.scope(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                objective.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kw)
     else:
         run.load_state_tensors(tensors, meta.get("constraints", {}))
     for m in (model, guide):

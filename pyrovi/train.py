@@ -104,6 +104,7 @@ def _resolve_data(data, cfg: TrainConfig):
         return ds.train, ds.val, ds, desc
     whole = inputs.as_split(data)
     data_mod.validate(whole.x, min_rows=2)
+    inputs.check_targets(whole, "data")
     n = whole.x.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     n_val = max(1, int(round(n * cfg.val_fraction)))
