@@ -123,7 +123,7 @@ def test_all_local_shortcut_is_exact():
 
     loss = BatchLoss(_objective(1), model, guide, global_sites=False)
     pyro.set_rng_seed(5)
-    ours = float(loss(x[idx], None, N)) * N
+    ours = loss(x[idx], None, N).item() * N
     pyro.set_rng_seed(5)
     ref = Trace_ELBO(max_plate_nesting=1).loss(model, guide, x, idx)
     assert ours == pytest.approx(ref, rel=1e-6)
