@@ -85,7 +85,7 @@ def iw_log_likelihood(model, guide, *args, k: int = 5000, chunk: int = 500, max_
 
 
 def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chunk: Optional[int] = None,
-             save: bool = True) -> dict:
+             save: bool = True, device: Any = None) -> dict:
     """Held-out metrics of ``run`` on ``data`` (default: the run's test split).
 
     Args:
@@ -96,6 +96,8 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
         batch_size: datapoints per pass.
         chunk: particles per pass (default: bounded so a pass holds about
             2**24 numbers of data size).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` to move the run there first
+            (:meth:`pyrovi.run.Run.to`); None keeps the run's device.
 
     Returns:
         dict of floats, nats per datapoint: ``elbo`` (mean of log w over k
@@ -108,6 +110,8 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     check_positive("batch_size", batch_size, integer=True)
     split = _split_of(run, data)
     data_mod.validate(split.x, name="evaluation data")
+    if device is not None:
+        run.to(device)
     dev = run.device
     D = split.x[0].numel()
     if chunk is None:

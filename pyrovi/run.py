@@ -152,6 +152,19 @@ class Run:
                 f"objective={self.objective!r}, epochs={len(self.history)}, "
                 f"val_loss={last.get('val_loss')}, directory={self.directory!r})")
 
+    def to(self, device: Any) -> "Run":
+        """Move model, guide and this run's param-store tensors to ``device`` (in place; tensors keep identity)."""
+        dev = resolve_device(device)
+        for m in (self.model, self.guide):
+            if isinstance(m, torch.nn.Module):
+                m.to(dev)
+        with torch.no_grad():
+            for p in self.param_state["params"].values():
+                if p.device != dev:
+                    p.data = p.data.to(dev)  # same tensor object, so the user's code keeps finding it
+        self.device = dev
+        return self
+
     @contextlib.contextmanager
     def scope(self) -> Iterator[dict]:
         """Enter this run's param-store state (restoring the global store on exit)."""

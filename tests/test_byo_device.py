@@ -34,6 +34,10 @@ def test_explicit_cpu(digits):
     run = pv.fit(model, guide, digits, epochs=1, device="cpu", progress=False)
     assert run.device == torch.device("cpu")
     assert all(v.device.type == "cpu" for v in run.state_tensors().values())
+    before = dict(run.param_state["params"])
+    r = pv.evaluate(run, digits.test.x[:20], k=4, save=False, device="cpu")
+    assert r["n"] == 20 and run.device.type == "cpu"
+    assert all(run.param_state["params"][k] is v for k, v in before.items())  # Run.to keeps tensor identity
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
@@ -80,9 +84,11 @@ def test_cuda_fit_evaluate_and_load_on_cpu(tmp_path, digits):
     assert dec.fc1.weight.device.type == "cuda" and run.device.type == "cuda"
     pv.evaluate(run, digits.test.x[:50], k=8, save=False)
     model2, guide2, dec2, enc2 = tutorial_vae(1)
-    pv.load_run(out, model=model2, guide=guide2, device="cpu")
+    loaded = pv.load_run(out, model=model2, guide=guide2, device="cpu")
     assert dec2.fc1.weight.device.type == "cpu"
     torch.testing.assert_close(dec2.fc1.weight, dec.fc1.weight.cpu())
+    pv.evaluate(loaded, digits.test.x[:50], k=8, save=False, device="cuda")  # and back onto the GPU
+    assert dec2.fc1.weight.device.type == "cuda" and loaded.device.type == "cuda"
     # plain pyro.param code without device= trains on the GPU, and a CPU run loads onto it
     out2 = str(tmp_path / "run2")
     run2 = pv.fit(param_model, param_guide, _x(), batch_size=16, epochs=2, out=out2, device="auto", progress=False, figures=False)
