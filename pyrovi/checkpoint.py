@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from pyro.distributions import constraints as pyro_constraints
 from torch.distributions import constraints
 
 from .errors import CheckpointError
@@ -153,6 +154,13 @@ _SIMPLE = {
     "positive_definite": constraints.positive_definite,
     "real_vector": constraints.real_vector,
     "ordered_vector": getattr(constraints, "ordered_vector", constraints.real_vector),
+    # Pyro's own constraints (autoguides and user pyro.params use them)
+    "unit_lower_cholesky": pyro_constraints.unit_lower_cholesky,
+    "softplus_positive": pyro_constraints.softplus_positive,
+    "softplus_lower_cholesky": pyro_constraints.softplus_lower_cholesky,
+    "positive_ordered_vector": pyro_constraints.positive_ordered_vector,
+    "corr_matrix": pyro_constraints.corr_matrix,
+    "sphere": pyro_constraints.sphere,
 }
 
 

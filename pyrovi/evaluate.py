@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from . import data as data_mod
+from . import inputs
 from .checkpoint import write_json
 from .errors import ConfigError, check_positive
 from .weights import guess_max_plate_nesting, log_weights
@@ -35,17 +36,16 @@ def _split_of(run, data) -> data_mod.Split:
         return data_mod.load(data, seed=run.config.get("train", {}).get("seed", 0)).test
     if isinstance(data, data_mod.Dataset):
         return data.test
-    if isinstance(data, data_mod.Split):
-        return data
-    if isinstance(data, tuple) and len(data) == 2:
-        return data_mod.Split(data_mod.as_tensor(data[0]).float(),
-                              None if data[1] is None else data_mod.as_tensor(data[1], "y").long())
-    return data_mod.Split(data_mod.as_tensor(data).float(), None)
+    return inputs.as_split(data)  # tensor, array, (x, y), torch Dataset or DataLoader
 
 
 @torch.no_grad()
-def iw_log_likelihood(model, guide, *args, k: int = 5000, chunk: int = 500, max_plate_nesting=None) -> dict:
+def iw_log_likelihood(model, guide, *args, k: int = 5000, chunk: int = 500, max_plate_nesting=None,
+                      data_plate: str = "data", **kwargs) -> dict:
     """Per-datapoint estimates from ``k`` importance samples drawn ``chunk`` at a time.
+
+    ``model(*args, **kwargs)`` and ``guide(*args, **kwargs)`` are one batch; every
+    sample site must lie in the plate ``data_plate``.
 
     Returns ``{"log_likelihood": (B,), "elbo": (B,), "reconstruction": (B,), "kl": (B,),
     "log_w": (k, B) or None}`` in nats (``log_w`` only when ``k <= chunk``).
@@ -58,10 +58,14 @@ def iw_log_likelihood(model, guide, *args, k: int = 5000, chunk: int = 500, max_
     last = None
     while done < k:
         s = min(chunk, k - done)
-        lw = log_weights(model, guide, *args, particles=s, max_plate_nesting=max_plate_nesting)
+        lw = log_weights(model, guide, *args, particles=s, max_plate_nesting=max_plate_nesting,
+                         data_plate=data_plate, **kwargs)
         if not lw.per_datapoint:
-            raise ConfigError("evaluate's per-datapoint log-likelihood needs every site in the 'data' plate; "
-                              "this model has a global site")
+            raise ConfigError(
+                f"evaluate's per-datapoint log p(x) needs every sample site inside the plate {data_plate!r}; this "
+                "model has a site outside it (a global latent), so log p(x) does not split over datapoints. "
+                "Name the plate over datapoints with fit(data_plate=...) if it is not called 'data'; for global "
+                "latents use the run's validation loss or pyro.infer.Predictive for held-out predictions")
         c = torch.logsumexp(lw.log_w, 0)  # (B,)
         lse = c if lse is None else torch.logaddexp(lse, c)
         w, lik = lw.log_w.sum(0), lw.log_lik.sum(0)
@@ -81,7 +85,7 @@ def iw_log_likelihood(model, guide, *args, k: int = 5000, chunk: int = 500, max_
 
 
 def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chunk: Optional[int] = None,
-             save: bool = True) -> dict:
+             save: bool = True, device: Any = None) -> dict:
     """Held-out metrics of ``run`` on ``data`` (default: the run's test split).
 
     Args:
@@ -92,6 +96,8 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
         batch_size: datapoints per pass.
         chunk: particles per pass (default: bounded so a pass holds about
             2**24 numbers of data size).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` to move the run there first
+            (:meth:`pyrovi.run.Run.to`); None keeps the run's device.
 
     Returns:
         dict of floats, nats per datapoint: ``elbo`` (mean of log w over k
@@ -104,6 +110,8 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     check_positive("batch_size", batch_size, integer=True)
     split = _split_of(run, data)
     data_mod.validate(split.x, name="evaluation data")
+    if device is not None:
+        run.to(device)
     dev = run.device
     D = split.x[0].numel()
     if chunk is None:
@@ -112,16 +120,17 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):
             m.eval()
-    uses_labels = getattr(model, "uses_labels", False)
     totals = {"log_likelihood": 0.0, "elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
     with run.scope():
         mpn = run.objective.max_plate_nesting
         for i in range(0, len(split), batch_size):
             xb = split.x[i:i + batch_size].to(dev)
-            args = (xb, split.y[i:i + batch_size].to(dev)) if uses_labels else (xb,)
+            yb = None if split.y is None else split.y[i:i + batch_size].to(dev)
+            args, kw = run.call_args(xb, yb)
             if mpn is None:
-                mpn = guess_max_plate_nesting(model, guide, args, {})
-            r = iw_log_likelihood(model, guide, *args, k=k, chunk=chunk, max_plate_nesting=mpn)
+                mpn = guess_max_plate_nesting(model, guide, args, kw)
+            r = iw_log_likelihood(model, guide, *args, k=k, chunk=chunk, max_plate_nesting=mpn,
+                                  data_plate=run.data_plate, **kw)
             for key in totals:
                 totals[key] += float(r[key].sum())
     n = len(split)

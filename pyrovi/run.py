@@ -20,7 +20,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from . import __version__
+from . import __version__, inputs
 from .checkpoint import (
     constraint_from_json,
     constraint_to_json,
@@ -31,7 +31,7 @@ from .checkpoint import (
 )
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["Run", "load_run", "resolve_device", "empty_param_state", "discover_params"]
+__all__ = ["Run", "load_run", "resolve_device", "default_device", "empty_param_state", "discover_params"]
 
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
@@ -59,6 +59,18 @@ def resolve_device(device: Any = "auto") -> torch.device:
     return dev
 
 
+def default_device(device: torch.device):
+    """Context in which new tensors default to ``device`` (a no-op for the CPU).
+
+    Wraps the first call of the user's code, where ``pyro.param(name, torch.zeros(3))``
+    and lazily built autoguides create their parameters, so they land on the
+    device of the batches without the user writing ``device=`` everywhere.
+    """
+    if torch.device(device).type == "cpu":
+        return contextlib.nullcontext()
+    return torch.device(device)
+
+
 def empty_param_state() -> dict:
     """A fresh, empty param-store state for :meth:`pyro.params.param_store.ParamStoreDict.scope`."""
     return {"params": {}, "constraints": {}}
@@ -73,11 +85,6 @@ def discover_params(model, guide, loss_fn) -> list:
     guide when they are ``nn.Module`` s. Call inside the run's param scope.
     """
     seen: dict[int, torch.Tensor] = {}
-    for m in (model, guide):
-        if isinstance(m, torch.nn.Module):
-            for p in m.parameters():
-                if p.requires_grad:
-                    seen.setdefault(id(p), p)
     with poutine.trace(param_only=True) as cap:
         loss_fn()
     for site in cap.trace.nodes.values():
@@ -85,6 +92,12 @@ def discover_params(model, guide, loss_fn) -> list:
             p = site["value"].unconstrained()
             if p.requires_grad:
                 seen.setdefault(id(p), p)
+    # Read modules' parameters after the trace: autoguides create theirs lazily on the first call.
+    for m in (model, guide):
+        if isinstance(m, torch.nn.Module):
+            for p in m.parameters():
+                if p.requires_grad:
+                    seen.setdefault(id(p), p)
     return list(seen.values())
 
 
@@ -101,10 +114,12 @@ class Run:
         param_state: this run's own Pyro param-store state (see :meth:`scope`).
         device: where model and guide live.
         data: the dataset trained on, when known (not saved).
+        model_kwargs: extra keyword arguments of every model/guide call (not saved).
+        pass_y: whether model and guide are called with ``y`` (see :mod:`pyrovi.inputs`).
     """
 
     def __init__(self, model, guide, objective, config, history=None, directory=None, param_state=None,
-                 device="cpu", data=None, metrics=None):
+                 device="cpu", data=None, metrics=None, model_kwargs=None):
         self.model = model
         self.guide = guide
         self.objective = objective
@@ -115,12 +130,40 @@ class Run:
         self.device = torch.device(device)
         self.data = data
         self.metrics = dict(metrics or {})
+        self.model_kwargs = dict(model_kwargs or {})
+        self.pass_y = inputs.takes_y(model)
+
+    @property
+    def data_plate(self) -> str:
+        """Name of the model's plate over datapoints (``"data"`` unless fit was told otherwise)."""
+        return self.config.get("train", {}).get("data_plate") or "data"
+
+    def call_args(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> tuple:
+        """``(args, kwargs)`` to call this run's model and guide on a batch (``model(*args, **kwargs)``).
+
+        The one calling rule of fit, evaluate and diagnose: ``y`` is passed when the
+        model takes it, ``model_kwargs`` always (see :mod:`pyrovi.inputs`).
+        """
+        return inputs.call_args(self.model, x, y, self.model_kwargs, self.pass_y)
 
     def __repr__(self) -> str:
         last = self.history[-1] if self.history else {}
         return (f"Run(model={type(self.model).__name__}, guide={type(self.guide).__name__}, "
                 f"objective={self.objective!r}, epochs={len(self.history)}, "
                 f"val_loss={last.get('val_loss')}, directory={self.directory!r})")
+
+    def to(self, device: Any) -> "Run":
+        """Move model, guide and this run's param-store tensors to ``device`` (in place; tensors keep identity)."""
+        dev = resolve_device(device)
+        for m in (self.model, self.guide):
+            if isinstance(m, torch.nn.Module):
+                m.to(dev)
+        with torch.no_grad():
+            for p in self.param_state["params"].values():
+                if p.device != dev:
+                    p.data = p.data.to(dev)  # same tensor object, so the user's code keeps finding it
+        self.device = dev
+        return self
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[dict]:
@@ -143,27 +186,48 @@ class Run:
         return out
 
     def param_constraints(self) -> dict:
-        """JSON description of the param-store constraints (for ``param/`` tensors)."""
-        return {k: constraint_to_json(c) for k, c in self.param_state["constraints"].items()
-                if k in self.param_state["params"]}
+        """JSON description of the param-store constraints of the ``param/`` tensors.
 
-    def load_state_tensors(self, tensors: dict, constraints: dict, args: tuple = ()) -> None:
-        """Put saved tensors back into model, guide and param store (in place, shapes checked)."""
+        Parameters owned by a module (``PyroModule``/autoguide attributes) are saved in its
+        state dict, where the unconstrained value is all that is needed.
+        """
+        saved = {k[len("param/"):] for k in self.state_tensors() if k.startswith("param/")}
+        return {k: constraint_to_json(c) for k, c in self.param_state["constraints"].items() if k in saved}
+
+    def load_state_tensors(self, tensors: dict, constraints: dict, args: tuple = (), kwargs=None) -> None:
+        """Put saved tensors back into model, guide and param store (in place, shapes checked).
+
+        With ``args``, guide and model are first run once on them (no gradients) in this
+        run's scope, so that parameters the user's code creates on its first call
+        (``pyro.module``, ``pyro.param``, autoguides) exist and the saved values are
+        copied into the very tensors that code uses.
+        """
+        params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+        if args and (params or self._lazy_modules(tensors)):
+            with self.scope(), default_device(self.device):
+                _touch(self.model, self.guide, args, kwargs or {})
         for prefix, m in (("model", self.model), ("guide", self.guide)):
             if isinstance(m, torch.nn.Module):
                 sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
                 _load_module(m, sd, prefix)
-        params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
         if params:
-            self._load_params(params, constraints, args)
+            self._load_params(params, constraints)
 
-    def _load_params(self, params: dict, constraints: dict, args: tuple) -> None:
-        # Bind saved values to the live tensors the user's code registers: a parameter-only
-        # trace in this run's (fresh) scope makes pyro.module/pyro.param register the very
-        # tensors the code will use; their values are then overwritten in place.
+    def _lazy_modules(self, tensors: dict) -> bool:
+        """Whether a saved module weight has no counterpart yet (an autoguide before its first call)."""
+        for prefix, m in (("model", self.model), ("guide", self.guide)):
+            if isinstance(m, torch.nn.Module):
+                own = m.state_dict()
+                if any(k.startswith(prefix + "/") and k[len(prefix) + 1:] not in own for k in tensors):
+                    return True
+        return False
+
+    def _load_params(self, params: dict, constraints: dict) -> None:
+        # Bind saved values to the live tensors the user's code registered in this run's
+        # scope (load_state_tensors ran it once): overwrite those in place. Names the code
+        # did not register yet are stored as they are, so a later pyro.param(name, init)
+        # returns the saved value, as Pyro's own param-store loading does.
         with self.scope():
-            if args:
-                _touch(self.model, self.guide, args)
             store = pyro.get_param_store()
             for name, value in params.items():
                 c = constraint_from_json(constraints.get(name, {"name": "real"}))
@@ -203,11 +267,18 @@ class Run:
             return self.model.sample(n)
 
 
-def _touch(model, guide, args) -> None:
+def _touch(model, guide, args, kwargs) -> None:
     """Run guide then model once (no gradients) so their params register in the current store."""
-    with torch.no_grad(), poutine.trace(param_only=True):
-        tr = poutine.trace(guide).get_trace(*args)
-        poutine.replay(model, trace=tr)(*args)
+    try:
+        with torch.no_grad(), poutine.trace(param_only=True):
+            tr = poutine.trace(guide).get_trace(*args, **kwargs)
+            poutine.replay(model, trace=tr)(*args, **kwargs)
+    except Exception as e:  # the user's code; say what pyrovi was doing when it failed
+        shapes = [tuple(a.shape) for a in args if torch.is_tensor(a)]
+        raise CheckpointError(
+            f"to load the saved weights pyrovi runs your guide and model once on a batch of zeros of shapes "
+            f"{shapes} (so their parameters exist), and that raised {type(e).__name__}: {e}. Pass the "
+            "model_kwargs= the run was trained with, or make the code accept such a batch") from e
 
 
 def _load_module(m: torch.nn.Module, sd: dict, prefix: str) -> None:
@@ -240,18 +311,26 @@ def write_history(path: str, history: list) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu") -> Run:
+def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", model_kwargs=None) -> Run:
     """Load a run directory written by :func:`pyrovi.fit`.
 
     pyrovi's own models and guides are rebuilt from ``config.json``. A run of
     your own Pyro code needs the same callables again: ``load_run(dir,
-    model=my_model, guide=my_guide)``; code is never stored in or executed
-    from a run directory, only tensors (safetensors) and JSON.
+    model=my_model, guide=my_guide)``, built as for training (fresh modules
+    are fine; their weights are overwritten). Code is never stored in or
+    executed from a run directory, only tensors (safetensors) and JSON: a
+    pickled function would run whatever its author wrote the moment it is
+    loaded, and would break as soon as your code changes anyway. To find the
+    live tensors of ``pyro.module``/``pyro.param``/autoguide parameters,
+    guide and model are run once on a batch of zeros of the training data's
+    shapes (no gradients), then the saved values are copied into them.
 
     Args:
         directory: the run directory.
         model, guide: your own model/guide (required when the run used them).
-        device: where to put the weights (``"cpu"`` default, ``"auto"``, ``"cuda"``).
+        device: where to put the weights (``"cpu"`` default, ``"auto"``, ``"cuda"``);
+            a run trained on a GPU loads on a CPU-only machine.
+        model_kwargs: the extra keyword arguments the run was trained with.
     """
     from . import guides as guides_mod
     from . import models as models_mod
@@ -286,21 +365,50 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu") -> 
     metrics = {}
     if os.path.isfile(os.path.join(directory, METRICS)):
         metrics = read_json(os.path.join(directory, METRICS), "metrics")
+    from .inputs import check_model_kwargs
+
     run = Run(model, guide, objective, config, history=read_history(os.path.join(directory, HISTORY)),
-              directory=directory, device=dev, metrics=metrics if isinstance(metrics, dict) else {})
-    probe = _probe_args(config, dev)
-    run.load_state_tensors(tensors, meta.get("constraints", {}), probe)
+              directory=directory, device=dev, metrics=metrics if isinstance(metrics, dict) else {},
+              model_kwargs=check_model_kwargs(model_kwargs))
+    saved_kw = config.get("data", {}).get("model_kwargs") or []
+    if sorted(run.model_kwargs) != sorted(saved_kw):
+        warnings.warn(f"the run was trained with model_kwargs {sorted(saved_kw)}, load_run got "
+                      f"{sorted(run.model_kwargs)}", stacklevel=2)
+    x, y = _probe_batch(config, dev)
+    if x is not None:
+        args, kw = run.call_args(x, y)
+        run.load_state_tensors(tensors, meta.get("constraints", {}), args, kw)
+        if objective.max_plate_nesting is None:  # as fit set it; forked RNG keeps seeded evaluations reproducible
+            from .weights import guess_max_plate_nesting
+
+            with run.scope(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                objective.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kw)
+    else:
+        run.load_state_tensors(tensors, meta.get("constraints", {}))
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):
             m.eval()
     return run
 
 
-def _probe_args(config: dict, dev) -> tuple:
-    shape = config.get("data", {}).get("shape")
-    if not shape:
-        return ()
-    return (torch.zeros(2, *shape, device=dev),)
+def _probe_batch(config: dict, dev) -> tuple:
+    """Zeros shaped like a training batch ``(x, y)`` (``y`` None without targets), from config.json."""
+    d = config.get("data", {})
+    shape = d.get("shape")
+    if shape is None:
+        return None, None
+    # Full-data mode hands the model every row (it may size its plate from them); else 2 rows do.
+    rows = int(d.get("n_train") or 2) if config.get("train", {}).get("batch_size", 1) is None else 2
+    x = torch.zeros(rows, *shape, device=dev)
+    y = None
+    if d.get("y_dtype") is not None:
+        dtype = getattr(torch, str(d["y_dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"config.json names an unknown y dtype {d['y_dtype']!r}")
+        y = torch.zeros(rows, *(d.get("y_shape") or []), dtype=dtype, device=dev)
+    elif d.get("num_classes"):
+        y = torch.zeros(rows, dtype=torch.long, device=dev)
+    return x, y
 
 
 def read_history(path: str) -> list:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
@@ -26,13 +27,14 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import data as data_mod
 from . import guides as guides_mod
+from . import inputs
 from . import objectives as objectives_mod
 from .checkpoint import load_tensors, save_tensors, write_json
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, check_positive, lookup
-from .run import CHECKPOINT, CONFIG, Run, discover_params, empty_param_state, resolve_device
+from .run import CHECKPOINT, CONFIG, Run, default_device, discover_params, empty_param_state, resolve_device
 from .weights import guess_max_plate_nesting
 
-__all__ = ["fit", "train_step", "TrainConfig", "LR_SCHEDULES"]
+__all__ = ["fit", "train_step", "TrainConfig", "LR_SCHEDULES", "BatchLoss"]
 
 LR_SCHEDULES = ("constant", "cosine", "exponential")
 
@@ -42,7 +44,7 @@ class TrainConfig:
     """Training options of :func:`fit` (stored under ``"train"`` in ``config.json``)."""
 
     epochs: int = 20  # passes over the training split
-    batch_size: int = 128  # datapoints per step
+    batch_size: Optional[int] = 128  # datapoints per step; None = the whole training set every step
     lr: float = 1e-3  # Adam learning rate
     seed: int = 0  # seeds parameters' draws, particles, shuffling
     patience: Optional[int] = None  # early stopping: epochs without val improvement; None = off
@@ -52,10 +54,12 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "constant" | "cosine" | "exponential" (per epoch)
     weight_decay: float = 0.0
     val_fraction: float = 0.1  # held out of raw arrays that come without a validation split
+    data_plate: str = "data"  # name of the model's plate over datapoints (minibatch scaling N/B)
 
     def validate(self) -> None:
         check_positive("epochs", self.epochs, integer=True)
-        check_positive("batch_size", self.batch_size, integer=True)
+        if self.batch_size is not None:
+            check_positive("batch_size", self.batch_size, integer=True)
         check_positive("lr", self.lr)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
@@ -69,6 +73,9 @@ class TrainConfig:
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if not isinstance(self.data_plate, str) or not self.data_plate:
+            raise ConfigError(f"data_plate must be the name of the model's plate over datapoints, "
+                              f"got {self.data_plate!r}")
 
 
 class _ScaleLatents(Messenger):
@@ -86,34 +93,6 @@ class _ScaleLatents(Messenger):
 # --------------------------------------------------------------------------- data
 
 
-def _materialize(data) -> data_mod.Split:
-    """A torch Dataset/DataLoader or array-likes -> one in-memory Split (no per-batch loader overhead)."""
-    if isinstance(data, torch.utils.data.DataLoader):
-        xs, ys = [], []
-        for b in data:
-            x, y = (b[0], b[1]) if isinstance(b, (tuple, list)) and len(b) >= 2 else (b, None)
-            xs.append(data_mod.as_tensor(x))
-            if y is not None:
-                ys.append(data_mod.as_tensor(y, "y"))
-        if not xs:
-            raise DataError("the DataLoader yielded no batches")
-        return data_mod.Split(torch.cat(xs).float(), torch.cat(ys).long() if ys else None)
-    if isinstance(data, torch.utils.data.Dataset):
-        items = [data[i] for i in range(len(data))]
-        if not items:
-            raise DataError("the torch Dataset is empty")
-        if isinstance(items[0], (tuple, list)) and len(items[0]) >= 2:
-            return data_mod.Split(torch.stack([data_mod.as_tensor(i[0]) for i in items]).float(),
-                                  torch.as_tensor([int(i[1]) for i in items]))
-        return data_mod.Split(torch.stack([data_mod.as_tensor(i) for i in items]).float(), None)
-    if isinstance(data, data_mod.Split):
-        return data
-    if isinstance(data, tuple) and len(data) == 2:
-        x, y = data
-        return data_mod.Split(data_mod.as_tensor(x).float(), None if y is None else data_mod.as_tensor(y, "y").long())
-    return data_mod.Split(data_mod.as_tensor(data).float(), None)
-
-
 def _resolve_data(data, cfg: TrainConfig):
     """-> (train Split, val Split, Dataset or None, JSON description)."""
     if isinstance(data, str):
@@ -124,8 +103,9 @@ def _resolve_data(data, cfg: TrainConfig):
             raise DataError(f"dataset {ds.name!r} has an empty validation split; load it with split=(0.1, ...)")
         desc = dict(ds.source)
         return ds.train, ds.val, ds, desc
-    whole = _materialize(data)
-    data_mod.validate(whole.x, y=whole.y, min_rows=2)
+    whole = inputs.as_split(data)
+    data_mod.validate(whole.x, min_rows=2)
+    inputs.check_targets(whole, "data")
     n = whole.x.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     n_val = max(1, int(round(n * cfg.val_fraction)))
@@ -136,19 +116,17 @@ def _resolve_data(data, cfg: TrainConfig):
 
 def _check_data(model, split: data_mod.Split, name: str, cfg: TrainConfig, binarize: Optional[str]) -> None:
     likelihood = getattr(getattr(model, "cfg", None), "likelihood", None)
-    nc = getattr(model, "num_classes", None) if getattr(model, "uses_labels", False) else None
+    labels = getattr(model, "uses_labels", False)  # pyrovi's conditional models: y are class labels
+    nc = getattr(model, "num_classes", None) if labels else None
     data_mod.validate(split.x, name=name, likelihood=likelihood if binarize is None else "bernoulli",
-                      y=split.y, num_classes=nc)
+                      y=split.y if labels else None, num_classes=nc)
+    inputs.check_targets(split, name)
     obs = getattr(model, "obs_shape", None)
     if obs is not None and tuple(split.x.shape[1:]) != tuple(obs):
         raise DataError(f"{name} items have shape {tuple(split.x.shape[1:])} but the model expects {tuple(obs)}; "
                         "build the model with the data's shape (e.g. VAE(data.shape, ...))")
-    if getattr(model, "uses_labels", False) and split.y is None:
+    if labels and split.y is None:
         raise DataError(f"{type(model).__name__} conditions on labels but {name} has none; pass (x, y)")
-
-
-def _args(model, x, y):
-    return (x, y) if getattr(model, "uses_labels", False) else (x,)
 
 
 def _describe(obj, kind: str) -> dict:
@@ -170,6 +148,104 @@ def _default_guide(model):
     if auto is None:
         raise ConfigError("guide=None needs a model that declares latent_sites; pass a guide")
     return auto(model)
+
+
+class _ScalePlate(Messenger):
+    """Weight every site inside plate ``name`` by ``factor`` = N / B (minibatch of B rows out of N).
+
+    The same estimator of the whole data set's ELBO that ``pyro.plate(name, N, subsample=idx)``
+    gives: local terms scaled up by N/B, global terms (outside the plate) counted once.
+    """
+
+    def __init__(self, name: str, factor: float):
+        super().__init__()
+        self.name = name
+        self.factor = factor
+
+    def _process_message(self, msg):
+        # The model's plate is entered inside this handler, so it has already added its frame.
+        if msg["type"] == "sample" and not site_is_subsample(msg) and \
+                any(f.name == self.name for f in msg["cond_indep_stack"]):
+            msg["scale"] = self.factor * msg["scale"]
+
+
+class BatchLoss:
+    """The loss ``fit`` minimizes and reports: minus the bound of a whole data set, per datapoint.
+
+    .. math::
+
+        \\ell(x_{1:B}) = -\\frac{1}{N}\\,\\hat{\\mathcal L}(x_{1:N}), \\qquad
+        \\hat{\\mathcal L} = \\sum_{\\text{global sites}} (\\cdot)
+            + \\frac{N}{B} \\sum_{\\text{sites in the data plate}} (\\cdot)
+
+    in nats per datapoint, where the bound is the objective's (ELBO, IWAE, ...)
+    and N is the size of the data set the batch of B rows was drawn from.
+    This is Pyro's subsampling estimator (``pyro.plate("data", N,
+    subsample=idx)``), so global latents (outside the data plate) get the
+    right weight against the likelihood. When every site lies in the data
+    plate, N/B is a factor common to all terms and
+    :math:`\\ell = -\\mathcal L(x_{1:B}) / B` exactly; the scaling handler
+    is then skipped (it costs time at every site).
+
+    Full-data mode (``full=True``, ``fit(batch_size=None)``): the batch is the
+    whole data set; pyrovi adds no scaling, the model may subsample itself
+    with ``pyro.plate("data", len(x), subsample_size=B)`` (Pyro then scales
+    by N/B), and :math:`\\ell = -\\hat{\\mathcal L} / N`.
+
+    Args:
+        objective: a :class:`pyrovi.objectives.Objective` (returns -bound, nats).
+        model, guide: Pyro callables.
+        global_sites: whether model or guide has sample sites outside the data plate.
+        data_plate: name of the plate over datapoints.
+        full: full-data mode.
+        pass_y, model_kwargs: the calling rule of :mod:`pyrovi.inputs`.
+    """
+
+    def __init__(self, objective, model, guide, *, global_sites: bool, data_plate: str = "data",
+                 full: bool = False, pass_y: bool = False, model_kwargs: Optional[dict] = None):
+        self.objective, self.model, self.guide = objective, model, guide
+        self.global_sites, self.data_plate, self.full = global_sites, data_plate, full
+        self.pass_y, self.model_kwargs = pass_y, dict(model_kwargs or {})
+
+    def __call__(self, x, y=None, n: Optional[int] = None, beta: float = 1.0) -> torch.Tensor:
+        """Loss of the batch ``x`` (B rows) drawn from ``n`` rows (default B): a scalar, nats per datapoint."""
+        b = x.shape[0]
+        n = b if n is None else n
+        model, guide = self.model, self.guide
+        if beta != 1.0:
+            model, guide = _ScaleLatents(beta)(model), _ScaleLatents(beta)(guide)
+        scaled = self.global_sites and not self.full and n != b
+        if scaled:
+            model, guide = _ScalePlate(self.data_plate, n / b)(model), _ScalePlate(self.data_plate, n / b)(guide)
+        args = (x, y) if (self.pass_y and y is not None) else (x,)
+        loss = self.objective(model, guide, *args, **self.model_kwargs)
+        return loss / (n if (scaled or self.full) else b)
+
+
+def _structure(model, guide, args, kwargs, data_plate: str) -> dict:
+    """One trace of guide and model: where the sites lie relative to the data plate.
+
+    Returns ``{"data_plate": bool, "global_sites": bool, "local_latents": [names],
+    "subsample_size": int or None}``.
+    """
+    with poutine.block(), torch.no_grad():
+        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+    info = {"data_plate": False, "global_sites": False, "local_latents": [], "subsample_size": None}
+    for tr in (guide_tr, model_tr):
+        for name, site in tr.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            frame = next((f for f in site["cond_indep_stack"] if f.name == data_plate), None)
+            if frame is None:
+                info["global_sites"] = True
+                continue
+            info["data_plate"] = True
+            if frame.full_size is not None and frame.size < frame.full_size:
+                info["subsample_size"] = int(frame.size)
+            if tr is model_tr and not site["is_observed"] and name not in info["local_latents"]:
+                info["local_latents"].append(name)
+    return info
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -236,7 +312,7 @@ def fit(
     particles: Optional[int] = None,
     alpha: Optional[float] = None,
     epochs: int = 20,
-    batch_size: int = 128,
+    batch_size: Optional[int] = 128,
     lr: float = 1e-3,
     seed: int = 0,
     out: Optional[str] = None,
@@ -252,22 +328,39 @@ def fit(
     device: Any = "auto",
     progress: bool = True,
     figures: bool = True,
+    model_kwargs: Optional[dict] = None,
+    data_plate: str = "data",
 ) -> Run:
     """Train ``guide`` and ``model`` on ``data`` by maximizing ``objective``.
 
     Args:
-        model: a Pyro model (pyrovi's, a ``PyroModule``, or a plain function).
-        guide: a Pyro guide; None picks ``DiagNormal`` for pyrovi's models.
+        model: a Pyro model: pyrovi's, your own ``PyroModule``, or a plain
+            function using ``pyro.module``/``pyro.param`` (see docs "Bring your
+            own Pyro model"). Its parameters are found as SVI finds them and
+            trained in a param-store scope of this fit's own.
+        guide: a Pyro guide of any of those styles, or one of Pyro's
+            autoguides; None picks ``DiagNormal`` for pyrovi's models.
         data: a :class:`pyrovi.data.Dataset` or dataset name (uses its train
             and validation splits; the test split is never touched), a tensor
             or array ``(N, D)``, an ``(x, y)`` pair, or a torch ``Dataset``/``DataLoader``
             (then ``val_fraction`` of it is held out for validation).
+            Model and guide are called ``model(x_batch[, y_batch], **model_kwargs)``:
+            ``y`` is passed when the model takes a second argument (rule in
+            :mod:`pyrovi.inputs`).
         objective: ``"elbo"``, ``"meanfield"``, ``"iwae"``, ``"renyi"`` (see
             :mod:`pyrovi.objectives`) or an Objective instance.
         particles: S, vectorized particles per datapoint (objective default if None).
         alpha: Rényi order for ``objective="renyi"``.
         epochs, batch_size, lr, seed, patience, beta, warmup, clip_norm,
         lr_schedule, weight_decay, val_fraction: see :class:`TrainConfig`.
+            ``batch_size=B`` slices B rows per step and weights the sites in
+            ``data_plate`` by N/B (:class:`BatchLoss`); ``batch_size=None``
+            passes the whole training set every step (full-data mode), for
+            models that subsample themselves with
+            ``pyro.plate("data", len(x), subsample_size=B)`` (then an epoch is
+            N/B steps) or full-batch training.
+        model_kwargs: extra keyword arguments passed to every model and guide call.
+        data_plate: name of the model's plate over datapoints (default ``"data"``).
         out: run directory; checkpoints are written there after every epoch.
         resume: continue from ``out/checkpoint.safetensors`` (same trajectory:
             weights, optimizer moments, scheduler, RNG and history restored).
@@ -278,7 +371,8 @@ def fit(
 
     Returns:
         :class:`pyrovi.run.Run`. Losses in its history are in nats per
-        datapoint, loss = -bound.
+        datapoint: minus the bound of the whole split divided by its size
+        (global latents' terms counted once per split), loss = -bound.
 
     Raises:
         ConfigError / DataError: bad arguments or data, before any training.
@@ -286,8 +380,9 @@ def fit(
     """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience, beta=beta,
                       warmup=warmup, clip_norm=clip_norm, lr_schedule=lr_schedule, weight_decay=weight_decay,
-                      val_fraction=val_fraction)
+                      val_fraction=val_fraction, data_plate=data_plate)
     cfg.validate()
+    model_kwargs = inputs.check_model_kwargs(model_kwargs)
     if not callable(model):
         raise ConfigError(f"model must be a Pyro model (a callable), got {type(model).__name__}")
     obj = objectives_mod.get(objective, particles=particles, alpha=alpha)
@@ -300,7 +395,7 @@ def fit(
         guide = _default_guide(model)
     if not callable(guide):
         raise ConfigError(f"guide must be a Pyro guide (a callable), got {type(guide).__name__}")
-    if cfg.batch_size > len(train):
+    if cfg.batch_size is not None and cfg.batch_size > len(train):
         raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(train)} training rows; "
                           f"use batch_size <= {len(train)}")
 
@@ -319,6 +414,7 @@ def fit(
         g = torch.Generator().manual_seed(cfg.seed + 2)
         val = data_mod.Split((torch.rand(val.x.shape, generator=g).to(dev) < val.x).float(), val.y)
 
+    pass_y = inputs.takes_y(model)
     config = {
         "pyrovi_version": __version__,
         "model": _describe(model, "model"),
@@ -328,19 +424,32 @@ def fit(
         "data": {**data_desc, "shape": list(train.x.shape[1:]),
                  "image_shape": list(ds.image_shape) if ds is not None and ds.image_shape else None,
                  "num_classes": ds.num_classes if ds is not None else None,
-                 "n_train": len(train), "n_val": len(val)},
+                 "n_train": len(train), "n_val": len(val),
+                 # what load_run needs to call the user's code once (zeros of these shapes)
+                 "y_shape": None if train.y is None else list(train.y.shape[1:]),
+                 "y_dtype": None if train.y is None else str(train.y.dtype).replace("torch.", ""),
+                 "passes_y": bool(pass_y and train.y is not None),
+                 "model_kwargs": sorted(model_kwargs)},
     }
     config = json.loads(json.dumps(config))  # the JSON form, as config.json and checkpoints store it
-    run = Run(model, guide, obj, config, directory=out, param_state=empty_param_state(), device=dev, data=ds)
+    run = Run(model, guide, obj, config, directory=out, param_state=empty_param_state(), device=dev, data=ds,
+              model_kwargs=model_kwargs)
 
     pyro.set_rng_seed(cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
     with run.scope():
-        probe = _args(model, train.x[:2], None if train.y is None else train.y[:2])
-        obj.max_plate_nesting = guess_max_plate_nesting(model, guide, probe, {})
-        params = discover_params(model, guide, lambda: obj(model, guide, *probe))
+        rows = len(train) if cfg.batch_size is None else min(cfg.batch_size, len(train))
+        probe, kw = run.call_args(train.x[:rows], None if train.y is None else train.y[:rows])
+        with default_device(dev):  # pyro.param inits and lazy autoguide params land on `dev`
+            obj.max_plate_nesting = guess_max_plate_nesting(model, guide, probe, kw)
+            shape = _structure(model, guide, probe, kw, cfg.data_plate)
+            params = discover_params(model, guide, lambda: obj(model, guide, *probe, **kw))
         if not params:
             raise ConfigError("found no trainable parameters in model or guide")
+        _check_structure(shape, guide, cfg, len(train))
+        loss_fn = BatchLoss(obj, model, guide, global_sites=shape["global_sites"], data_plate=cfg.data_plate,
+                            full=cfg.batch_size is None, pass_y=run.pass_y, model_kwargs=model_kwargs)
+        steps = math.ceil(len(train) / (cfg.batch_size or shape["subsample_size"] or len(train)))
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = _scheduler(opt, cfg)
         loop = {"epoch": 0, "step": 0, "best": math.inf, "best_epoch": 0, "bad_epochs": 0, "seconds": 0.0}
@@ -351,7 +460,8 @@ def fit(
         best = {}  # best-validation weights, kept when early stopping is on
         if resume and ckpt_path and os.path.isfile(ckpt_path) and cfg.patience is not None:
             best = _best_from_checkpoint(ckpt_path, dev)
-        _train_loop(run, train, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path, binarize, progress, best)
+        _train_loop(run, loss_fn, steps, train, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path, binarize,
+                    progress, best)
         if best and loop["best_epoch"] != loop["epoch"]:
             run.load_state_tensors(best, {})  # early stopping hands back the best-validation weights
     for m in (model, guide):
@@ -364,6 +474,7 @@ def fit(
         "train_loss": last.get("train_loss"),
         "val_loss": loop["best"] if math.isfinite(loop["best"]) else None,
         "train_seconds": loop["seconds"],
+        "steps": loop["step"],
         "units": "nats per datapoint; loss = -bound",
     }
     if out is not None:
@@ -431,14 +542,15 @@ def _best_from_checkpoint(path, dev) -> dict:
     return {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
 
 
-def train_step(objective, model, guide, optimizer, args: tuple, *, beta: float = 1.0,
-               clip_norm: Optional[float] = None, params: Optional[list] = None) -> float:
-    """One gradient step on the batch ``args``; returns its loss in nats per datapoint (before the update).
+def train_step(loss_fn, optimizer, x: torch.Tensor, y: Optional[torch.Tensor] = None, n: Optional[int] = None,
+               *, beta: float = 1.0, clip_norm: Optional[float] = None, params: Optional[list] = None) -> float:
+    """One gradient step of ``loss_fn`` (a :class:`BatchLoss`) on the batch ``x`` (``y``) drawn from ``n`` rows.
 
-    A non-finite loss is returned without touching the parameters, so the caller can stop cleanly.
+    Returns the batch's loss in nats per datapoint, before the update. A
+    non-finite loss is returned without touching the parameters, so the caller
+    can stop cleanly.
     """
-    m, g = (model, guide) if beta == 1.0 else (_ScaleLatents(beta)(model), _ScaleLatents(beta)(guide))
-    loss = objective(m, g, *args) / args[0].shape[0]
+    loss = loss_fn(x, y, n, beta)
     value = loss.item()
     if not math.isfinite(value):
         return value
@@ -451,10 +563,12 @@ def train_step(objective, model, guide, optimizer, args: tuple, *, beta: float =
     return value
 
 
-def _train_loop(run, train, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path, binarize, progress, best) -> None:
+def _train_loop(run, loss_fn, steps_per_epoch, train, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
+                binarize, progress, best) -> None:
     model, guide, obj = run.model, run.guide, run.objective
     n = len(train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    full = cfg.batch_size is None
+    bsz = n if full else cfg.batch_size
     warm_steps = cfg.warmup * steps_per_epoch
     params = [p for g in opt.param_groups for p in g["params"]]
     bar = tqdm(total=cfg.epochs, initial=loop["epoch"], disable=not progress, unit="epoch", dynamic_ncols=True,
@@ -468,25 +582,25 @@ def _train_loop(run, train, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path, 
             perm = torch.randperm(n, generator=shuffle_gen).to(train.x.device)
             total, seen = 0.0, 0
             for i in range(steps_per_epoch):
-                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                idx = perm if full else perm[i * bsz:(i + 1) * bsz]
                 xb = train.x[idx]
                 if binarize == "dynamic":
                     xb = torch.bernoulli(xb)
                 yb = None if train.y is None else train.y[idx]
                 beta = cfg.beta * (min(1.0, (loop["step"] + 1) / warm_steps) if warm_steps else 1.0)
-                loss = train_step(obj, model, guide, opt, _args(model, xb, yb), beta=beta, clip_norm=cfg.clip_norm,
-                                  params=params)
+                loss = train_step(loss_fn, opt, xb, yb, n, beta=beta, clip_norm=cfg.clip_norm, params=params)
                 if not math.isfinite(loss):
                     raise TrainingError(
                         f"loss became {loss} at epoch {loop['epoch'] + 1}, step {loop['step'] + 1}; "
                         f"training stopped. The last good checkpoint (epoch {loop['epoch']}) is kept"
                         f"{' in ' + repr(ckpt_path) if ckpt_path else ''}. Try a lower lr, clip_norm, or check the data.")
-                total += loss * xb.shape[0]
-                seen += xb.shape[0]
+                b = n / steps_per_epoch if full else xb.shape[0]  # datapoints one step stands for
+                total += loss * b
+                seen += b
                 loop["step"] += 1
             lr_now = opt.param_groups[0]["lr"]
             sched.step()
-            val_loss = _mean_loss(obj, model, guide, val, max(cfg.batch_size, 256))
+            val_loss = _mean_loss(loss_fn, val, None if full else max(cfg.batch_size, 256))
             if not math.isfinite(val_loss):
                 raise TrainingError(f"validation loss is {val_loss} after epoch {loop['epoch'] + 1}; the last good "
                                     f"checkpoint (epoch {loop['epoch']}) is kept")
@@ -520,14 +634,43 @@ def _train_loop(run, train, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path, 
 
 
 @torch.no_grad()
-def _mean_loss(obj, model, guide, split, batch_size: int) -> float:
-    """Objective's loss per datapoint on a split, in batches, without gradients."""
-    for m in (model, guide):
+def _mean_loss(loss_fn: BatchLoss, split, batch_size: Optional[int]) -> float:
+    """Loss per datapoint on a whole split (chunks of ``batch_size`` rows, None = one pass), no gradients.
+
+    Each chunk's loss estimates the split's per-datapoint loss (sites in the data plate scaled
+    by n/b); the chunks are averaged with weights b/n, so global terms count once per split.
+    """
+    for m in (loss_fn.model, loss_fn.guide):
         if isinstance(m, torch.nn.Module):
             m.eval()
+    n = len(split)
+    if batch_size is None:
+        return float(loss_fn(split.x, split.y, n))
     total = 0.0
-    for i in range(0, len(split), batch_size):
+    for i in range(0, n, batch_size):
         xb = split.x[i:i + batch_size]
         yb = None if split.y is None else split.y[i:i + batch_size]
-        total += float(obj(model, guide, *_args(model, xb, yb)))
-    return total / len(split)
+        total += float(loss_fn(xb, yb, n)) * xb.shape[0]
+    return total / n
+
+
+def _check_structure(shape: dict, guide, cfg: TrainConfig, n: int) -> None:
+    """Refuse set-ups that would silently train or validate the wrong objective."""
+    from pyro.infer.autoguide import AutoGuide, AutoGuideList
+
+    if isinstance(guide, AutoGuide) and not isinstance(guide, AutoGuideList) and shape["local_latents"]:
+        raise ConfigError(
+            f"{type(guide).__name__} keeps one set of parameters per training datapoint for the local latent(s) "
+            f"{shape['local_latents']} (inside plate {cfg.data_plate!r}): it cannot be lined up with shuffled "
+            "minibatches nor scored on held-out rows, which fit validates on every epoch. Use an amortized "
+            "guide for the local latents (pyrovi.guides, or an encoder registered with pyro.module) and keep "
+            "the autoguide for the global latents (e.g. AutoNormal(poutine.block(model, hide=[...])) in an "
+            "AutoGuideList)")
+    if cfg.batch_size is None or cfg.batch_size >= n:
+        return
+    if not shape["data_plate"]:
+        raise ConfigError(
+            f"fit(batch_size={cfg.batch_size}) trains on minibatches and weights the per-datapoint terms by N/B, "
+            f"but the model has no plate named {cfg.data_plate!r}. Put the per-datapoint sites inside "
+            f"pyro.plate({cfg.data_plate!r}, len(x)), name your plate with data_plate=..., or pass "
+            "batch_size=None to give the model the whole data set every step")

@@ -238,7 +238,8 @@ def test_early_stopping_returns_best_weights(digits, tmp_path):
     assert run.metrics["val_loss"] == best
     if len(run.history) < 40:  # it stopped early: the run holds the best epoch's weights
         assert run.history[-1]["val_loss"] > best
-        val = pv.train._mean_loss(pv.objectives.get("elbo", particles=1), m, g, digits.val, 2000)
+        loss_fn = pv.train.BatchLoss(pv.objectives.get("elbo", particles=1), m, g, global_sites=False)
+        val = pv.train._mean_loss(loss_fn, digits.val, 2000)
         assert abs(val - best) < 2.0  # one-particle noise only; the last epoch's weights were worse
 
 

@@ -1,0 +1,154 @@
+"""Data in any form a user has, and the arguments a model and guide are called with.
+
+pyrovi's ``fit``, ``evaluate`` and ``diagnose`` take data as a
+:class:`pyrovi.data.Dataset`, a torch tensor or NumPy array ``(N, D...)``, an
+``(x, y)`` pair, a ``torch.utils.data.Dataset`` (items ``x`` or ``(x, y)``) or a
+``DataLoader``. It is read once into memory as a :class:`~pyrovi.data.Split`
+(a DataLoader's own batching and shuffling are not used: ``fit`` shuffles
+and batches itself, which is much faster than a per-batch Python loader on
+data that fits in memory).
+
+**The calling rule.** Every call of the model and of the guide (Pyro passes
+both the same arguments) is::
+
+    model(x_batch, y_batch, **model_kwargs)   # when the data has y and the model takes it
+    model(x_batch, **model_kwargs)            # otherwise
+
+where "the model takes y" means: a pyrovi model whose ``uses_labels`` is
+true, or any other callable whose signature accepts a second positional
+argument (``def model(x, y=None)``, a ``PyroModule`` whose ``forward`` does,
+or ``*args``). So a regression model ``model(x, y=None)`` gets its targets,
+a VAE ``model(x)`` trained on an ``(images, labels)`` DataLoader does not get
+the labels, and ``model_kwargs`` carries anything else the user's code needs
+(constants, annealing factors) to every call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+
+from . import data as data_mod
+from .errors import ConfigError, DataError
+
+__all__ = ["as_split", "takes_y", "call_args", "check_model_kwargs", "as_targets"]
+
+
+def as_targets(y) -> torch.Tensor:
+    """Second array of the data: integers stay int64 (labels), anything else becomes float32 (targets)."""
+    t = data_mod.as_tensor(y, "y")
+    if t.is_floating_point():
+        return t.float()
+    return t.long()
+
+
+def _pair(b) -> tuple:
+    if isinstance(b, (tuple, list)):
+        if len(b) == 0:
+            raise DataError("the data yielded an empty item; expected x or (x, y)")
+        if len(b) > 2:
+            raise DataError(f"the data yielded items of {len(b)} parts; pyrovi takes x or (x, y) "
+                            "(pass other model inputs through model_kwargs=)")
+        return (b[0], b[1]) if len(b) == 2 else (b[0], None)
+    return b, None
+
+
+def as_split(data: Any) -> data_mod.Split:
+    """A tensor, array, ``(x, y)`` pair, Split, torch Dataset or DataLoader -> one in-memory Split.
+
+    ``x`` becomes float32 ``(N, D...)``; ``y`` (optional) keeps integer labels
+    as int64 and makes real-valued targets float32 (see :func:`as_targets`).
+    """
+    if isinstance(data, data_mod.Split):
+        return data
+    if isinstance(data, torch.utils.data.DataLoader):
+        xs, ys = [], []
+        for b in data:
+            x, y = _pair(b)
+            xs.append(data_mod.as_tensor(x))
+            if y is not None:
+                ys.append(data_mod.as_tensor(y, "y"))
+        if not xs:
+            raise DataError("the DataLoader yielded no batches")
+        if ys and len(ys) != len(xs):
+            raise DataError("the DataLoader yielded y for some batches but not for others")
+        return data_mod.Split(torch.cat(xs).float(), as_targets(torch.cat(ys)) if ys else None)
+    if isinstance(data, torch.utils.data.Dataset):
+        try:
+            n = len(data)
+        except TypeError:
+            raise DataError("a torch Dataset without __len__ (an IterableDataset) cannot be used; "
+                            "wrap it in a DataLoader") from None
+        if n == 0:
+            raise DataError("the torch Dataset is empty")
+        pairs = [_pair(data[i]) for i in range(n)]
+        x = torch.stack([data_mod.as_tensor(p[0]) for p in pairs]).float()
+        has_y = [p[1] is not None for p in pairs]
+        if any(has_y) and not all(has_y):
+            raise DataError("the torch Dataset yields y for some items but not for others")
+        y = as_targets(torch.stack([torch.as_tensor(p[1]) for p in pairs])) if all(has_y) else None
+        return data_mod.Split(x, y)
+    if isinstance(data, tuple) and len(data) == 2:
+        x, y = data
+        return data_mod.Split(data_mod.as_tensor(x).float(), None if y is None else as_targets(y))
+    if isinstance(data, (tuple, list, dict, str)) and not _numeric_list(data):
+        raise DataError(f"data of type {type(data).__name__} is not understood; pass a tensor or array (N, D), "
+                        "an (x, y) pair, a pyrovi Dataset, or a torch Dataset/DataLoader")
+    return data_mod.Split(data_mod.as_tensor(data).float(), None)
+
+
+def _numeric_list(data) -> bool:
+    return isinstance(data, list) and bool(data) and not isinstance(data[0], (str, dict))
+
+
+def check_targets(split: data_mod.Split, name: str) -> None:
+    """``y`` of a user model: one row per row of x, finite."""
+    y = split.y
+    if y is None:
+        return
+    if y.dim() == 0 or y.shape[0] != split.x.shape[0]:
+        raise DataError(f"{name}: y must have one row per row of x ({split.x.shape[0]}); got shape {tuple(y.shape)}")
+    if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+        raise DataError(f"{name}: y contains NaN/inf values; drop or impute those rows")
+
+
+def takes_y(model) -> bool:
+    """Whether ``model`` is called with ``y`` as its second argument (see the module docstring)."""
+    declared = getattr(model, "uses_labels", None)
+    if isinstance(declared, bool):
+        return declared
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins, some C callables: nothing to read
+        return False
+    positional = 0
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            return True
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional += 1
+    return positional >= 2
+
+
+def call_args(model, x: torch.Tensor, y: Optional[torch.Tensor], model_kwargs: Optional[dict] = None,
+              pass_y: Optional[bool] = None) -> tuple:
+    """``(args, kwargs)`` to call model and guide with on a batch (the calling rule above)."""
+    if pass_y is None:
+        pass_y = takes_y(model)
+    args = (x, y) if (pass_y and y is not None) else (x,)
+    return args, dict(model_kwargs or {})
+
+
+def check_model_kwargs(model_kwargs) -> dict:
+    """Validate ``model_kwargs``: None or a dict with string keys."""
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
+        raise ConfigError(f"model_kwargs must be a dict of keyword arguments for model and guide, "
+                          f"got {type(model_kwargs).__name__}")
+    if "y" in model_kwargs:
+        raise ConfigError("model_kwargs must not hold 'y'; pass the data as an (x, y) pair so y is batched with x")
+    return dict(model_kwargs)
