@@ -3,7 +3,7 @@
 import runpy
 import sys
 
-SCRIPTS = ["benchmarks.bench_step"]
+SCRIPTS = ["benchmarks.bench_step", "benchmarks.ddp_agreement"]
 
 if __name__ == "__main__":
     for name in SCRIPTS:

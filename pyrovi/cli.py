@@ -70,6 +70,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-norm", type=float, default=None, help="gradient-norm clipping")
     g.add_argument("--lr-schedule", default="constant", help="constant | cosine | exponential")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g = p.add_argument_group("scale-out (PyTorch Lightning; pip install \"pyrovi[distributed]\")")
+    g.add_argument("--strategy", default=None, help="ddp | ddp_spawn: data-parallel training (default: one process)")
+    g.add_argument("--devices", type=int, default=1, help="processes (GPUs) per node with --strategy (default: 1)")
+    g.add_argument("--num-nodes", type=int, default=1, help="nodes with --strategy (default: 1)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run directory (default: runs/<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -103,7 +107,9 @@ def _train(args) -> int:
               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=out,
               resume=args.resume, overwrite=args.overwrite, patience=args.patience, beta=args.beta,
               warmup=args.warmup, clip_norm=args.clip_norm, lr_schedule=args.lr_schedule, device=args.device,
-              progress=not args.no_progress)
+              progress=not args.no_progress, strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes)
+    if run.directory is None and args.strategy:  # a DDP rank other than 0: rank 0 reports and evaluates
+        return 0
     print(f"run directory: {out}")
     print(json.dumps({k: v for k, v in run.metrics.items() if not isinstance(v, dict)}, indent=2))
     if args.evaluate_k:

@@ -248,6 +248,28 @@ def _structure(model, guide, args, kwargs, data_plate: str) -> dict:
     return info
 
 
+def _run_config(model, guide, obj, cfg: TrainConfig, train, val, ds, data_desc: dict, pass_y: bool,
+                model_kwargs: dict) -> dict:
+    """The JSON form of a run's ``config.json`` (also stored in checkpoints); shared with :mod:`pyrovi.distributed`."""
+    config = {
+        "pyrovi_version": __version__,
+        "model": _describe(model, "model"),
+        "guide": _describe(guide, "guide"),
+        "objective": obj.config(),
+        "train": asdict(cfg),
+        "data": {**data_desc, "shape": list(train.x.shape[1:]),
+                 "image_shape": list(ds.image_shape) if ds is not None and ds.image_shape else None,
+                 "num_classes": ds.num_classes if ds is not None else None,
+                 "n_train": len(train), "n_val": len(val),
+                 # what load_run needs to call the user's code once (zeros of these shapes)
+                 "y_shape": None if train.y is None else list(train.y.shape[1:]),
+                 "y_dtype": None if train.y is None else str(train.y.dtype).replace("torch.", ""),
+                 "passes_y": bool(pass_y and train.y is not None),
+                 "model_kwargs": sorted(model_kwargs)},
+    }
+    return json.loads(json.dumps(config))  # the JSON form, as config.json and checkpoints store it
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -330,6 +352,10 @@ def fit(
     figures: bool = True,
     model_kwargs: Optional[dict] = None,
     data_plate: str = "data",
+    strategy: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    accelerator: str = "auto",
 ) -> Run:
     """Train ``guide`` and ``model`` on ``data`` by maximizing ``objective``.
 
@@ -368,6 +394,12 @@ def fit(
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         progress: show a tqdm progress bar.
         figures: write figures and ``report.md`` into ``out`` at the end.
+        strategy: None (one process, the default) or ``"ddp"`` / ``"ddp_spawn"``:
+            data-parallel training through PyTorch Lightning (``pip install
+            "pyrovi[distributed]"``); see :func:`pyrovi.distributed.fit`.
+            ``batch_size`` stays the *global* batch per optimizer step.
+        devices, num_nodes: processes per node and nodes (world size = product), with ``strategy``.
+        accelerator: ``"auto"``, ``"cpu"`` or ``"cuda"``/``"gpu"``, with ``strategy``.
 
     Returns:
         :class:`pyrovi.run.Run`. Losses in its history are in nats per
@@ -383,6 +415,17 @@ def fit(
                       val_fraction=val_fraction, data_plate=data_plate)
     cfg.validate()
     model_kwargs = inputs.check_model_kwargs(model_kwargs)
+    if strategy is not None or devices != 1 or num_nodes != 1 or accelerator != "auto":
+        from . import distributed  # imports Lightning only when it trains
+
+        distributed.check_options(strategy, devices, num_nodes, accelerator)
+        return distributed.fit(
+            model, guide, data, objective=objective, particles=particles, alpha=alpha, epochs=epochs,
+            batch_size=batch_size, lr=lr, seed=seed, out=out, resume=resume, overwrite=overwrite, patience=patience,
+            beta=beta, warmup=warmup, clip_norm=clip_norm, lr_schedule=lr_schedule, weight_decay=weight_decay,
+            val_fraction=val_fraction, device=device, progress=progress, figures=figures, strategy=strategy,
+            devices=devices, num_nodes=num_nodes, accelerator=accelerator, model_kwargs=model_kwargs,
+            data_plate=data_plate)
     if not callable(model):
         raise ConfigError(f"model must be a Pyro model (a callable), got {type(model).__name__}")
     obj = objectives_mod.get(objective, particles=particles, alpha=alpha)
@@ -415,23 +458,7 @@ def fit(
         val = data_mod.Split((torch.rand(val.x.shape, generator=g).to(dev) < val.x).float(), val.y)
 
     pass_y = inputs.takes_y(model)
-    config = {
-        "pyrovi_version": __version__,
-        "model": _describe(model, "model"),
-        "guide": _describe(guide, "guide"),
-        "objective": obj.config(),
-        "train": asdict(cfg),
-        "data": {**data_desc, "shape": list(train.x.shape[1:]),
-                 "image_shape": list(ds.image_shape) if ds is not None and ds.image_shape else None,
-                 "num_classes": ds.num_classes if ds is not None else None,
-                 "n_train": len(train), "n_val": len(val),
-                 # what load_run needs to call the user's code once (zeros of these shapes)
-                 "y_shape": None if train.y is None else list(train.y.shape[1:]),
-                 "y_dtype": None if train.y is None else str(train.y.dtype).replace("torch.", ""),
-                 "passes_y": bool(pass_y and train.y is not None),
-                 "model_kwargs": sorted(model_kwargs)},
-    }
-    config = json.loads(json.dumps(config))  # the JSON form, as config.json and checkpoints store it
+    config = _run_config(model, guide, obj, cfg, train, val, ds, data_desc, pass_y, model_kwargs)
     run = Run(model, guide, obj, config, directory=out, param_state=empty_param_state(), device=dev, data=ds,
               model_kwargs=model_kwargs)
 
