@@ -113,7 +113,8 @@ def load_tensors(path: str, device: str | torch.device = "cpu") -> tuple:
         raise CheckpointError(f"{path} is {size} bytes, larger than any pyrovi checkpoint could be")
     with open(path, "rb") as f:
         raw = f.read()
-    if raw[:2] == b"\x80\x02" or raw[:2] == b"PK" or raw[:1] == b"\x80":
+    looks_safetensors = len(raw) >= 9 and raw[8:9] == b"{"  # u64 header length, then the JSON header
+    if not looks_safetensors and (raw[:1] == b"\x80" or raw[:4] == b"PK\x03\x04"):  # pickle / torch.save zip
         raise CheckpointError(
             f"{path} is a pickle/torch.save file, not safetensors; pyrovi never unpickles "
             "checkpoints because unpickling can run arbitrary code"

@@ -288,3 +288,17 @@ def test_fit_on_arrays_and_pairs(digits):
     assert run.config["data"]["n_val"] == round(0.1 * len(digits.train))
     run = pv.fit(m, g, (digits.train.x, digits.train.y), epochs=1, progress=False)
     assert len(run.history) == 1
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_loads(tmp_path):
+    """A real safetensors file is never mistaken for a pickle by its first byte."""
+    from pyrovi.checkpoint import save_tensors
+
+    for n in range(256):
+        p = str(tmp_path / f"c{n}.safetensors")
+        save_tensors(p, {"x": torch.arange(3.0)}, {"pad": "a" * n})
+        if open(p, "rb").read(1) == b"\x80":
+            tensors, meta = load_tensors(p)
+            assert torch.equal(tensors["x"], torch.arange(3.0)) and meta["pad"] == "a" * n
+            return
+    pytest.fail("no header length with low byte 0x80 in range")
