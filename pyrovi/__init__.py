@@ -15,7 +15,7 @@ Log-densities are in nats per datapoint unless a name says otherwise
 
 __version__ = "0.1.0"
 
-from . import data, guides, models, objectives  # noqa: E402
+from . import data, guides, models, objectives, uses  # noqa: E402
 from .errors import CheckpointError, ConfigError, DataError, PyroviError, TrainingError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .run import Run, load_run  # noqa: E402

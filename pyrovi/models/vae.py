@@ -136,6 +136,14 @@ class VAE(PyroModule):
         return cls(d.pop("input_dim"), **d)
 
     # -- the model --------------------------------------------------------------------
+    def decoder_out(self, z: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Raw decoder output (logits or means) ``(..., D)`` for ``z`` of shape ``(..., L)``.
+
+        The one place subclasses change what the decoder sees (``ConditionalVAE``
+        appends the label); ``y`` is ignored here.
+        """
+        return self.decoder(z)
+
     def likelihood(self, out: torch.Tensor) -> dist.TorchDistribution:
         """p(x | z) from the decoder output ``out`` of shape ``(..., D)``; event dim 1."""
         if self.cfg.likelihood == "bernoulli":
@@ -152,15 +160,18 @@ class VAE(PyroModule):
         """Run the model on ``x`` of shape ``(B, D)``; returns the decoder output ``(..., B, D)``."""
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample(self.latent_site, self.prior(x.shape[0], x))  # (S?, B, L)
-            out = self.decoder(z)  # (S?, B, D)
+            out = self.decoder_out(z, y)  # (S?, B, D)
             pyro.sample(self.obs_site, self.likelihood(out), obs=x)
         return out
 
     # -- uses -------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean of p(x | z) for ``z`` of shape ``(..., L)``: probabilities (Bernoulli) or means, ``(..., D)``."""
-        out = self.decoder(z)
+    def decode(self, z: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean of p(x | z) for ``z`` of shape ``(..., L)``: probabilities (Bernoulli) or means, ``(..., D)``.
+
+        ``y`` (labels, shape ``(...,)``) is read only by conditional models.
+        """
+        out = self.decoder_out(z, y)
         return torch.sigmoid(out) if self.cfg.likelihood == "bernoulli" else out
 
     @torch.no_grad()
