@@ -44,7 +44,7 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def train_pair(data, epochs: int, seed: int, out: str):
+def train_pair(data, epochs: int, seed: int, out: str, figures: bool = True):
     """A VAE and an autoencoder with identical nets, trained on the same data with the same seed."""
     runs = {}
     for name, model_cls, guide_cls in (("vae", pv.models.VAE, pv.guides.DiagNormal),
@@ -54,7 +54,7 @@ def train_pair(data, epochs: int, seed: int, out: str):
                           image_shape=data.image_shape)
         guide = guide_cls(model, hidden=(256,))
         runs[name] = pv.fit(model, guide, data, epochs=epochs, seed=seed, out=os.path.join(out, f"{name}-seed{seed}"),
-                            overwrite=True, progress=False)
+                            overwrite=True, progress=False, figures=figures)
     return runs
 
 
@@ -62,7 +62,8 @@ def decodes(runs, data, n: int, seed: int) -> dict:
     """{row name: (n, D) decoded images} for one seed."""
     ae = runs["ae"].model
     codes = pv.uses.encode(runs["ae"], data.train.x)  # (N, L) the autoencoder's training codes
-    fitted = torch.distributions.MultivariateNormal(codes.mean(0), torch.cov(codes.T) + 1e-5 * torch.eye(codes.shape[1]))
+    cov = torch.cov(codes.T) + 1e-5 * torch.eye(codes.shape[1])  # (L, L), jitter keeps it positive definite
+    fitted = torch.distributions.MultivariateNormal(codes.mean(0), cov)
     torch.manual_seed(seed + 10)
     return {
         ROWS[1]: pv.uses.sample_prior(runs["vae"], n, seed=seed + 1),
@@ -83,7 +84,7 @@ def main(argv=None) -> dict:
 
     per_seed, figure_images, code_norms = [], None, []
     for seed in range(seeds):
-        runs = train_pair(data, epochs, seed, args.out)
+        runs = train_pair(data, epochs, seed, args.out, figures=not args.quick)
         images, codes = decodes(runs, data, n, seed)
         code_norms.append(float(codes.norm(dim=1).mean()))
         row = {ROWS[0]: scorer.score(grey.test.x)}
@@ -113,7 +114,8 @@ def main(argv=None) -> dict:
               figure_images[name][:36] for name in ROWS[1:]}
     plots.image_panels(
         panels, data.image_shape, ncols=6,
-        title=(f"Decoded random codes, same nets (L=8, {epochs} epochs); scores: mean over {seeds} seed(s) x {n} codes\n"
+        title=(f"Decoded random codes, same nets (L=8, {epochs} epochs); "
+               f"scores: mean over {seeds} seed(s) x {n} codes\n"
                f"real test digits: confidence {mean[ROWS[0]]['confidence']:.2f}, "
                f"NN dist. {mean[ROWS[0]]['nn_distance']:.3f}"),
         path=os.path.join(args.out, "ae_vs_vae.png"))

@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     C = data.num_classes
     model = pv.models.ConditionalVAE(data.shape, latent_dim=8, num_classes=C, image_shape=data.image_shape)
     run = pv.fit(model, pv.guides.DiagNormal(model), data, epochs=epochs, seed=args.seed,
-                 out=os.path.join(args.out, "run"), overwrite=True, progress=False)
+                 out=os.path.join(args.out, "run"), overwrite=True, progress=False, figures=not args.quick)
 
     grey = pv.data.load("digits", seed=args.seed, binarize=None)
     scorer = fit_scorer(grey.train.x, grey.train.y, seed=args.seed)
@@ -71,7 +71,8 @@ def main(argv=None) -> dict:
         {"": grid}, data.image_shape, ncols=cols,
         row_labels=[f"label {c}\n{100 * rates[c]:.0f}% as {c}" for c in range(C)],
         col_labels=[f"z draw {j + 1}" for j in range(cols)],
-        title=(f"ConditionalVAE samples E[x | z, y]: one row per label y, one z ~ N(0, I_8) per column ({epochs} epochs)\n"
+        title=(f"ConditionalVAE samples E[x | z, y]: one row per label y, "
+               f"one z ~ N(0, I_8) per column ({epochs} epochs)\n"
                f"left: share of {per_class} samples per label that a classifier of real digits calls y "
                f"(mean {100 * rates['mean']:.0f}%, chance 10%)"),
         path=os.path.join(args.out, "conditional_grid.png"))

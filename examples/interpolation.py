@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     L = 8
     model = pv.models.VAE(data.shape, latent_dim=L, likelihood="bernoulli", image_shape=data.image_shape)
     run = pv.fit(model, pv.guides.DiagNormal(model), data, epochs=epochs, seed=args.seed,
-                 out=os.path.join(args.out, "run"), overwrite=True, progress=False)
+                 out=os.path.join(args.out, "run"), overwrite=True, progress=False, figures=not args.quick)
 
     # many pairs for the statistics, the first six for the figure
     i1, i2 = pv.uses.pick_pairs(data.test.y, 20 if args.quick else 80, seed=args.seed)

@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     data = pv.data.load("digits", seed=args.seed)
     model = pv.models.VAE(data.shape, latent_dim=8, likelihood="bernoulli", image_shape=data.image_shape)
     run = pv.fit(model, pv.guides.DiagNormal(model), data, epochs=epochs, seed=args.seed,
-                 out=os.path.join(args.out, "run"), overwrite=True, progress=False)
+                 out=os.path.join(args.out, "run"), overwrite=True, progress=False, figures=not args.quick)
 
     grey = pv.data.load("digits", seed=args.seed, binarize=None)
     scorer = fit_scorer(grey.train.x, grey.train.y, seed=args.seed)

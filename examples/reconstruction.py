@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     model = pv.models.VAE(data.shape, latent_dim=8, likelihood="bernoulli", image_shape=data.image_shape)
     guide = pv.guides.DiagNormal(model)
     run = pv.fit(model, guide, data, epochs=epochs, seed=args.seed, out=os.path.join(args.out, "run"),
-                 overwrite=True, progress=False)
+                 overwrite=True, progress=False, figures=not args.quick)
 
     idx = one_per_class(data.test.y)
     x = data.test.x[idx]  # (10, 64)

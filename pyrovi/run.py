@@ -250,7 +250,8 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu") -> 
 
     Args:
         directory: the run directory.
-        model, guide: your own model/guide (required when the run used them).
+        model: your own model (required when the run used one).
+        guide: your own guide (required when the run used one).
         device: where to put the weights (``"cpu"`` default, ``"auto"``, ``"cuda"``).
     """
     from . import guides as guides_mod

@@ -96,15 +96,18 @@ class SampleScorer:
 
     def accuracy(self, x, y) -> float:
         """Share of real items ``x`` ``(N, D)`` whose predicted class is ``y`` ``(N,)``; in [0, 1]."""
-        return float(self.clf_.score(self._check(x), np.asarray(torch.as_tensor(y).cpu()).reshape(-1)))
+        x = self._check(x)
+        return float(self.clf_.score(x, np.asarray(torch.as_tensor(y).cpu()).reshape(-1)))
 
     def probabilities(self, x) -> np.ndarray:
         """Class probabilities p(c | x), shape ``(N, C)``, columns in the order of ``classes_``."""
-        return self.clf_.predict_proba(self._check(x))
+        x = self._check(x)
+        return self.clf_.predict_proba(x)
 
     def predict(self, x) -> np.ndarray:
         """Most probable class of each item, shape ``(N,)``."""
-        return self.clf_.predict(self._check(x))
+        x = self._check(x)
+        return self.clf_.predict(x)
 
     def nn_distance(self, x) -> np.ndarray:
         """RMS pixel distance of each item to its nearest reference image, shape ``(N,)`` (pixel units)."""

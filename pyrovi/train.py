@@ -265,8 +265,19 @@ def fit(
             :mod:`pyrovi.objectives`) or an Objective instance.
         particles: S, vectorized particles per datapoint (objective default if None).
         alpha: Rényi order for ``objective="renyi"``.
-        epochs, batch_size, lr, seed, patience, beta, warmup, clip_norm,
-        lr_schedule, weight_decay, val_fraction: see :class:`TrainConfig`.
+        epochs: passes over the training split.
+        batch_size: datapoints per optimizer step.
+        lr: Adam learning rate.
+        seed: seeds particles, shuffling and the validation hold-out (not the
+            nets' initial weights, which are drawn when they are built).
+        patience: early stopping after this many epochs without a better
+            validation loss (None: off); the best weights are handed back.
+        beta: weight of the latent sites' log-density terms (the KL; beta-VAE when != 1).
+        warmup: epochs of linear KL warm-up of beta from 0.
+        clip_norm: gradient-norm clipping (None: off).
+        lr_schedule: ``"constant"``, ``"cosine"`` or ``"exponential"`` (stepped per epoch).
+        weight_decay: Adam weight decay.
+        val_fraction: share of raw arrays held out for validation (datasets bring their own split).
         out: run directory; checkpoints are written there after every epoch.
         resume: continue from ``out/checkpoint.safetensors`` (same trajectory:
             weights, optimizer moments, scheduler, RNG and history restored).

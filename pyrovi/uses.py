@@ -211,10 +211,12 @@ def interpolate(run, x1, x2, *, steps: int = 8, method: str = "linear", y1=None,
 
     Args:
         run: a :class:`pyrovi.Run` or ``(model, guide)``.
-        x1, x2: ``P`` pairs of items, ``(P, D)`` each (or ``(D,)`` for one pair).
+        x1: first items of ``P`` pairs, ``(P, D)`` (or ``(D,)`` for one pair).
+        x2: second items, same shape as ``x1``.
         steps: points along each path, end points included (>= 2).
         method: ``"linear"`` or ``"slerp"`` (see the module docstring).
-        y1, y2: labels of ``x1``/``x2`` for a conditional model (encoder input).
+        y1: labels of ``x1`` ``(P,)``, for a conditional model (encoder input).
+        y2: labels of ``x2`` ``(P,)``, for a conditional model.
         label: the label the decoder holds fixed along the path for a
             conditional model (default ``y1``): the path changes style, not class.
     """
@@ -234,10 +236,13 @@ def interpolate(run, x1, x2, *, steps: int = 8, method: str = "linear", y1=None,
     return out.transpose(0, 1)  # (P, A, D)
 
 
-def pick_pairs(y: Optional[torch.Tensor], n_pairs: int, *, seed: int = 0) -> tuple:
-    """Indices ``(i1, i2)`` of ``n_pairs`` pairs of rows, preferring pairs with different labels.
+def pick_pairs(y: Optional[torch.Tensor], n_pairs: int, *, same_label: bool = False, seed: int = 0) -> tuple:
+    """Indices ``(i1, i2)`` of ``n_pairs`` disjoint pairs of rows whose labels differ (or agree, ``same_label=True``).
 
-    ``y``: labels ``(N,)`` or None. Returns two int64 tensors of shape ``(n_pairs,)``.
+    Different labels show a path between classes; a conditional model holds
+    its label fixed along a path, so for it pairs of the same label show a
+    path in style alone. ``y``: labels ``(N,)``. Returns two int64 tensors of
+    shape ``(n_pairs,)``; pairs are drawn at random with ``seed``.
     """
     check_positive("n_pairs", n_pairs, integer=True)
     if y is None:
@@ -249,12 +254,13 @@ def pick_pairs(y: Optional[torch.Tensor], n_pairs: int, *, seed: int = 0) -> tup
         if len(i1) == n_pairs:
             break
         for b in perm.tolist():
-            if b != a and b not in used and a not in used and int(y[a]) != int(y[b]):
+            if b != a and b not in used and a not in used and (int(y[a]) == int(y[b])) == same_label:
                 i1.append(a)
                 i2.append(b)
                 used.update((a, b))
                 break
     if len(i1) < n_pairs:
-        raise ConfigError(f"could not find {n_pairs} pairs with different labels among {y.shape[0]} rows")
+        kind = "the same label" if same_label else "different labels"
+        raise ConfigError(f"could not find {n_pairs} pairs with {kind} among {y.shape[0]} rows")
     return torch.tensor(i1), torch.tensor(i2)
 

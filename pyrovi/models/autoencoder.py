@@ -55,7 +55,9 @@ class Autoencoder(VAE):
         likelihood: ``"bernoulli"`` (binary cross-entropy, data in [0, 1]) or
             ``"gaussian"`` (squared error; with fixed ``sigma`` the loss is
             :math:`\\lVert x - \\hat x\\rVert^2 / (2\\sigma^2)` plus a constant, i.e. MSE).
-        **options: the other :class:`~pyrovi.models.VAE` options.
+
+    The other options (``sigma``, ``learn_sigma``, ``activation``,
+    ``image_shape``) are :class:`~pyrovi.models.VAE`'s.
     """
 
     #: the guide that makes this model an autoencoder (read by the CLI)

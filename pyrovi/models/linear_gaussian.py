@@ -41,7 +41,8 @@ class LinearGaussian(PyroModule):
         W: loading matrix ``(D, L)``; random N(0, 1) entries (seeded) when None.
         b: offset ``(D,)``; zeros when None.
         sigma: observation noise std.
-        input_dim, latent_dim: sizes used when ``W`` is None.
+        input_dim: D, used when ``W`` is None.
+        latent_dim: L, used when ``W`` is None.
         learn: make W, b trainable parameters (default: fixed buffers, so only a guide learns).
         seed: seeds the random W.
     """
