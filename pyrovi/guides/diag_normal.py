@@ -70,6 +70,7 @@ class DiagNormal(PyroModule):
         return out
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict:
+        """Sample each latent site from q(z|x) in ``pyro.plate("data", B)``; returns ``{site: (S?, B, *shape)}``."""
         params = self.encode(x, y)
         with pyro.plate("data", x.shape[0]):
             return {

@@ -76,23 +76,28 @@ class LinearGaussian(PyroModule):
 
     @property
     def latent_sites(self) -> dict:
+        """``{"z": (L,)}``: the latent site a guide must cover."""
         return {"z": (self.W.shape[1],)}
 
     @property
     def obs_shape(self) -> tuple:
+        """``(D,)``, the event shape of the observation ``"x"``."""
         return (self.W.shape[0],)
 
     def config(self) -> dict:
+        """JSON-able options, ``W`` and ``b`` included as nested lists, that rebuild this model."""
         return {"name": "linear_gaussian", "W": self.W.detach().cpu().tolist(), "b": self.b.detach().cpu().tolist(),
                 "sigma": self.sigma, "learn": self.learn}
 
     @classmethod
     def from_config(cls, d: dict) -> "LinearGaussian":
+        """Rebuild from :meth:`config` (``W`` ``(D, L)`` and ``b`` ``(D,)`` as lists)."""
         d = dict(d)
         d.pop("name", None)
         return cls(torch.tensor(d.pop("W")), torch.tensor(d.pop("b")), **d)
 
     def forward(self, x: torch.Tensor, y=None) -> torch.Tensor:
+        """Run the model on ``x`` ``(B, D)``: z ~ N(0, I_L), x ~ N(W z + b, sigma^2 I_D); ``y`` is ignored."""
         L = self.W.shape[1]
         with pyro.plate("data", x.shape[0]):
             zero = x.new_zeros(())

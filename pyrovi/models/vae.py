@@ -44,6 +44,7 @@ class VAEConfig:
     num_classes: Optional[int] = field(default=None, repr=False)  # set by ConditionalVAE
 
     def validate(self) -> None:
+        """Raise :class:`~pyrovi.ConfigError` naming the first bad option."""
         check_positive("input_dim", self.input_dim, integer=True)
         check_positive("latent_dim", self.latent_dim, integer=True)
         lookup({k: k for k in LIKELIHOODS}, self.likelihood, "likelihood")
@@ -117,6 +118,7 @@ class VAE(PyroModule):
 
     @property
     def obs_shape(self) -> tuple:
+        """``(D,)``, the event shape of the observation ``"x"``."""
         return (self.cfg.input_dim,)
 
     def _context_dim(self) -> int:
@@ -131,6 +133,7 @@ class VAE(PyroModule):
 
     @classmethod
     def from_config(cls, d: dict) -> "VAE":
+        """Rebuild a model from its :meth:`config` dict (the ``"name"`` key is ignored)."""
         d = dict(d)
         d.pop("name", None)
         return cls(d.pop("input_dim"), **d)
@@ -152,7 +155,7 @@ class VAE(PyroModule):
         return dist.Normal(out, self.log_sigma.exp()).to_event(1)
 
     def prior(self, batch: int, like: torch.Tensor) -> dist.TorchDistribution:
-        """p(z) = N(0, I_L), event dim 1, on ``like``'s device and dtype."""
+        """p(z) = N(0, I_L), event dim 1, on ``like``'s device and dtype (``batch`` is left to the plate)."""
         zero = like.new_zeros(())
         return dist.Normal(zero, zero + 1.0).expand([self.cfg.latent_dim]).to_event(1)
 
