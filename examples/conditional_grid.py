@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
         title=(f"ConditionalVAE samples E[x | z, y]: one row per label y, "
                f"one z ~ N(0, I_8) per column ({epochs} epochs)\n"
                f"left: share of {per_class} samples per label that a classifier of real digits calls y "
-               f"(mean {100 * rates['mean']:.0f}%, chance 10%)"),
+               f"(mean {100 * rates['mean']:.1f}%, chance 10%)"),
         path=os.path.join(args.out, "conditional_grid.png"))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -27,6 +27,7 @@ __all__ = [
     "models",
     "guides",
     "objectives",
+    "uses",
     "fit",
     "evaluate",
     "load_run",

@@ -169,16 +169,18 @@ def interpolation_norms(alpha, norms: dict, *, latent_dim: Optional[int] = None,
     """
     alpha = np.asarray(alpha, dtype=float)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    n_paths = 0
     for name, v in norms.items():
         v = np.asarray(v, dtype=float)
         m, s = v.mean(0), v.std(0)
+        n_paths = v.shape[0]
         line, = ax.plot(alpha, m, marker="o", ms=3, label=name)
         ax.fill_between(alpha, m - s, m + s, color=line.get_color(), alpha=0.2)
     if latent_dim:
         ax.axhline(math.sqrt(latent_dim), color="k", ls=":", lw=1, label=r"$\sqrt{L}$ (typical prior norm)")
     ax.set_xlabel(r"$\alpha$ (weight of the first code $z_1$)")
     ax.set_ylabel(r"$\|z(\alpha)\|_2$")
-    ax.set_title("Code norm along the interpolation path")
+    ax.set_title(f"Code norm along the interpolation path (mean ± 1 s.d. over {n_paths} paths)", fontsize=10)
     ax.invert_xaxis()  # the path runs from z1 (alpha=1) to z2 (alpha=0), left to right as in the image rows
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
