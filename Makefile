@@ -21,3 +21,6 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks
+
+docs: install
+	$(PY) -m mkdocs build --strict

@@ -15,7 +15,7 @@ Log-densities are in nats per datapoint unless a name says otherwise
 
 __version__ = "0.1.0"
 
-from . import data, distributed, guides, models, objectives  # noqa: E402  (distributed: Lightning only when it trains)
+from . import data, distributed, guides, models, objectives, uses  # noqa: E402  (distributed: Lightning only when it trains)
 from .errors import CheckpointError, ConfigError, DataError, PyroviError, TrainingError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .run import Run, load_run  # noqa: E402
@@ -28,6 +28,7 @@ __all__ = [
     "guides",
     "objectives",
     "distributed",
+    "uses",
     "fit",
     "evaluate",
     "load_run",

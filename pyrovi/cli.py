@@ -54,7 +54,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--likelihood", default="bernoulli", help="bernoulli | gaussian (default: bernoulli)")
     g.add_argument("--sigma", type=float, default=1.0, help="Gaussian observation std delta (default: 1.0)")
     g.add_argument("--learn-sigma", action="store_true", help="learn the Gaussian std per pixel")
-    g.add_argument("--guide", default="diag_normal", help="guide name (default: diag_normal)")
+    g.add_argument("--guide", default=None,
+                   help="guide name (default: diag_normal; delta for --model autoencoder)")
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default="elbo", help="objective name (default: elbo)")
     g.add_argument("--particles", type=int, default=None, help="vectorized particles S (objective's default)")
@@ -85,14 +86,23 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def model_config(args, dataset) -> dict:
     """The model config dict the CLI's flags describe (the same dict ``config.json`` stores)."""
-    return {"name": args.model, "input_dim": dataset.shape[0], "latent_dim": args.latent_dim,
-            "hidden": list(args.hidden), "likelihood": args.likelihood, "sigma": args.sigma,
-            "learn_sigma": args.learn_sigma, "image_shape": dataset.image_shape}
+    from . import models
+    from .errors import ConfigError, lookup
+
+    cfg = {"name": args.model, "input_dim": dataset.shape[0], "latent_dim": args.latent_dim,
+           "hidden": list(args.hidden), "likelihood": args.likelihood, "sigma": args.sigma,
+           "learn_sigma": args.learn_sigma, "image_shape": dataset.image_shape}
+    if getattr(lookup(models.MODELS, args.model, "model"), "uses_labels", False):  # e.g. conditional_vae
+        if not dataset.num_classes:
+            raise ConfigError(f"--model {args.model} conditions on labels but --data {args.data} has none")
+        cfg["num_classes"] = dataset.num_classes
+    return cfg
 
 
-def guide_config(args) -> dict:
-    """The guide config dict the CLI's flags describe."""
-    return {"name": args.guide, "hidden": list(args.hidden)}
+def guide_config(args, model=None) -> dict:
+    """The guide config dict the CLI's flags describe; no ``--guide`` takes the model's ``default_guide``."""
+    name = args.guide or getattr(model, "default_guide", None) or "diag_normal"
+    return {"name": name, "hidden": list(args.hidden)}
 
 
 def _train(args) -> int:
@@ -101,7 +111,7 @@ def _train(args) -> int:
     binarize = None if args.binarize == "none" else args.binarize
     ds = data.load(args.data, seed=args.seed, binarize=binarize)
     model = models.build(model_config(args, ds))
-    guide = guides.build(model, guide_config(args))
+    guide = guides.build(model, guide_config(args, model))
     out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     run = fit(model, guide, ds, objective=args.objective, particles=args.particles, alpha=args.alpha,
               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=out,
@@ -162,12 +172,13 @@ def _sample_args(p) -> None:
     p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
     p.add_argument("--out", default=None, help="output file: .png (grid), .npy or .csv (default: RUN/samples.png)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", type=int, default=None,
+                   help="class of every sample, for a conditional run (default: classes in turn)")
     p.add_argument("--device", default="auto")
 
 
 def _sample(args) -> int:
     import numpy as np
-    import torch
 
     from . import load_run, plots
     from .errors import ConfigError, check_positive
@@ -175,13 +186,14 @@ def _sample(args) -> int:
     check_positive("--n", args.n, integer=True)
     run = load_run(args.run, device=args.device)
     out = args.out or os.path.join(args.run, "samples.png")
-    torch.manual_seed(args.seed)
-    with run.scope():
-        x = run.model.sample(args.n).cpu()
+    from .uses import sample_prior
+
+    x = sample_prior(run, args.n, label=args.label, seed=args.seed).cpu()
     ext = os.path.splitext(out)[1].lower()
     if ext == ".png":
         shape = run.config.get("data", {}).get("image_shape")
-        plots.samples(x, tuple(shape) if shape else None, path=out)
+        title = "Samples: mean of p(x|z), z ~ p(z)" + (f", label {args.label}" if args.label is not None else "")
+        plots.samples(x, tuple(shape) if shape else None, path=out, title=title)
     elif ext == ".npy":
         np.save(out, x.numpy())
     elif ext == ".csv":
@@ -193,6 +205,64 @@ def _sample(args) -> int:
 
 
 COMMANDS["sample"] = (_sample_args, _sample, "draw samples from a trained run's prior and decode them")
+
+
+# --------------------------------------------------------------------------- interpolate
+
+
+def _interpolate_args(p) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--pairs", type=int, default=6, help="pairs of test items, one row each (default: 6)")
+    p.add_argument("--steps", type=int, default=10, help="points per path, end points included (default: 10)")
+    p.add_argument("--method", default="both", choices=["linear", "slerp", "both"],
+                   help="linear z = a z1 + (1-a) z2, spherical slerp, or both side by side (default)")
+    p.add_argument("--data", default=None, help="dataset (default: the run's own data, test split)")
+    p.add_argument("--out", default=None, help="output PNG (default: RUN/interpolations.png)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the choice of pairs")
+    p.add_argument("--device", default="auto")
+
+
+def _interpolate(args) -> int:
+    import torch
+
+    from . import data, load_run, plots, uses
+    from .errors import ConfigError
+
+    run = load_run(args.run, device=args.device)
+    ds = data.load(args.data) if args.data else data.from_source(run.config.get("data", {}))
+    split = ds.test if len(ds.test) >= 2 else ds.train
+    conditional = getattr(run.model, "uses_labels", False)
+    if split.y is not None:  # a conditional model keeps its label along the path: pair items of one class
+        i1, i2 = uses.pick_pairs(split.y, args.pairs, same_label=conditional, seed=args.seed)
+    else:
+        if 2 * args.pairs > len(split):
+            raise ConfigError(f"--pairs {args.pairs} needs {2 * args.pairs} items; the split has {len(split)}")
+        perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(args.seed))
+        i1, i2 = perm[:args.pairs], perm[args.pairs:2 * args.pairs]
+    labels = (split.y[i1], split.y[i2]) if conditional else (None, None)
+    methods = ["linear", "slerp"] if args.method == "both" else [args.method]
+    panels = {}
+    for m in methods:
+        path = uses.interpolate(run, split.x[i1], split.x[i2], steps=args.steps, method=m,
+                                y1=labels[0], y2=labels[1])  # (P, A, D)
+        panels[m] = path.reshape(-1, path.shape[-1]).cpu()
+    rows = ([f"{int(a)} to {int(b)}" for a, b in zip(split.y[i1], split.y[i2])] if split.y is not None
+            else [f"pair {k + 1}" for k in range(len(i1))])
+    alpha = uses.interpolation_weights(args.steps)
+    shape = run.config.get("data", {}).get("image_shape")
+    out = args.out or os.path.join(args.run, "interpolations.png")
+    if os.path.splitext(out)[1].lower() != ".png":
+        raise ConfigError(f"--out must end in .png, got {out!r}")
+    plots.image_panels(panels, tuple(shape) if shape else None, ncols=args.steps, row_labels=rows,
+                       col_labels=[f"$\\alpha$={a:.2f}" for a in alpha],
+                       title=r"Decoded interpolations between posterior means; $\alpha$ = weight of the left item",
+                       path=out)
+    print(f"wrote {len(i1)} x {args.steps} interpolations ({', '.join(methods)}) to {out}")
+    return 0
+
+
+COMMANDS["interpolate"] = (_interpolate_args, _interpolate,
+                           "decode paths between pairs of items' codes (linear and slerp) into a PNG")
 
 
 # --------------------------------------------------------------------------- main

@@ -50,5 +50,6 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.out_features = d if out_dim is None else out_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - nn.Sequential semantics
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., in_dim)`` -> ``(..., out_features)``; leading dims pass through."""
         return super().forward(x)

@@ -327,7 +327,8 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
 
     Args:
         directory: the run directory.
-        model, guide: your own model/guide (required when the run used them).
+        model: your own model (required when the run used one).
+        guide: your own guide (required when the run used one).
         device: where to put the weights (``"cpu"`` default, ``"auto"``, ``"cuda"``);
             a run trained on a GPU loads on a CPU-only machine.
         model_kwargs: the extra keyword arguments the run was trained with.

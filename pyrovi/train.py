@@ -377,14 +377,23 @@ def fit(
             :mod:`pyrovi.objectives`) or an Objective instance.
         particles: S, vectorized particles per datapoint (objective default if None).
         alpha: Rényi order for ``objective="renyi"``.
-        epochs, batch_size, lr, seed, patience, beta, warmup, clip_norm,
-        lr_schedule, weight_decay, val_fraction: see :class:`TrainConfig`.
-            ``batch_size=B`` slices B rows per step and weights the sites in
-            ``data_plate`` by N/B (:class:`BatchLoss`); ``batch_size=None``
-            passes the whole training set every step (full-data mode), for
-            models that subsample themselves with
-            ``pyro.plate("data", len(x), subsample_size=B)`` (then an epoch is
+        epochs: passes over the training split.
+        batch_size: datapoints per optimizer step. ``batch_size=B`` slices B rows per step and
+            weights the sites in ``data_plate`` by N/B (:class:`BatchLoss`); ``batch_size=None``
+            passes the whole training set every step (full-data mode), for models that subsample
+            themselves with ``pyro.plate("data", len(x), subsample_size=B)`` (then an epoch is
             N/B steps) or full-batch training.
+        lr: Adam learning rate.
+        seed: seeds particles, shuffling and the validation hold-out (not the
+            nets' initial weights, which are drawn when they are built).
+        patience: early stopping after this many epochs without a better
+            validation loss (None: off); the best weights are handed back.
+        beta: weight of the latent sites' log-density terms (the KL; beta-VAE when != 1).
+        warmup: epochs of linear KL warm-up of beta from 0.
+        clip_norm: gradient-norm clipping (None: off).
+        lr_schedule: ``"constant"``, ``"cosine"`` or ``"exponential"`` (stepped per epoch).
+        weight_decay: Adam weight decay.
+        val_fraction: share of raw arrays held out for validation (datasets bring their own split).
         model_kwargs: extra keyword arguments passed to every model and guide call.
         data_plate: name of the model's plate over datapoints (default ``"data"``).
         out: run directory; checkpoints are written there after every epoch.
@@ -398,7 +407,8 @@ def fit(
             data-parallel training through PyTorch Lightning (``pip install
             "pyrovi[distributed]"``); see :func:`pyrovi.distributed.fit`.
             ``batch_size`` stays the *global* batch per optimizer step.
-        devices, num_nodes: processes per node and nodes (world size = product), with ``strategy``.
+        devices: processes per node, with ``strategy`` (world size = devices x num_nodes).
+        num_nodes: machines, with ``strategy``.
         accelerator: ``"auto"``, ``"cpu"`` or ``"cuda"``/``"gpu"``, with ``strategy``.
 
     Returns:

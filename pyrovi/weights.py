@@ -107,7 +107,9 @@ def log_weights(
     """Draw ``particles`` vectorized samples z ~ q(z|x), replay the model, return log weights.
 
     Args:
-        model, guide: Pyro callables taking ``(*args, **kwargs)``.
+        model: the Pyro model, a callable taking ``(*args, **kwargs)``.
+        guide: the Pyro guide, called with the same arguments.
+        *args: the model's arguments (e.g. ``x`` of shape ``(B, D)``).
         particles: S, drawn in one vectorized plate on the leftmost batch dim.
         max_plate_nesting: plate depth; guessed by one trace when None.
         data_plate: name of the plate over datapoints.

@@ -75,6 +75,7 @@ class DiagNormal(PyroModule):
                 for name, (loc, scale) in self.encode(x, y).items()}
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict:
+        """Sample each latent site from q(z|x) in ``pyro.plate("data", B)``; returns ``{site: (S?, B, *shape)}``."""
         qs = self.posterior(x, y)
         with pyro.plate("data", x.shape[0]):
             return {name: pyro.sample(name, q) for name, q in qs.items()}

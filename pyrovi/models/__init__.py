@@ -7,13 +7,16 @@ built for it, and ``config()`` / ``from_config()`` so a run directory rebuilds i
 from __future__ import annotations
 
 from ..errors import ConfigError, lookup
+from .autoencoder import Autoencoder
+from .conditional import ConditionalVAE
 from .linear_gaussian import LinearGaussian
 from .vae import VAE, VAEConfig
 
-__all__ = ["VAE", "VAEConfig", "LinearGaussian", "MODELS", "build", "names"]
+__all__ = ["VAE", "VAEConfig", "ConditionalVAE", "Autoencoder", "LinearGaussian", "MODELS", "build", "names"]
 
 #: name -> model class; every class has ``from_config(dict)``.
-MODELS: dict = {"vae": VAE, "linear_gaussian": LinearGaussian}
+MODELS: dict = {"vae": VAE, "linear_gaussian": LinearGaussian, "conditional_vae": ConditionalVAE,
+                "autoencoder": Autoencoder}
 
 
 def names() -> list:

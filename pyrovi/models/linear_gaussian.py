@@ -41,7 +41,8 @@ class LinearGaussian(PyroModule):
         W: loading matrix ``(D, L)``; random N(0, 1) entries (seeded) when None.
         b: offset ``(D,)``; zeros when None.
         sigma: observation noise std.
-        input_dim, latent_dim: sizes used when ``W`` is None.
+        input_dim: D, used when ``W`` is None.
+        latent_dim: L, used when ``W`` is None.
         learn: make W, b trainable parameters (default: fixed buffers, so only a guide learns).
         seed: seeds the random W.
     """
@@ -75,18 +76,22 @@ class LinearGaussian(PyroModule):
 
     @property
     def latent_sites(self) -> dict:
+        """``{"z": (L,)}``: the latent site a guide must cover."""
         return {"z": (self.W.shape[1],)}
 
     @property
     def obs_shape(self) -> tuple:
+        """``(D,)``, the event shape of the observation ``"x"``."""
         return (self.W.shape[0],)
 
     def config(self) -> dict:
+        """JSON-able options, ``W`` and ``b`` included as nested lists, that rebuild this model."""
         return {"name": "linear_gaussian", "W": self.W.detach().cpu().tolist(), "b": self.b.detach().cpu().tolist(),
                 "sigma": self.sigma, "learn": self.learn}
 
     @classmethod
     def from_config(cls, d: dict) -> "LinearGaussian":
+        """Rebuild from :meth:`config` (``W`` ``(D, L)`` and ``b`` ``(D,)`` as lists)."""
         d = dict(d)
         d.pop("name", None)
         return cls(torch.tensor(d.pop("W")), torch.tensor(d.pop("b")), **d)
@@ -99,6 +104,7 @@ class LinearGaussian(PyroModule):
         return dist.Normal(z @ self.W.T + self.b, self.sigma).to_event(1)  # mean (S?, B, D)
 
     def forward(self, x: torch.Tensor, y=None) -> torch.Tensor:
+        """Run the model on ``x`` ``(B, D)``: z ~ N(0, I_L), x ~ N(W z + b, sigma^2 I_D); ``y`` is ignored."""
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", self._prior(x))  # (S?, B, L)
             lik = self._likelihood(z)

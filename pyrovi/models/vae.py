@@ -44,6 +44,7 @@ class VAEConfig:
     num_classes: Optional[int] = field(default=None, repr=False)  # set by ConditionalVAE
 
     def validate(self) -> None:
+        """Raise :class:`~pyrovi.ConfigError` naming the first bad option."""
         check_positive("input_dim", self.input_dim, integer=True)
         check_positive("latent_dim", self.latent_dim, integer=True)
         lookup({k: k for k in LIKELIHOODS}, self.likelihood, "likelihood")
@@ -117,6 +118,7 @@ class VAE(PyroModule):
 
     @property
     def obs_shape(self) -> tuple:
+        """``(D,)``, the event shape of the observation ``"x"``."""
         return (self.cfg.input_dim,)
 
     def _context_dim(self) -> int:
@@ -131,11 +133,20 @@ class VAE(PyroModule):
 
     @classmethod
     def from_config(cls, d: dict) -> "VAE":
+        """Rebuild a model from its :meth:`config` dict (the ``"name"`` key is ignored)."""
         d = dict(d)
         d.pop("name", None)
         return cls(d.pop("input_dim"), **d)
 
     # -- the model --------------------------------------------------------------------
+    def decoder_out(self, z: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Raw decoder output (logits or means) ``(..., D)`` for ``z`` of shape ``(..., L)``.
+
+        The one place subclasses change what the decoder sees (``ConditionalVAE``
+        appends the label); ``y`` is ignored here.
+        """
+        return self.decoder(z)
+
     def likelihood(self, out: torch.Tensor) -> dist.TorchDistribution:
         """p(x | z) from the decoder output ``out`` of shape ``(..., D)``; event dim 1."""
         if self.cfg.likelihood == "bernoulli":
@@ -144,7 +155,7 @@ class VAE(PyroModule):
         return dist.Normal(out, self.log_sigma.exp()).to_event(1)
 
     def prior(self, batch: int, like: torch.Tensor) -> dist.TorchDistribution:
-        """p(z) = N(0, I_L), event dim 1, on ``like``'s device and dtype."""
+        """p(z) = N(0, I_L), event dim 1, on ``like``'s device and dtype (``batch`` is left to the plate)."""
         zero = like.new_zeros(())
         return dist.Normal(zero, zero + 1.0).expand([self.cfg.latent_dim]).to_event(1)
 
@@ -152,7 +163,7 @@ class VAE(PyroModule):
         """Run the model on ``x`` of shape ``(B, D)``; returns the decoder output ``(..., B, D)``."""
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample(self.latent_site, self.prior(x.shape[0], x))  # (S?, B, L)
-            out = self.decoder(z)  # (S?, B, D)
+            out = self.decoder_out(z, y)  # (S?, B, D)
             pyro.sample(self.obs_site, self.likelihood(out), obs=x)
         return out
 
@@ -162,14 +173,17 @@ class VAE(PyroModule):
         ``z = {"z": (S, B, L)}`` -> ``(log p(x|z) of shape (S, B), {"z": prior distribution})``.
         Must compute exactly what ``forward`` does (a test compares the two).
         """
-        out = self.decoder(z[self.latent_site])  # (S, B, D)
+        out = self.decoder_out(z[self.latent_site], y)  # (S, B, D)
         return self.likelihood(out).log_prob(x), {self.latent_site: self.prior(x.shape[0], x)}
 
     # -- uses -------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean of p(x | z) for ``z`` of shape ``(..., L)``: probabilities (Bernoulli) or means, ``(..., D)``."""
-        out = self.decoder(z)
+    def decode(self, z: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean of p(x | z) for ``z`` of shape ``(..., L)``: probabilities (Bernoulli) or means, ``(..., D)``.
+
+        ``y`` (labels, shape ``(...,)``) is read only by conditional models.
+        """
+        out = self.decoder_out(z, y)
         return torch.sigmoid(out) if self.cfg.likelihood == "bernoulli" else out
 
     @torch.no_grad()
