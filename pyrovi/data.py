@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError, lookup
+from .errors import ConfigError, DataError, check_seed, lookup
 
 __all__ = ["Dataset", "Split", "load", "names", "from_arrays", "from_source", "validate", "read_idx", "as_tensor"]
 
@@ -87,6 +87,8 @@ def as_tensor(x, name: str = "x") -> torch.Tensor:
     """Convert array-like data to a float32 tensor, with a clear error if impossible."""
     if isinstance(x, torch.Tensor):
         t = x
+    elif x is None or isinstance(x, (str, bytes, dict)):
+        raise DataError(f"{name} must be an array of numbers (N, D...), got {type(x).__name__} {x!r:.60}")
     else:
         try:
             t = torch.as_tensor(np.asarray(x))
@@ -148,6 +150,8 @@ def validate(
             )
         if y.is_floating_point() and not torch.equal(y, y.round()):
             raise DataError("labels must be integers (class indices 0..C-1)")
+        if y.numel() and int(y.min()) < 0:
+            raise DataError(f"labels must be class indices >= 0; found {int(y.min())}. Map them to 0..C-1 first")
         if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise DataError(
                 f"labels must lie in [0, {num_classes}); found range [{int(y.min())}, {int(y.max())}]"
@@ -192,6 +196,8 @@ def from_arrays(
     kept as given. Items are flattened to ``(N, D)``; a 2-D item shape is kept
     as ``image_shape``. ``split = (val_fraction, test_fraction)``, drawn with ``seed``.
     """
+    _check_split(split)
+    check_seed("seed", seed)
     xt = as_tensor(x, "x")
     if xt.dtype == torch.uint8:
         xt = xt.float() / 255.0
@@ -228,6 +234,13 @@ def from_arrays(
         binarize=binarize,
         source=dict(source or {"name": name}, split=list(split), seed=seed, binarize=binarize),
     )
+
+
+def _check_split(split) -> None:
+    ok = isinstance(split, (tuple, list)) and len(split) == 2 and all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) for f in split)
+    if not ok:
+        raise ConfigError(f"split must be (val_fraction, test_fraction), e.g. (0.1, 0.1); got {split!r}")
 
 
 def _check_binarize(binarize):
@@ -289,6 +302,8 @@ def load(
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"dataset name must be a non-empty string, got {name!r}; valid: {', '.join(names())}")
+    _check_split(split)
+    check_seed("seed", seed)  # before reading anything
     kind, sep, path = name.partition(":")
     src = {"name": name}
     if sep:
@@ -311,8 +326,18 @@ def from_source(source: dict) -> Dataset:
         raise ConfigError(f"cannot reload data from {source!r}: pass the data explicitly")
     if source["name"] == "arrays":
         raise ConfigError("this run was trained on in-memory arrays; pass the data explicitly")
-    return load(source["name"], split=tuple(source.get("split", (0.1, 0.1))), seed=int(source.get("seed", 0)),
-                binarize=source.get("binarize", "default"))
+    # A run directory may come from someone else: a stored file path must not climb out of
+    # where it points ("csv:../../x"), and every option must have the type load() expects.
+    path = source["name"].partition(":")[2]
+    if ".." in path.replace("\\", "/").split("/"):
+        raise ConfigError(f"refusing data source {source['name']!r} from a run config: its path contains '..'; "
+                          "pass the data explicitly")
+    split, seed = source.get("split", (0.1, 0.1)), source.get("seed", 0)
+    _check_split(split)
+    binarize = source.get("binarize", "default")
+    if binarize not in ("default", None, "static", "dynamic"):
+        raise ConfigError(f"stored data source has binarize={binarize!r}; expected 'static', 'dynamic' or None")
+    return load(source["name"], split=tuple(split), seed=seed, binarize=binarize)
 
 
 # --- IDX (MNIST format) --------------------------------------------------------------

@@ -6,7 +6,7 @@ config with :func:`build`.
 
 from __future__ import annotations
 
-from ..errors import ConfigError, lookup
+from ..errors import ConfigError, PyroviError, lookup
 from .diag_normal import DiagNormal
 
 __all__ = ["DiagNormal", "GUIDES", "build", "names"]
@@ -30,5 +30,10 @@ def build(model, config) -> object:
     cls = lookup(GUIDES, opts.pop("name"), "guide")
     try:
         return cls(model, **opts)
-    except TypeError as e:
+    except PyroviError:
+        raise
+    except KeyError as e:
+        raise ConfigError(f"guide config {config!r:.200} lacks the key {e}; "
+                          "rebuild it from the object's config()") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a config edited by hand or crafted
         raise ConfigError(f"guide options {opts} do not fit {cls.__name__}: {e}") from None
