@@ -292,7 +292,10 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu") -> 
         weights = os.path.join(directory, CHECKPOINT)
     if not os.path.isfile(weights):
         raise CheckpointError(f"{directory} holds neither {WEIGHTS} nor {CHECKPOINT}: nothing to load")
-    _check_sizes(config, model, guide, os.path.getsize(weights), weights)
+    tensors, meta = load_tensors(weights, "cpu")  # refuses pickles and corrupt files before anything is built
+    if from_checkpoint:
+        tensors = {k: v for k, v in tensors.items() if k.split("/")[0] in ("model", "guide", "param")}
+    _check_sizes(config, model, guide, sum(t.numel() * t.element_size() for t in tensors.values()), weights)
     if model is None:
         model = models_mod.build(config["model"])
     if guide is None:
@@ -304,9 +307,9 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu") -> 
         if isinstance(m, torch.nn.Module):
             m.to(dev) if dtype_name is None else m.to(dev, _DTYPES[dtype_name])
     objective = objectives_mod.get(config["objective"])
-    tensors, meta = load_tensors(weights, dev)
+    if dev.type != "cpu":
+        tensors = {k: v.to(dev) for k, v in tensors.items()}
     if from_checkpoint:
-        tensors = {k: v for k, v in tensors.items() if k.split("/")[0] in ("model", "guide", "param")}
         loop = meta.get("loop") if isinstance(meta.get("loop"), dict) else {}
         warnings.warn(f"{directory} has no {WEIGHTS} (training did not finish); loaded the last checkpoint, "
                       f"epoch {loop.get('epoch')}; continue it with fit(..., out=..., resume=True)", stacklevel=2)
@@ -373,10 +376,10 @@ def _check_config(config, path: str) -> None:
 
 
 def _check_sizes(config: dict, model, guide, nbytes: int, path: str) -> None:
-    """Refuse model/guide configs that need more memory than the weights file could fill.
+    """Refuse model/guide configs that need more memory than the saved tensors fill.
 
     Every learned tensor is in the weights file, so a genuine config never needs
-    more bytes than the file has. Sizes are counted on the ``meta`` device
+    more bytes than the file's tensors hold. Sizes are counted on the ``meta`` device
     (shapes without memory) before anything real is allocated, so a crafted
     ``"hidden": [10**9]`` costs nothing.
     """
@@ -399,7 +402,7 @@ def _check_sizes(config: dict, model, guide, nbytes: int, path: str) -> None:
             need += sum(t.numel() * t.element_size() for t in built.state_dict().values())
     if need > nbytes:
         raise CheckpointError(f"the run config describes a model and guide of {need} bytes but {path} holds "
-                              f"only {nbytes}; the config does not belong to these weights")
+                              f"only {nbytes} bytes of tensors; the config does not belong to these weights")
 
 
 def read_history(path: str) -> list:

@@ -36,4 +36,5 @@ def build(model, config) -> object:
         raise ConfigError(f"guide config {config!r:.200} lacks the key {e}; "
                           "rebuild it from the object's config()") from None
     except (TypeError, ValueError, AttributeError) as e:  # a config edited by hand or crafted
-        raise ConfigError(f"guide options {opts} do not fit {cls.__name__}: {e}") from None
+        raise ConfigError(f"guide options {opts!r:.300} do not fit {cls.__name__}: "
+                          f"{(str(e).splitlines() or [repr(e)])[0][:200]}") from None

@@ -34,4 +34,5 @@ def build(config: dict):
         raise ConfigError(f"model config {config!r:.200} lacks the key {e}; "
                           "rebuild it from the object's config()") from None
     except (TypeError, ValueError, AttributeError) as e:  # a config edited by hand or crafted
-        raise ConfigError(f"model config {config!r} does not fit {cls.__name__}: {e}") from None
+        raise ConfigError(f"model config {config!r:.300} does not fit {cls.__name__}: "
+                          f"{(str(e).splitlines() or [repr(e)])[0][:200]}") from None
