@@ -22,6 +22,7 @@ import io
 import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -352,6 +353,9 @@ _IDX_TYPES = {
 }
 
 
+MAX_DECOMPRESSED = 1 << 31  # 2 GiB: far above any dataset pyrovi trains on in memory
+
+
 def _read_bytes(path: str) -> bytes:
     if not os.path.isfile(path):
         raise DataError(f"file not found: {path!r}")
@@ -359,9 +363,13 @@ def _read_bytes(path: str) -> bytes:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            # read at most MAX_DECOMPRESSED + 1 bytes: a small "gzip bomb" must not exhaust memory
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as g:
+                raw = g.read(MAX_DECOMPRESSED + 1)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
             raise DataError(f"{path!r} is a corrupt or truncated gzip file: {e}") from None
+        if len(raw) > MAX_DECOMPRESSED:
+            raise DataError(f"{path!r} decompresses to more than {MAX_DECOMPRESSED} bytes; refusing it")
     return raw
 
 
