@@ -114,7 +114,11 @@ def load_tensors(path: str, device: str | torch.device = "cpu") -> tuple:
         raise CheckpointError(f"{path} is {size} bytes, larger than any pyrovi checkpoint could be")
     with open(path, "rb") as f:
         raw = f.read()
-    if raw[:2] == b"\x80\x02" or raw[:2] == b"PK" or raw[:1] == b"\x80":
+    # A safetensors file starts with its JSON header's length (u64, little-endian) and then "{".
+    # Check that structure first: a valid header length can itself begin with 0x80 or "PK".
+    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else -1
+    structured = 0 < n <= len(raw) - 8 and raw[8:9] == b"{"
+    if not structured and (raw[:1] == b"\x80" or raw[:2] == b"PK"):
         raise CheckpointError(
             f"{path} is a pickle/torch.save file, not safetensors; pyrovi never unpickles "
             "checkpoints because unpickling can run arbitrary code"

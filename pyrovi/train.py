@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -570,7 +571,8 @@ def _train_loop(run, train, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path, 
                 break
     except KeyboardInterrupt:
         bar.write(f"interrupted; the checkpoint of epoch {loop['epoch']} is kept"
-                  f"{' in ' + repr(ckpt_path) + ' (continue with resume=True)' if ckpt_path else ''}")
+                  f"{' in ' + repr(ckpt_path) + ' (continue with resume=True)' if ckpt_path else ''}",
+                  file=sys.stderr)
         raise
     finally:
         bar.close()

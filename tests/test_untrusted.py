@@ -274,3 +274,28 @@ def test_no_unpickling_code_in_pyrovi():
                      r"weights_only=False", re.M)
     hits = [(str(f), m.group(0)) for f in files for m in bad.finditer(f.read_text())]
     assert len(files) >= 15 and not hits, hits
+
+
+@pytest.mark.parametrize("prefix", [b"\x80", b"PK"])
+def test_valid_file_whose_length_prefix_looks_like_pickle_loads(tmp_path, prefix):
+    """Regression: the header length of a genuine file may start with 0x80 or "PK" (found by the float64
+    test, about 1 file in 256); such files load, only real pickles/zips are refused."""
+    from pyrovi.checkpoint import load_tensors, save_tensors
+
+    from safetensors.torch import save as st_save
+
+    def first_bytes(pad):  # the file save_tensors would write, built in memory (no fsync per try)
+        meta = json.dumps({"format": 1, "pad": "x" * pad})
+        return st_save({"model/w": torch.ones(2)}, metadata={"pyrovi": meta})[:2]
+
+    target = int.from_bytes(prefix.ljust(2, b"\0"), "little") if prefix == b"PK" else 0x80
+    base = int.from_bytes(st_save({"model/w": torch.ones(2)}, metadata={"pyrovi": json.dumps(
+        {"format": 1, "pad": ""})})[:8], "little")
+    pad = next(p for p in range(max(0, target - base - 16), target - base + 16)
+               if first_bytes(p).startswith(prefix))
+    path = str(tmp_path / "w.safetensors")
+    save_tensors(path, {"model/w": torch.ones(2)}, {"pad": "x" * pad})
+    with open(path, "rb") as f:
+        assert f.read(len(prefix)) == prefix
+    tensors, meta = load_tensors(path)
+    assert torch.equal(tensors["model/w"], torch.ones(2)) and len(meta["pad"]) == pad
