@@ -460,7 +460,10 @@ def _read_csv(path: str):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path!r} is not UTF-8 text: {e}") from None
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    except csv.Error as e:  # e.g. a stray carriage return inside a field
+        raise DataError(f"{path!r} is not a well-formed CSV file: {e}") from None
     if not rows:
         raise DataError(f"{path!r} has no rows")
     header = None
@@ -471,6 +474,8 @@ def _read_csv(path: str):
     if not rows:
         raise DataError(f"{path!r} has a header but no data rows")
     width = len(rows[0])
+    if header is not None and len(header) != width:
+        raise DataError(f"{path!r}: the header has {len(header)} columns but the rows have {width}")
     for i, r in enumerate(rows):
         if len(r) != width:
             raise DataError(f"{path!r}: row {i + 1} has {len(r)} columns, expected {width}")

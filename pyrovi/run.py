@@ -133,7 +133,7 @@ class Run:
     def dtype(self) -> torch.dtype:
         """Floating-point precision of model, guide and data (``config["train"]["dtype"]``, float32 if unset)."""
         name = self.config.get("train", {}).get("dtype") if isinstance(self.config.get("train"), dict) else None
-        return _DTYPES.get(name, torch.float32)
+        return _DTYPES.get(name, torch.float32) if isinstance(name, str) else torch.float32
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[dict]:
@@ -300,9 +300,7 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu") -> 
         model = models_mod.build(config["model"])
     if guide is None:
         guide = guides_mod.build(model, config["guide"])
-    dtype_name = config.get("train", {}).get("dtype")
-    if dtype_name is not None and dtype_name not in _DTYPES:
-        raise CheckpointError(f"run config has train.dtype={dtype_name!r:.40}; expected one of {sorted(_DTYPES)}")
+    dtype_name = config.get("train", {}).get("dtype")  # checked by _check_config
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):
             m.to(dev) if dtype_name is None else m.to(dev, _DTYPES[dtype_name])
@@ -367,6 +365,9 @@ def _check_config(config, path: str) -> None:
             raise CheckpointError(f"{path}: {key!r} must be a JSON object, got {type(config[key]).__name__}")
     if "pyrovi_version" in config and not isinstance(config["pyrovi_version"], str):
         raise CheckpointError(f"{path}: 'pyrovi_version' must be a string")
+    dtype_name = config.get("train", {}).get("dtype")
+    if dtype_name is not None and (not isinstance(dtype_name, str) or dtype_name not in _DTYPES):
+        raise CheckpointError(f"{path}: train.dtype={dtype_name!r:.40}; expected one of {sorted(_DTYPES)}")
     data = config.get("data", {})
     if data.get("shape") is not None and not _is_dims(data["shape"]):
         raise CheckpointError(f"{path}: data.shape must be a list of positive integers, got {data['shape']!r:.80}")

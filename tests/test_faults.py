@@ -78,11 +78,20 @@ def _kill_and_resume(tmp_path, digits_npz, kills: int, epochs: int, seed: int) -
     data, child = digits_npz
     out = str(tmp_path / "killed")
     rng = random.Random(seed)
-    done_kills, last_epoch, epochs_seen, loads = 0, 0, [], 0
+    ckpt = os.path.join(out, "checkpoint.safetensors")
+    done_kills, last_epoch, epochs_seen, loads, mid_write = 0, 0, [], 0, 0
     while done_kills < kills:
+        stamp = os.stat(ckpt).st_mtime_ns if os.path.exists(ckpt) else None
         p = _start(child, out, data, epochs)
         assert p.stdout.readline().strip() == "ready", p.stderr.read()
-        time.sleep(rng.uniform(0.0, 0.5))  # somewhere in training, checkpoint writes included
+        if rng.random() < 0.2:  # during start-up, resume or the first epoch of this process
+            time.sleep(rng.uniform(0.0, 1.0))
+        else:  # after this process wrote a checkpoint: at a random point of a later epoch or write
+            deadline = time.time() + 300
+            while p.poll() is None and time.time() < deadline and (
+                    not os.path.exists(ckpt) or os.stat(ckpt).st_mtime_ns == stamp):
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.4))
         if p.poll() is not None:  # finished before the kill: the run is complete
             break
         os.kill(p.pid, signal.SIGKILL)
@@ -91,6 +100,7 @@ def _kill_and_resume(tmp_path, digits_npz, kills: int, epochs: int, seed: int) -
         p.stderr.close()
         assert p.returncode == -signal.SIGKILL
         done_kills += 1
+        mid_write += any(f.startswith(".tmp-") for f in os.listdir(out))  # killed inside atomic_write
         epoch, _ = _checkpoint_state(out)
         assert epoch >= last_epoch, f"kill {done_kills}: checkpoint went back from epoch {last_epoch} to {epoch}"
         if epoch:
@@ -106,7 +116,8 @@ def _kill_and_resume(tmp_path, digits_npz, kills: int, epochs: int, seed: int) -
     assert [h["epoch"] for h in run.history] == list(range(1, epochs + 1))
     leftovers = [f for f in os.listdir(out) if f.startswith(".tmp-")]
     assert leftovers == [], leftovers
-    return {"kills": done_kills, "epochs_at_kills": epochs_seen, "history": run.history, "loads": loads}
+    return {"kills": done_kills, "epochs_at_kills": epochs_seen, "history": run.history, "loads": loads,
+            "mid_write": mid_write}
 
 
 def _reference(tmp_path, digits_npz, epochs):
@@ -130,11 +141,12 @@ def test_sigkill_ci(tmp_path, digits_npz):
 
 @pytest.mark.slow
 def test_sigkill_25_times(tmp_path, digits_npz):
-    epochs = 60
+    epochs = 150  # each kill cycle advances a few epochs; 25 cycles stay short of the end
     res = _kill_and_resume(tmp_path, digits_npz, kills=25, epochs=epochs, seed=2)
     assert res["kills"] == 25
     _same_trajectory(res["history"], _reference(tmp_path, digits_npz, epochs))
-    print(f"\nSIGKILL: {res['kills']} kills survived, 0 corrupt checkpoints, {res['loads']} load_run of "
+    print(f"\nSIGKILL: {res['kills']} kills survived ({res['mid_write']} inside a file write), 0 corrupt "
+          f"checkpoints, {res['loads']} load_run of "
           f"unfinished runs; checkpoint epoch at each kill: {res['epochs_at_kills']}; final history of "
           f"{epochs} epochs identical to an uninterrupted run")
 

@@ -158,6 +158,7 @@ CONFIG_EDITS = {
     "objective particles -1": (lambda c: c["objective"].update(particles=-1), ConfigError, "particles"),
     "train is a string": (lambda c: c.update(train="x"), CheckpointError, "'train'"),
     "dtype float16": (lambda c: c["train"].update(dtype="float16"), CheckpointError, "dtype"),
+    "dtype a list": (lambda c: c["train"].update(dtype=["float64"]), CheckpointError, "dtype"),  # found by fuzzing
     "data shape huge": (lambda c: c["data"].update(shape=[10**9]), CheckpointError, "shape"),
     "data shape negative": (lambda c: c["data"].update(shape=[-4]), CheckpointError, "shape"),
     "data shape mismatch": (lambda c: c["data"].update(shape=[5]), CheckpointError, "shape"),
