@@ -95,7 +95,7 @@ def test_extreme_images_train_finite(fill, objective, particles):
     pyro.set_rng_seed(0)
     m = pv.models.VAE((64,), 2, hidden=(16,))
     g = pv.guides.DiagNormal(m, hidden=(16,))
-    run = pv.fit(m, g, x, objective=objective, particles=particles, epochs=15, batch_size=16, lr=1e-2,
+    run = pv.fit(m, g, x, objective=objective, particles=particles, epochs=6, batch_size=16, lr=2e-2,
                  progress=False, figures=False, device="cpu")
     losses = [h["train_loss"] for h in run.history]
     assert all(math.isfinite(v) for v in losses)
@@ -150,9 +150,9 @@ def test_float64_is_more_precise_than_float32():
     errs = {}
     for dt in (torch.float32, torch.float64):
         lg, guide = _exact_pair(dt)
-        x = _data(50, seed=3).to(dt) + 30.0  # large |log p(x)|, ~ -5000 nats
+        x = _data(50, seed=3).to(dt) + 30.0  # large |log p(x)|, ~ -8000 nats
         pyro.set_rng_seed(0)
         est = iw_log_likelihood(lg, guide, x, k=100, chunk=100)["log_likelihood"]
         errs[dt] = float((est.double() - lg.exact_log_likelihood(x).double()).abs().max())
-    # float32 cannot do better than its spacing at 5000 (~5e-4); float64 lands near 1e-12
+    # float32 cannot do better than its spacing at 8000 (~5e-4; measured 3.4e-3); float64 lands near 1e-12
     assert errs[torch.float64] < 1e-8 < errs[torch.float32]
