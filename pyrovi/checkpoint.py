@@ -90,6 +90,8 @@ def read_json(path: str, what: str = "file") -> Any:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{what} {path} is not valid JSON ({e}); it may be corrupt") from None
+    except (ValueError, RecursionError) as e:  # e.g. a 5000-digit integer, or nesting 100k deep
+        raise CheckpointError(f"{what} {path} cannot be read safely ({type(e).__name__}: {str(e)[:100]})") from None
 
 
 def save_tensors(path: str, tensors: dict, meta: Optional[dict] = None) -> None:
@@ -113,8 +115,11 @@ def load_tensors(path: str, device: str | torch.device = "cpu") -> tuple:
         raise CheckpointError(f"{path} is {size} bytes, larger than any pyrovi checkpoint could be")
     with open(path, "rb") as f:
         raw = f.read()
-    looks_safetensors = len(raw) >= 9 and raw[8:9] == b"{"  # u64 header length, then the JSON header
-    if not looks_safetensors and (raw[:1] == b"\x80" or raw[:4] == b"PK\x03\x04"):  # pickle / torch.save zip
+    # A safetensors file starts with its JSON header's length (u64, little-endian) and then "{".
+    # Check that structure first: a valid header length can itself begin with 0x80 or "PK".
+    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else -1
+    structured = 0 < n <= len(raw) - 8 and raw[8:9] == b"{"
+    if not structured and (raw[:1] == b"\x80" or raw[:2] == b"PK"):
         raise CheckpointError(
             f"{path} is a pickle/torch.save file, not safetensors; pyrovi never unpickles "
             "checkpoints because unpickling can run arbitrary code"
@@ -127,11 +132,15 @@ def load_tensors(path: str, device: str | torch.device = "cpu") -> tuple:
             header = f.metadata() or {}
     except (SafetensorError, ValueError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a valid safetensors file ({e}); it may be truncated or corrupt") from None
+    bad = [k for k in tensors if not _safe_name(k)]
+    if bad:
+        raise CheckpointError(f"{path} holds tensor names pyrovi never writes ({bad[:3]!r}): absolute, '..' "
+                              "or control characters; refusing an untrusted or crafted file")
     if _META_KEY not in header:
         raise CheckpointError(f"{path} is a safetensors file but not one written by pyrovi (no metadata)")
     try:
         meta = json.loads(header[_META_KEY])
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{path} has corrupt metadata: {e}") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} has malformed metadata")
@@ -140,6 +149,17 @@ def load_tensors(path: str, device: str | torch.device = "cpu") -> tuple:
     if device != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors, meta
+
+
+def _safe_name(name: str) -> bool:
+    """A tensor name as pyrovi writes it: ``/``-separated, non-empty parts, no ``.``/``..``, no control chars.
+
+    Names are never used as paths, but a name that looks like a path traversal
+    ("../x", "/etc/x") can only come from a crafted file, so it is refused early.
+    """
+    parts = name.split("/")
+    return bool(name) and "\\" not in name and all(p not in ("", ".", "..") for p in parts) and all(
+        c.isprintable() for c in name)
 
 
 # --------------------------------------------------------------------------- constraints as JSON

@@ -108,6 +108,9 @@ def guide_config(args, model=None) -> dict:
 def _train(args) -> int:
     from . import data, evaluate, fit, guides, models
 
+    from .errors import check_positive
+
+    check_positive("--evaluate-k", args.evaluate_k, integer=True, allow_zero=True)  # before hours of training
     binarize = None if args.binarize == "none" else args.binarize
     ds = data.load(args.data, seed=args.seed, binarize=binarize)
     model = models.build(model_config(args, ds))
@@ -302,6 +305,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"pyrovi {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the environment, not the input: disk full, permissions, a vanished file
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"pyrovi {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,13 +22,14 @@ import io
 import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError, lookup
+from .errors import ConfigError, DataError, check_seed, lookup
 
 __all__ = ["Dataset", "Split", "load", "names", "from_arrays", "from_source", "validate", "read_idx", "as_tensor"]
 
@@ -87,6 +88,8 @@ def as_tensor(x, name: str = "x") -> torch.Tensor:
     """Convert array-like data to a float32 tensor, with a clear error if impossible."""
     if isinstance(x, torch.Tensor):
         t = x
+    elif x is None or isinstance(x, (str, bytes, dict)):
+        raise DataError(f"{name} must be an array of numbers (N, D...), got {type(x).__name__} {x!r:.60}")
     else:
         try:
             t = torch.as_tensor(np.asarray(x))
@@ -148,6 +151,8 @@ def validate(
             )
         if y.is_floating_point() and not torch.equal(y, y.round()):
             raise DataError("labels must be integers (class indices 0..C-1)")
+        if y.numel() and int(y.min()) < 0:
+            raise DataError(f"labels must be class indices >= 0; found {int(y.min())}. Map them to 0..C-1 first")
         if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise DataError(
                 f"labels must lie in [0, {num_classes}); found range [{int(y.min())}, {int(y.max())}]"
@@ -192,6 +197,8 @@ def from_arrays(
     kept as given. Items are flattened to ``(N, D)``; a 2-D item shape is kept
     as ``image_shape``. ``split = (val_fraction, test_fraction)``, drawn with ``seed``.
     """
+    _check_split(split)
+    check_seed("seed", seed)
     xt = as_tensor(x, "x")
     if xt.dtype == torch.uint8:
         xt = xt.float() / 255.0
@@ -228,6 +235,13 @@ def from_arrays(
         binarize=binarize,
         source=dict(source or {"name": name}, split=list(split), seed=seed, binarize=binarize),
     )
+
+
+def _check_split(split) -> None:
+    ok = isinstance(split, (tuple, list)) and len(split) == 2 and all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) for f in split)
+    if not ok:
+        raise ConfigError(f"split must be (val_fraction, test_fraction), e.g. (0.1, 0.1); got {split!r}")
 
 
 def _check_binarize(binarize):
@@ -289,6 +303,8 @@ def load(
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"dataset name must be a non-empty string, got {name!r}; valid: {', '.join(names())}")
+    _check_split(split)
+    check_seed("seed", seed)  # before reading anything
     kind, sep, path = name.partition(":")
     src = {"name": name}
     if sep:
@@ -311,8 +327,18 @@ def from_source(source: dict) -> Dataset:
         raise ConfigError(f"cannot reload data from {source!r}: pass the data explicitly")
     if source["name"] == "arrays":
         raise ConfigError("this run was trained on in-memory arrays; pass the data explicitly")
-    return load(source["name"], split=tuple(source.get("split", (0.1, 0.1))), seed=int(source.get("seed", 0)),
-                binarize=source.get("binarize", "default"))
+    # A run directory may come from someone else: a stored file path must not climb out of
+    # where it points ("csv:../../x"), and every option must have the type load() expects.
+    path = source["name"].partition(":")[2]
+    if ".." in path.replace("\\", "/").split("/"):
+        raise ConfigError(f"refusing data source {source['name']!r} from a run config: its path contains '..'; "
+                          "pass the data explicitly")
+    split, seed = source.get("split", (0.1, 0.1)), source.get("seed", 0)
+    _check_split(split)
+    binarize = source.get("binarize", "default")
+    if binarize not in ("default", None, "static", "dynamic"):
+        raise ConfigError(f"stored data source has binarize={binarize!r}; expected 'static', 'dynamic' or None")
+    return load(source["name"], split=tuple(split), seed=seed, binarize=binarize)
 
 
 # --- IDX (MNIST format) --------------------------------------------------------------
@@ -327,6 +353,9 @@ _IDX_TYPES = {
 }
 
 
+MAX_DECOMPRESSED = 1 << 31  # 2 GiB: far above any dataset pyrovi trains on in memory
+
+
 def _read_bytes(path: str) -> bytes:
     if not os.path.isfile(path):
         raise DataError(f"file not found: {path!r}")
@@ -334,9 +363,13 @@ def _read_bytes(path: str) -> bytes:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            # read at most MAX_DECOMPRESSED + 1 bytes: a small "gzip bomb" must not exhaust memory
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as g:
+                raw = g.read(MAX_DECOMPRESSED + 1)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
             raise DataError(f"{path!r} is a corrupt or truncated gzip file: {e}") from None
+        if len(raw) > MAX_DECOMPRESSED:
+            raise DataError(f"{path!r} decompresses to more than {MAX_DECOMPRESSED} bytes; refusing it")
     return raw
 
 
@@ -427,7 +460,10 @@ def _read_csv(path: str):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path!r} is not UTF-8 text: {e}") from None
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    except csv.Error as e:  # e.g. a stray carriage return inside a field
+        raise DataError(f"{path!r} is not a well-formed CSV file: {e}") from None
     if not rows:
         raise DataError(f"{path!r} has no rows")
     header = None
@@ -438,6 +474,8 @@ def _read_csv(path: str):
     if not rows:
         raise DataError(f"{path!r} has a header but no data rows")
     width = len(rows[0])
+    if header is not None and len(header) != width:
+        raise DataError(f"{path!r}: the header has {len(header)} columns but the rows have {width}")
     for i, r in enumerate(rows):
         if len(r) != width:
             raise DataError(f"{path!r}: row {i + 1} has {len(r)} columns, expected {width}")

@@ -55,3 +55,15 @@ def check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: 
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be {bound}, got {value!r}")
+
+
+def check_seed(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an integer seed in ``[0, 2**32)``.
+
+    The bound is NumPy's (``pyro.set_rng_seed`` seeds NumPy too), so a seed that
+    passes here seeds every generator pyrovi touches.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer in [0, 2**32), got {value!r}")
+    if not 0 <= value < 2**32:
+        raise ConfigError(f"{name} must be in [0, 2**32), got {value!r}; pick a non-negative seed")

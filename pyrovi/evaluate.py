@@ -21,7 +21,7 @@ import torch
 from . import data as data_mod
 from . import inputs
 from .checkpoint import write_json
-from .errors import ConfigError, check_positive
+from .errors import ConfigError, DataError, check_positive
 from .weights import guess_max_plate_nesting, log_weights
 
 __all__ = ["evaluate", "iw_log_likelihood"]
@@ -112,7 +112,12 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     data_mod.validate(split.x, name="evaluation data")
     if device is not None:
         run.to(device)
+    obs = getattr(run.model, "obs_shape", None)
+    if obs is not None and tuple(split.x.shape[1:]) != tuple(obs):
+        raise DataError(f"evaluation data items have shape {tuple(split.x.shape[1:])} but the model "
+                        f"expects {tuple(obs)}; evaluate on data shaped like the training data")
     dev = run.device
+    dt = getattr(run, "dtype", torch.float32)
     D = split.x[0].numel()
     if chunk is None:
         chunk = max(1, min(k, (1 << 24) // max(1, batch_size * D)))
@@ -124,7 +129,7 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     with run.scope():
         mpn = run.objective.max_plate_nesting
         for i in range(0, len(split), batch_size):
-            xb = split.x[i:i + batch_size].to(dev)
+            xb = split.x[i:i + batch_size].to(dev, dt)
             yb = None if split.y is None else split.y[i:i + batch_size].to(dev)
             args, kw = run.call_args(xb, yb)
             if mpn is None:

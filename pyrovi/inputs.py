@@ -109,7 +109,7 @@ def check_targets(split: data_mod.Split, name: str) -> None:
     if y is None:
         return
     if y.dim() == 0 or y.shape[0] != split.x.shape[0]:
-        raise DataError(f"{name}: y must have one row per row of x ({split.x.shape[0]}); got shape {tuple(y.shape)}")
+        raise DataError(f"{name}: labels (targets) y must have one row per row of x ({split.x.shape[0]}); got shape {tuple(y.shape)}")
     if y.is_floating_point() and not bool(torch.isfinite(y).all()):
         raise DataError(f"{name}: y contains NaN/inf values; drop or impute those rows")
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from .errors import ConfigError, check_positive
 
-__all__ = ["MLP", "activation"]
+__all__ = ["MLP", "activation", "as_widths"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "softplus": nn.Softplus}
 
@@ -22,6 +22,18 @@ def activation(name: str) -> nn.Module:
     from .errors import lookup
 
     return lookup(_ACTIVATIONS, name, "activation")()
+
+
+def as_widths(hidden, name: str = "hidden") -> tuple:
+    """``hidden`` (an int or a sequence of ints) as a tuple of layer widths; a clear error otherwise."""
+    if isinstance(hidden, int) and not isinstance(hidden, bool):
+        hidden = (hidden,)
+    if isinstance(hidden, (str, bytes, dict)) or not hasattr(hidden, "__iter__"):
+        raise ConfigError(f"{name} must be a list of layer widths such as (256,) or (512, 256), got {hidden!r}")
+    widths = tuple(hidden)
+    for h in widths:
+        check_positive(f"{name} layer width", h, integer=True)
+    return widths
 
 
 class MLP(nn.Sequential):

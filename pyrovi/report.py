@@ -38,7 +38,7 @@ def write_training_report(run, x_recon: Optional[torch.Tensor] = None) -> list:
             x_recon = run.data.val.x[:8]
         with run.scope():
             if x_recon is not None and hasattr(run.guide, "encode"):
-                x_recon = x_recon.to(run.device)
+                x_recon = x_recon.to(run.device, getattr(run, "dtype", torch.float32))
                 args = (x_recon, run.data.val.y[:8].to(run.device)) if getattr(model, "uses_labels", False) else (x_recon,)
                 loc = run.guide.encode(*args)[model.latent_site][0]
                 dec = model.decode(loc) if not getattr(model, "uses_labels", False) else model.decode(loc, args[1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import os
 import warnings
 from typing import Any, Iterator, Optional
@@ -29,7 +30,7 @@ from .checkpoint import (
     save_tensors,
     write_json,
 )
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, PyroviError
 
 __all__ = ["Run", "load_run", "resolve_device", "default_device", "empty_param_state", "discover_params"]
 
@@ -38,6 +39,12 @@ WEIGHTS = "weights.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
 HISTORY = "history.csv"
 METRICS = "metrics.json"
+#: top-level keys of config.json; anything else marks a file pyrovi did not write (refused on load).
+#: A feature that stores a new top-level section adds its key here.
+CONFIG_KEYS = ("pyrovi_version", "model", "guide", "objective", "train", "data", "distributed")
+#: largest item (numbers per datapoint) load_run will allocate a probe batch for
+MAX_PROBE_NUMEL = 1 << 26
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def resolve_device(device: Any = "auto") -> torch.device:
@@ -165,6 +172,12 @@ class Run:
         self.device = dev
         return self
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating-point precision of model, guide and data (``config["train"]["dtype"]``, float32 if unset)."""
+        name = self.config.get("train", {}).get("dtype") if isinstance(self.config.get("train"), dict) else None
+        return _DTYPES.get(name, torch.float32) if isinstance(name, str) else torch.float32
+
     @contextlib.contextmanager
     def scope(self) -> Iterator[dict]:
         """Enter this run's param-store state (restoring the global store on exit)."""
@@ -230,6 +243,9 @@ class Run:
         with self.scope():
             store = pyro.get_param_store()
             for name, value in params.items():
+                if not value.is_floating_point():
+                    raise CheckpointError(f"saved parameter {name!r} has dtype {value.dtype}; parameters are "
+                                          "floating point, so the file is corrupt or crafted")
                 c = constraint_from_json(constraints.get(name, {"name": "real"}))
                 if name in store._params:
                     live = store._params[name]
@@ -342,82 +358,173 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
     directory = os.fspath(directory)
     dev = resolve_device(device)
     config = read_json(os.path.join(directory, CONFIG), "run config")
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{directory}/{CONFIG} must hold a JSON object")
-    for key in ("model", "guide", "objective"):
-        if not isinstance(config.get(key), dict):
-            raise CheckpointError(f"{directory}/{CONFIG} has no valid {key!r} section")
+    _check_config(config, os.path.join(directory, CONFIG))
     version = config.get("pyrovi_version")
     if version != __version__:
         warnings.warn(f"run was written by pyrovi {version}, this is {__version__}", stacklevel=2)
+    if model is None and config["model"].get("name") == "user":
+        raise ConfigError(f"{directory} was trained on your own Pyro model: pass model= and guide= to load_run")
+    if guide is None and config["guide"].get("name") == "user":
+        raise ConfigError(f"{directory} was trained with your own guide: pass guide= to load_run")
+    weights = os.path.join(directory, WEIGHTS)
+    from_checkpoint = not os.path.isfile(weights) and os.path.isfile(os.path.join(directory, CHECKPOINT))
+    if from_checkpoint:  # training was killed or interrupted before it wrote the final weights
+        weights = os.path.join(directory, CHECKPOINT)
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"{directory} holds neither {WEIGHTS} nor {CHECKPOINT}: nothing to load")
+    tensors, meta = load_tensors(weights, "cpu")  # refuses pickles and corrupt files before anything is built
+    if from_checkpoint:
+        tensors = {k: v for k, v in tensors.items() if k.split("/")[0] in ("model", "guide", "param")}
+    _check_sizes(config, model, guide, sum(t.numel() * t.element_size() for t in tensors.values()), weights)
     if model is None:
-        if config["model"].get("name") == "user":
-            raise ConfigError(f"{directory} was trained on your own Pyro model: pass model= and guide= to load_run")
         model = models_mod.build(config["model"])
     if guide is None:
-        if config["guide"].get("name") == "user":
-            raise ConfigError(f"{directory} was trained with your own guide: pass guide= to load_run")
         guide = guides_mod.build(model, config["guide"])
+    dtype_name = config.get("train", {}).get("dtype")  # checked by _check_config
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):
-            m.to(dev)
+            m.to(dev) if dtype_name is None else m.to(dev, _DTYPES[dtype_name])
     objective = objectives_mod.get(config["objective"])
-    tensors, meta = load_tensors(os.path.join(directory, WEIGHTS), dev)
+    if dev.type != "cpu":
+        tensors = {k: v.to(dev) for k, v in tensors.items()}
+    if from_checkpoint:
+        loop = meta.get("loop") if isinstance(meta.get("loop"), dict) else {}
+        warnings.warn(f"{directory} has no {WEIGHTS} (training did not finish); loaded the last checkpoint, "
+                      f"epoch {loop.get('epoch')}; continue it with fit(..., out=..., resume=True)", stacklevel=2)
     metrics = {}
     if os.path.isfile(os.path.join(directory, METRICS)):
         metrics = read_json(os.path.join(directory, METRICS), "metrics")
     from .inputs import check_model_kwargs
 
-    run = Run(model, guide, objective, config, history=read_history(os.path.join(directory, HISTORY)),
+    history = read_history(os.path.join(directory, HISTORY))
+    if from_checkpoint and isinstance(meta.get("history"), list):
+        history = [h for h in meta["history"] if isinstance(h, dict)]
+    run = Run(model, guide, objective, config, history=history,
               directory=directory, device=dev, metrics=metrics if isinstance(metrics, dict) else {},
               model_kwargs=check_model_kwargs(model_kwargs))
     saved_kw = config.get("data", {}).get("model_kwargs") or []
     if sorted(run.model_kwargs) != sorted(saved_kw):
         warnings.warn(f"the run was trained with model_kwargs {sorted(saved_kw)}, load_run got "
                       f"{sorted(run.model_kwargs)}", stacklevel=2)
-    x, y = _probe_batch(config, dev)
+    constraints = meta.get("constraints") if isinstance(meta.get("constraints"), dict) else {}
+    x, y = _probe_batch(config, dev, model, run.dtype)
     if x is not None:
         args, kw = run.call_args(x, y)
-        run.load_state_tensors(tensors, meta.get("constraints", {}), args, kw)
+        run.load_state_tensors(tensors, constraints, args, kw)
         if objective.max_plate_nesting is None:  # as fit set it; forked RNG keeps seeded evaluations reproducible
             from .weights import guess_max_plate_nesting
 
             with run.scope(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                 objective.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kw)
     else:
-        run.load_state_tensors(tensors, meta.get("constraints", {}))
+        run.load_state_tensors(tensors, constraints)
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):
             m.eval()
     return run
 
 
-def _probe_batch(config: dict, dev) -> tuple:
+def _probe_batch(config: dict, dev, model=None, dtype=torch.float32) -> tuple:
     """Zeros shaped like a training batch ``(x, y)`` (``y`` None without targets), from config.json."""
     d = config.get("data", {})
     shape = d.get("shape")
     if shape is None:
         return None, None
+    obs = getattr(model, "obs_shape", None)
+    if obs is not None and tuple(shape) != tuple(obs):
+        raise CheckpointError(f"run config says the data has shape {shape} but the model expects {list(obs)}")
     # Full-data mode hands the model every row (it may size its plate from them); else 2 rows do.
     rows = int(d.get("n_train") or 2) if config.get("train", {}).get("batch_size", 1) is None else 2
-    x = torch.zeros(rows, *shape, device=dev)
+    if rows * math.prod(shape) > MAX_PROBE_NUMEL:
+        raise CheckpointError(f"run config has data shape {shape} x {rows} rows, larger than pyrovi will "
+                              "allocate to load it")
+    x = torch.zeros(rows, *shape, device=dev, dtype=dtype)
     y = None
     if d.get("y_dtype") is not None:
-        dtype = getattr(torch, str(d["y_dtype"]), None)
-        if not isinstance(dtype, torch.dtype):
+        ydt = getattr(torch, str(d["y_dtype"]), None)
+        if not isinstance(ydt, torch.dtype):
             raise CheckpointError(f"config.json names an unknown y dtype {d['y_dtype']!r}")
-        y = torch.zeros(rows, *(d.get("y_shape") or []), dtype=dtype, device=dev)
+        y = torch.zeros(rows, *(d.get("y_shape") or []), dtype=ydt, device=dev)
     elif d.get("num_classes"):
         y = torch.zeros(rows, dtype=torch.long, device=dev)
     return x, y
+
+
+def _is_dims(v) -> bool:
+    return isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v)
+
+
+def _check_config(config, path: str) -> None:
+    """Refuse a ``config.json`` that pyrovi did not write: wrong types, unknown sections, bad shapes.
+
+    Only the structure is checked here; each section's options are checked by the
+    constructor it is handed to (``models.build``, ``guides.build``, ``objectives.get``),
+    which refuse unknown keys.
+    """
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    unknown = sorted(str(k) for k in config if k not in CONFIG_KEYS)
+    if unknown:
+        raise CheckpointError(f"{path} has unexpected key(s) {unknown[:5]}; pyrovi writes only "
+                              f"{list(CONFIG_KEYS)}. Refusing a file it did not write")
+    for key in ("model", "guide", "objective"):
+        if not isinstance(config.get(key), dict) or not isinstance(config[key].get("name"), str):
+            raise CheckpointError(f"{path} has no valid {key!r} section (a JSON object with a string 'name')")
+    for key in ("train", "data"):
+        if key in config and not isinstance(config[key], dict):
+            raise CheckpointError(f"{path}: {key!r} must be a JSON object, got {type(config[key]).__name__}")
+    if "pyrovi_version" in config and not isinstance(config["pyrovi_version"], str):
+        raise CheckpointError(f"{path}: 'pyrovi_version' must be a string")
+    dtype_name = config.get("train", {}).get("dtype")
+    if dtype_name is not None and (not isinstance(dtype_name, str) or dtype_name not in _DTYPES):
+        raise CheckpointError(f"{path}: train.dtype={dtype_name!r:.40}; expected one of {sorted(_DTYPES)}")
+    data = config.get("data", {})
+    if data.get("shape") is not None and not _is_dims(data["shape"]):
+        raise CheckpointError(f"{path}: data.shape must be a list of positive integers, got {data['shape']!r:.80}")
+    if data.get("image_shape") is not None and not _is_dims(data["image_shape"]):
+        raise CheckpointError(f"{path}: data.image_shape must be a list of positive integers or null, "
+                              f"got {data['image_shape']!r:.80}")
+
+
+def _check_sizes(config: dict, model, guide, nbytes: int, path: str) -> None:
+    """Refuse model/guide configs that need more memory than the saved tensors fill.
+
+    Every learned tensor is in the weights file, so a genuine config never needs
+    more bytes than the file's tensors hold. Sizes are counted on the ``meta`` device
+    (shapes without memory) before anything real is allocated, so a crafted
+    ``"hidden": [10**9]`` costs nothing.
+    """
+    from . import guides as guides_mod
+    from . import models as models_mod
+
+    if model is not None and guide is not None:
+        return  # the caller's own objects: nothing is built from the config
+    try:
+        with torch.device("meta"):
+            m = model if model is not None else models_mod.build(config["model"])
+            g = guide if guide is not None else guides_mod.build(m, config["guide"])
+    except PyroviError:
+        raise
+    except (RuntimeError, OverflowError, MemoryError, ValueError) as e:
+        raise CheckpointError(f"the run config describes a model/guide that cannot be built: {str(e)[:200]}") from None
+    need = 0
+    for built, given in ((m, model), (g, guide)):
+        if given is None and isinstance(built, torch.nn.Module):
+            need += sum(t.numel() * t.element_size() for t in built.state_dict().values())
+    if need > nbytes:
+        raise CheckpointError(f"the run config describes a model and guide of {need} bytes but {path} holds "
+                              f"only {nbytes} bytes of tensors; the config does not belong to these weights")
 
 
 def read_history(path: str) -> list:
     """Read ``history.csv`` back into a list of dicts of floats (missing file: empty list)."""
     if not os.path.isfile(path):
         return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:  # e.g. a field over csv's size limit, or binary junk
+        raise CheckpointError(f"{path} is not a readable history CSV ({e}); it may be corrupt") from None
     out = []
     for r in rows:
         row = {}

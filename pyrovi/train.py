@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -30,13 +31,16 @@ from . import guides as guides_mod
 from . import inputs
 from . import objectives as objectives_mod
 from .checkpoint import load_tensors, save_tensors, write_json
-from .errors import CheckpointError, ConfigError, DataError, TrainingError, check_positive, lookup
+from .errors import (CheckpointError, ConfigError, DataError, PyroviError, TrainingError, check_positive,
+                     check_seed, lookup)
 from .run import CHECKPOINT, CONFIG, Run, default_device, discover_params, empty_param_state, resolve_device
 from .weights import guess_max_plate_nesting
 
-__all__ = ["fit", "train_step", "TrainConfig", "LR_SCHEDULES", "BatchLoss"]
+__all__ = ["fit", "train_step", "TrainConfig", "LR_SCHEDULES", "BatchLoss", "DTYPES"]
 
 LR_SCHEDULES = ("constant", "cosine", "exponential")
+#: floating-point precisions fit trains in (``dtype=``)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -55,14 +59,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     val_fraction: float = 0.1  # held out of raw arrays that come without a validation split
     data_plate: str = "data"  # name of the model's plate over datapoints (minibatch scaling N/B)
+    dtype: Optional[str] = None  # "float32" | "float64"; None: the model's own parameter dtype
 
     def validate(self) -> None:
         check_positive("epochs", self.epochs, integer=True)
         if self.batch_size is not None:
             check_positive("batch_size", self.batch_size, integer=True)
         check_positive("lr", self.lr)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        check_seed("seed", self.seed)
         if self.patience is not None:
             check_positive("patience", self.patience, integer=True)
         check_positive("beta", self.beta, allow_zero=True)
@@ -76,6 +80,28 @@ class TrainConfig:
         if not isinstance(self.data_plate, str) or not self.data_plate:
             raise ConfigError(f"data_plate must be the name of the model's plate over datapoints, "
                               f"got {self.data_plate!r}")
+        if self.dtype is not None:
+            lookup(DTYPES, self.dtype, "dtype")
+
+
+def _dtype_name(dtype) -> Optional[str]:
+    """``torch.float64`` / ``"float64"`` / None -> ``"float64"`` / None; other dtypes raise :class:`ConfigError`."""
+    if dtype is None or isinstance(dtype, str):
+        return dtype
+    for name, dt in DTYPES.items():
+        if dtype is dt:
+            return name
+    raise ConfigError(f"dtype must be torch.float32 or torch.float64 (or their names), got {dtype!r}")
+
+
+def _module_dtype(*objs) -> torch.dtype:
+    """Dtype of the first floating-point parameter of ``objs`` (``nn.Module`` s), else torch's default."""
+    for m in objs:
+        if isinstance(m, torch.nn.Module):
+            for t in list(m.parameters()) + list(m.buffers()):
+                if t.is_floating_point():
+                    return t.dtype
+    return torch.get_default_dtype()
 
 
 class _ScaleLatents(Messenger):
@@ -104,7 +130,7 @@ def _resolve_data(data, cfg: TrainConfig):
         desc = dict(ds.source)
         return ds.train, ds.val, ds, desc
     whole = inputs.as_split(data)
-    data_mod.validate(whole.x, min_rows=2)
+    data_mod.validate(whole.x, name="data", min_rows=2)
     inputs.check_targets(whole, "data")
     n = whole.x.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
@@ -315,7 +341,12 @@ def _save_checkpoint(path, run, opt, sched, shuffle_gen, loop: dict, best: dict)
         "loop": loop,
         "config": {k: run.config[k] for k in ("model", "guide", "objective", "train")},
     }
-    save_tensors(path, tensors, meta)
+    try:
+        save_tensors(path, tensors, meta)
+    except OSError as e:  # full disk, directory made read-only, ...: atomic_write kept the previous file
+        raise TrainingError(f"could not write the checkpoint {path!r} after epoch {loop['epoch']}: "
+                            f"{e.strerror or e}; the previous checkpoint is kept. Free disk space and "
+                            "continue with resume=True") from None
 
 
 def _same(a: dict, b: dict, keys) -> list:
@@ -356,6 +387,7 @@ def fit(
     devices: int = 1,
     num_nodes: int = 1,
     accelerator: str = "auto",
+    dtype: Any = None,
 ) -> Run:
     """Train ``guide`` and ``model`` on ``data`` by maximizing ``objective``.
 
@@ -410,6 +442,11 @@ def fit(
         devices: processes per node, with ``strategy`` (world size = devices x num_nodes).
         num_nodes: machines, with ``strategy``.
         accelerator: ``"auto"``, ``"cpu"`` or ``"cuda"``/``"gpu"``, with ``strategy``.
+        dtype: ``torch.float64`` (or ``"float64"``) trains model, guide and data in
+            double precision; ``torch.float32`` in single; None (default) keeps the
+            model's own parameter dtype (``torch.set_default_dtype`` before building
+            the model has the same effect). Stored in ``config.json``; ``load_run``
+            restores it.
 
     Returns:
         :class:`pyrovi.run.Run`. Losses in its history are in nats per
@@ -422,13 +459,21 @@ def fit(
     """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience, beta=beta,
                       warmup=warmup, clip_norm=clip_norm, lr_schedule=lr_schedule, weight_decay=weight_decay,
-                      val_fraction=val_fraction, data_plate=data_plate)
+                      val_fraction=val_fraction, data_plate=data_plate, dtype=_dtype_name(dtype))
     cfg.validate()
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise ConfigError(f"out must be a directory path (str), got {type(out).__name__} {out!r}")
+    for flag, value in (("resume", resume), ("overwrite", overwrite)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag} must be True or False, got {value!r}")
     model_kwargs = inputs.check_model_kwargs(model_kwargs)
     if strategy is not None or devices != 1 or num_nodes != 1 or accelerator != "auto":
         from . import distributed  # imports Lightning only when it trains
 
         distributed.check_options(strategy, devices, num_nodes, accelerator)
+        if cfg.dtype is not None:
+            raise ConfigError("dtype= is not supported with a distributed strategy yet; build the model in the "
+                              "precision you want (torch.set_default_dtype) instead")
         return distributed.fit(
             model, guide, data, objective=objective, particles=particles, alpha=alpha, epochs=epochs,
             batch_size=batch_size, lr=lr, seed=seed, out=out, resume=resume, overwrite=overwrite, patience=patience,
@@ -452,6 +497,11 @@ def fit(
         raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(train)} training rows; "
                           f"use batch_size <= {len(train)}")
 
+    # Precision: the one asked for, else the model's own (e.g. after torch.set_default_dtype(torch.float64)).
+    dt = lookup(DTYPES, cfg.dtype, "dtype") if cfg.dtype else _module_dtype(model, guide)
+    if dt not in DTYPES.values():
+        raise ConfigError(f"model/guide parameters are {dt}; pass dtype=torch.float32 or dtype=torch.float64")
+    cfg.dtype = str(dt).replace("torch.", "")
     ckpt_path = None
     if out is not None:
         out = os.fspath(out)
@@ -460,12 +510,12 @@ def fit(
 
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):
-            m.to(dev)
-    train = data_mod.Split(train.x.to(dev), None if train.y is None else train.y.to(dev))
-    val = data_mod.Split(val.x.to(dev), None if val.y is None else val.y.to(dev))
+            m.to(dev, dt)
+    train = data_mod.Split(train.x.to(dev, dt), None if train.y is None else train.y.to(dev))
+    val = data_mod.Split(val.x.to(dev, dt), None if val.y is None else val.y.to(dev))
     if binarize == "dynamic":  # validation is scored on one fixed binarization
         g = torch.Generator().manual_seed(cfg.seed + 2)
-        val = data_mod.Split((torch.rand(val.x.shape, generator=g).to(dev) < val.x).float(), val.y)
+        val = data_mod.Split((torch.rand(val.x.shape, generator=g).to(dev) < val.x).to(dt), val.y)
 
     pass_y = inputs.takes_y(model)
     config = _run_config(model, guide, obj, cfg, train, val, ds, data_desc, pass_y, model_kwargs)
@@ -538,7 +588,18 @@ def _prepare_out(out: str, resume: bool, overwrite: bool) -> None:
             os.fsync(f.fileno())
         os.unlink(probe)
     except OSError as e:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
         raise ConfigError(f"cannot write into out={out!r}: {e.strerror}; free disk space or choose another out=") from None
+    if resume or overwrite:  # half-written temp files of a killed process (atomic_write's prefix) are garbage
+        for name in os.listdir(out):
+            if name.startswith(".tmp-"):
+                try:
+                    os.unlink(os.path.join(out, name))
+                except OSError:
+                    pass
     ckpt = os.path.join(out, CHECKPOINT)
     if os.path.isfile(ckpt) and not (resume or overwrite):
         raise ConfigError(f"{out!r} already holds a run; pass resume=True to continue it or overwrite=True "
@@ -554,6 +615,18 @@ def _scheduler(opt, cfg: TrainConfig):
 
 
 def _restore(path, run, opt, sched, shuffle_gen, config, dev) -> dict:
+    try:
+        return _restore_unchecked(path, run, opt, sched, shuffle_gen, config, dev)
+    except PyroviError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        # a checkpoint is written by pyrovi whole or not at all; one that parses but lacks
+        # pieces was edited or crafted
+        raise CheckpointError(f"checkpoint {path!r} is incomplete or malformed ({type(e).__name__}: "
+                              f"{str(e)[:120]}); start again with overwrite=True") from None
+
+
+def _restore_unchecked(path, run, opt, sched, shuffle_gen, config, dev) -> dict:
     tensors, meta = load_tensors(path, "cpu")
     diff = _same(meta.get("config", {}), config, ("model", "guide", "objective"))
     if diff:
@@ -571,7 +644,12 @@ def _restore(path, run, opt, sched, shuffle_gen, config, dev) -> dict:
     if "rng/cuda" in tensors and run.device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng/cuda"], run.device)
     run.history = list(meta.get("history", []))
-    return dict(meta["loop"])
+    loop = dict(meta["loop"])
+    ints = all(isinstance(loop.get(k), int) and loop[k] >= 0 for k in ("epoch", "step", "best_epoch", "bad_epochs"))
+    nums = all(isinstance(loop.get(k), (int, float)) for k in ("best", "seconds"))
+    if not (ints and nums and all(isinstance(h, dict) for h in run.history)):
+        raise CheckpointError(f"checkpoint {path!r} has a malformed training state; start again with overwrite=True")
+    return loop
 
 
 def _best_from_checkpoint(path, dev) -> dict:
@@ -664,7 +742,8 @@ def _train_loop(run, loss_fn, steps_per_epoch, train, val, cfg, opt, sched, shuf
                 break
     except KeyboardInterrupt:
         bar.write(f"interrupted; the checkpoint of epoch {loop['epoch']} is kept"
-                  f"{' in ' + repr(ckpt_path) + ' (continue with resume=True)' if ckpt_path else ''}")
+                  f"{' in ' + repr(ckpt_path) + ' (continue with resume=True)' if ckpt_path else ''}",
+                  file=sys.stderr)
         raise
     finally:
         bar.close()

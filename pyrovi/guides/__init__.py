@@ -6,7 +6,7 @@ config with :func:`build`.
 
 from __future__ import annotations
 
-from ..errors import ConfigError, lookup
+from ..errors import ConfigError, PyroviError, lookup
 from .delta import Delta
 from .diag_normal import DiagNormal
 
@@ -31,5 +31,11 @@ def build(model, config) -> object:
     cls = lookup(GUIDES, opts.pop("name"), "guide")
     try:
         return cls(model, **opts)
-    except TypeError as e:
-        raise ConfigError(f"guide options {opts} do not fit {cls.__name__}: {e}") from None
+    except PyroviError:
+        raise
+    except KeyError as e:
+        raise ConfigError(f"guide config {config!r:.200} lacks the key {e}; "
+                          "rebuild it from the object's config()") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a config edited by hand or crafted
+        raise ConfigError(f"guide options {opts!r:.300} do not fit {cls.__name__}: "
+                          f"{(str(e).splitlines() or [repr(e)])[0][:200]}") from None

@@ -23,7 +23,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from ..errors import check_positive
-from ..nets import MLP
+from ..nets import MLP, as_widths
 from .base import encoder_input, input_dim, latent_sites
 
 __all__ = ["DiagNormal"]
@@ -45,7 +45,7 @@ class DiagNormal(PyroModule):
         super().__init__()
         check_positive("min_scale", min_scale, allow_zero=True)
         self.sites = latent_sites(model)
-        self.hidden = tuple(hidden)
+        self.hidden = as_widths(hidden)
         self.activation = activation
         self.min_scale = float(min_scale)
         self._model_ref = [model]  # a list so nn.Module does not register the model as a submodule

@@ -22,7 +22,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from ..errors import ConfigError, check_positive, lookup
-from ..nets import MLP
+from ..nets import MLP, as_widths
 
 __all__ = ["VAE", "VAEConfig", "LIKELIHOODS"]
 
@@ -49,6 +49,9 @@ class VAEConfig:
         check_positive("latent_dim", self.latent_dim, integer=True)
         lookup({k: k for k in LIKELIHOODS}, self.likelihood, "likelihood")
         check_positive("sigma", self.sigma)
+        if self.image_shape is not None and (not isinstance(self.image_shape, tuple) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in self.image_shape)):
+            raise ConfigError(f"image_shape must be positive integers (H, W), got {self.image_shape!r}")
         if self.image_shape is not None and math.prod(self.image_shape) != self.input_dim:
             raise ConfigError(f"image_shape {self.image_shape} does not match input_dim {self.input_dim}")
 
@@ -89,6 +92,9 @@ class VAE(PyroModule):
     ):
         super().__init__()
         input_dim = _input_dim(shape)
+        hidden = as_widths(hidden)
+        if not isinstance(learn_sigma, bool):
+            raise ConfigError(f"learn_sigma must be True or False, got {learn_sigma!r}")
         likelihood = likelihood.lower() if isinstance(likelihood, str) else likelihood
         self.cfg = VAEConfig(
             input_dim=input_dim,
@@ -98,7 +104,7 @@ class VAE(PyroModule):
             sigma=float(sigma) if isinstance(sigma, (int, float)) and not isinstance(sigma, bool) else sigma,
             learn_sigma=bool(learn_sigma),
             activation=activation,
-            image_shape=tuple(image_shape) if image_shape is not None else None,
+            image_shape=tuple(image_shape) if isinstance(image_shape, (list, tuple)) else image_shape,
             num_classes=num_classes,
         )
         self.cfg.validate()
@@ -200,9 +206,11 @@ def _input_dim(shape) -> int:
         raise ConfigError(f"shape must be the data's event shape (D,) or an int D, got {shape!r}")
     if isinstance(shape, int):
         return shape
+    if isinstance(shape, (str, bytes)):
+        raise ConfigError(f"shape must be the data's event shape (D,) or an int D, got {shape!r}")
     try:
         dims = tuple(int(s) for s in shape)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ConfigError(f"shape must be the data's event shape (D,) or an int D, got {shape!r}") from None
     if not dims:
         raise ConfigError("shape must not be empty")
