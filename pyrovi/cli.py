@@ -55,6 +55,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sigma", type=float, default=1.0, help="Gaussian observation std delta (default: 1.0)")
     g.add_argument("--learn-sigma", action="store_true", help="learn the Gaussian std per pixel")
     g.add_argument("--guide", default="diag_normal", help="guide name (default: diag_normal)")
+    g.add_argument("--components", type=int, default=None, help="mixture components C (--guide mixture; default 5)")
+    g.add_argument("--flow", default=None, help="iaf | spline | planar | radial (--guide flow; default iaf)")
+    g.add_argument("--depth", type=int, default=None, help="number of flow transforms K (--guide flow; default 4)")
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default="elbo", help="objective name (default: elbo)")
     g.add_argument("--particles", type=int, default=None, help="vectorized particles S (objective's default)")
@@ -87,8 +90,13 @@ def model_config(args, dataset) -> dict:
 
 
 def guide_config(args) -> dict:
-    """The guide config dict the CLI's flags describe."""
-    return {"name": args.guide, "hidden": list(args.hidden)}
+    """The guide config dict the CLI's flags describe (guide options only where given)."""
+    cfg = {"name": args.guide, "hidden": list(args.hidden)}
+    for flag in ("components", "flow", "depth"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            cfg[flag] = value
+    return cfg
 
 
 def _train(args) -> int:

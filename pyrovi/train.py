@@ -162,13 +162,14 @@ def _describe(obj, kind: str) -> dict:
     return {"name": "user", "type": getattr(obj, "__qualname__", type(obj).__qualname__)}
 
 
-def _default_guide(model):
+def _default_guide(model, example: tuple = ()):
+    """DiagNormal for pyrovi's models; ``Auto`` (traced on ``example``, a few training rows) for any other."""
     if getattr(model, "latent_sites", None):
         return guides_mod.DiagNormal(model)
     auto = getattr(guides_mod, "Auto", None)
     if auto is None:
         raise ConfigError("guide=None needs a model that declares latent_sites; pass a guide")
-    return auto(model)
+    return auto(model, example=example or None)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -296,7 +297,7 @@ def fit(
     _check_data(model, train, "training data", cfg, binarize)
     _check_data(model, val, "validation data", cfg, binarize)
     if guide is None:
-        guide = _default_guide(model)
+        guide = _default_guide(model, _args(model, train.x[:2], None if train.y is None else train.y[:2]))
     if not callable(guide):
         raise ConfigError(f"guide must be a Pyro guide (a callable), got {type(guide).__name__}")
     if cfg.batch_size > len(train):

@@ -7,12 +7,15 @@ config with :func:`build`.
 from __future__ import annotations
 
 from ..errors import ConfigError, lookup
+from .auto import Auto
 from .diag_normal import DiagNormal
+from .flow import Flow
+from .mixture import Mixture
 
-__all__ = ["DiagNormal", "GUIDES", "build", "names"]
+__all__ = ["DiagNormal", "Mixture", "Flow", "Auto", "GUIDES", "build", "names"]
 
 #: name -> guide class; each is built as ``cls(model, **options)``.
-GUIDES: dict = {"diag_normal": DiagNormal, "diagnormal": DiagNormal}
+GUIDES: dict = {"diag_normal": DiagNormal, "diagnormal": DiagNormal, "mixture": Mixture, "flow": Flow, "auto": Auto}
 
 
 def names() -> list:
