@@ -262,7 +262,7 @@ class Amortized(PyroModule):
             out[name] = (self._site_distribution(spec, q), self._site_distribution(spec, q_sg))
         return out
 
-    def encode(self, *args, **kwargs) -> dict:
+    def distributions(self, *args, **kwargs) -> dict:
         """``{site: q(z|x)}`` for the model's inputs ``args``; batch ``(B,)`` (aligned to the data plate)."""
         return {name: q for name, (q, _) in self._qs(self._encoder_input(args)).items()}
 
