@@ -198,6 +198,20 @@ def test_auto_errors_name_the_problem():
         pv.guides.Auto(factor_model, example=factor_data(2, 0), depth=3)
 
 
+def test_auto_encodes_only_the_per_datapoint_inputs():
+    def regression(design, x):  # design (D, 2) is shared; x (B, D) is per datapoint
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ design.T, 1.0).to_event(1), obs=x)
+
+    design, x = torch.randn(5, 2), torch.randn(6, 5)
+    guide = pv.guides.Auto(regression, example=(design, x), hidden=(8,))
+    assert guide.body[0].in_features == 5  # x only
+    assert guide.config()["example"] == [{"shape": [2], "dtype": "float32"}, {"shape": [5], "dtype": "float32"}]
+    loss = pv.objectives.get("elbo", particles=2)(regression, guide, design, x)
+    assert torch.isfinite(loss)
+
+
 def test_auto_leaves_the_param_store_alone():
     net = torch.nn.Linear(2, 5)
 

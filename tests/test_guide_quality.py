@@ -116,7 +116,7 @@ def _bimodal(make_guides, epochs, seed=0):
 def test_mixture_covers_both_modes_of_a_bimodal_posterior():
     gaps = _bimodal(lambda m: {"diag": pv.guides.DiagNormal(m, hidden=(64,)),
                                "mix": pv.guides.Mixture(m, components=2, learn_weights=False, hidden=(64,))},
-                    epochs=12)
+                    epochs=6)
     assert abs(gaps["diag"] - math.log(2)) < 0.1, gaps  # one mode: log 2 lost
     assert gaps["diag"] - gaps["mix"] > 0.5, gaps
     assert gaps["mix"] < 0.15, gaps

@@ -18,8 +18,9 @@ Where the sites come from:
   subsampled plates) with a :class:`~pyrovi.errors.ConfigError`.
 
 The encoder reads, for a pyrovi model, ``x`` (and a one-hot ``y`` for
-conditional models); for any other model, every tensor argument whose first
-dimension runs over the data plate, flattened and concatenated.
+conditional models); for any other model, every positional tensor argument
+whose first dimension has the data plate's size in the example trace (so a
+design matrix or other shared input is left out), flattened and concatenated.
 
 Each sample site also carries a stop-gradient twin of its distribution
 (``infer[STOP_GRADIENT_FN]``) for the ``stl`` and ``dreg`` objectives.
@@ -75,8 +76,9 @@ def _spec(event_shape, support) -> SiteSpec:
 
 
 def example_spec(example) -> list:
-    """JSON description ``[{"shape": [...], "dtype": "float32"}, ...]`` of example inputs (batch dim dropped)."""
-    return [{"shape": list(a.shape[1:]), "dtype": str(a.dtype).replace("torch.", "")} for a in example]
+    """JSON description ``[{"shape": [...], "dtype": "float32"} or None, ...]`` of example inputs (batch dim dropped)."""
+    return [{"shape": list(a.shape[1:]), "dtype": str(a.dtype).replace("torch.", "")}
+            if torch.is_tensor(a) and a.dim() >= 1 else None for a in example]
 
 
 def _as_example(model, example) -> tuple:
@@ -93,9 +95,10 @@ def _as_example(model, example) -> tuple:
             example.append({"shape": [], "dtype": "int64"})
     if torch.is_tensor(example):
         return (example,)
-    if isinstance(example, (list, tuple)) and example and all(isinstance(e, dict) for e in example):
+    if isinstance(example, (list, tuple)) and example and all(isinstance(e, dict) or e is None for e in example):
         try:
-            return tuple(torch.zeros((2, *e["shape"]), dtype=getattr(torch, e["dtype"])) for e in example)
+            return tuple(None if e is None else torch.zeros((2, *e["shape"]), dtype=getattr(torch, e["dtype"]))
+                         for e in example)
         except (KeyError, TypeError, AttributeError) as err:
             raise ConfigError(f"example spec {example!r} is malformed ({err}); expected "
                               "[{'shape': [...], 'dtype': 'float32'}, ...]") from None
@@ -106,7 +109,7 @@ def _as_example(model, example) -> tuple:
 
 
 def discover_latents(model, example: tuple, data_plate: str = "data") -> tuple:
-    """Trace ``model(*example)`` once; return ``(sites, plate_dim, max_plate_nesting)``.
+    """Trace ``model(*example)`` once; return ``(sites, plate_dim, max_plate_nesting, plate_size)``.
 
     ``sites`` is ``{name: SiteSpec}`` in trace order. Nothing leaks: the trace
     runs blocked, without gradients and in a throw-away parameter scope.
@@ -119,7 +122,7 @@ def discover_latents(model, example: tuple, data_plate: str = "data") -> tuple:
             raise
         except Exception as e:  # the user's model failed on the example: say so, keep the cause
             raise ConfigError(f"tracing {name} on the example inputs failed: {type(e).__name__}: {e}") from e
-    sites, plate_dim, depth = {}, None, 0
+    sites, plate_dim, depth, size = {}, None, 0, None
     for site in tr.nodes.values():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
@@ -156,14 +159,14 @@ def discover_latents(model, example: tuple, data_plate: str = "data") -> tuple:
                               "itself: pass the batch as the model's input and use pyro.plate(name, len(x))")
         if plate_dim is not None and f.dim != plate_dim:
             raise ConfigError(f"plate {data_plate!r} appears at dims {plate_dim} and {f.dim}")
-        plate_dim = f.dim
+        plate_dim, size = f.dim, f.size
         if math.prod(fn.batch_shape) != f.size:
             raise ConfigError(f"latent site {n!r} has batch shape {tuple(fn.batch_shape)} but plate "
                               f"{data_plate!r} has size {f.size}; move per-datapoint dims into the event with .to_event")
         sites[n] = _spec(fn.event_shape, fn.support)
     if not sites:
         raise ConfigError(f"{name} has no latent sample sites (found only observed sites); nothing to guide")
-    return sites, plate_dim, depth
+    return sites, plate_dim, depth, size
 
 
 # --------------------------------------------------------------------------- heads
@@ -217,12 +220,19 @@ class Amortized(PyroModule):
             self.sites = {k: _spec(v, constraints.real) for k, v in declared.items()}
             self.plate_dim = -1
             self.max_plate_nesting = int(getattr(model, "max_plate_nesting", 1))
-            self._example_spec = None
+            self._example_spec, self._inputs = None, None
             in_dim = input_dim(model)
         else:
             ex = _as_example(model, example)
-            self.sites, self.plate_dim, self.max_plate_nesting = discover_latents(model, ex, data_plate)
-            self._example_spec = example_spec([e for e in ex if torch.is_tensor(e)])
+            self.sites, self.plate_dim, self.max_plate_nesting, size = discover_latents(model, ex, data_plate)
+            self._example_spec = example_spec(ex)
+            # The encoder reads the positional tensors whose first dim runs over the data plate.
+            self._inputs = [i for i, a in enumerate(ex) if torch.is_tensor(a) and a.dim() >= 1 and a.shape[0] == size]
+            if not self._inputs:
+                raise ConfigError(
+                    f"none of the model's positional tensor inputs has the data plate's size {size} as its first "
+                    f"dimension (input shapes: {[tuple(a.shape) if torch.is_tensor(a) else None for a in ex]}); "
+                    "the encoder reads the per-datapoint inputs, so pass the data batch-first")
             in_dim = self._encoder_input(ex).shape[-1]
         self.body = MLP(in_dim, hidden, None, act=activation)
         self.heads = nn.ModuleDict(
@@ -235,12 +245,13 @@ class Amortized(PyroModule):
             x = args[0]
             y = args[1] if len(args) > 1 else None
             return encoder_input(self._model_ref[0], x, y)
-        tensors = [a for a in args if torch.is_tensor(a) and a.dim() >= 1]
-        if not tensors:
-            raise ConfigError("the guide's encoder reads the model's tensor arguments; the model got none")
-        B = tensors[0].shape[0]
-        parts = [a.reshape(B, -1).to(torch.get_default_dtype()) for a in tensors if a.shape[0] == B]
-        return torch.cat(parts, dim=-1)  # (B, D)
+        try:
+            parts = [args[i] for i in self._inputs]
+        except IndexError:
+            raise ConfigError(f"the guide was built for inputs at positions {self._inputs} but got {len(args)} "
+                              "positional arguments") from None
+        B = parts[0].shape[0]
+        return torch.cat([a.reshape(B, -1).to(torch.get_default_dtype()) for a in parts], dim=-1)  # (B, D)
 
     def _site_distribution(self, spec: SiteSpec, q):
         """Map a flat ``(n,)``-event q on R^n to the site's event shape and support."""
