@@ -39,8 +39,6 @@ sites depend on earlier ones is still scaled exactly once per path.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import pyro.distributions as dist
 import torch
 from pyro.poutine.messenger import Messenger
@@ -49,7 +47,7 @@ from torch.distributions import transforms as T
 
 from .errors import ConfigError
 
-__all__ = ["STOP_GRADIENT_FN", "detach_distribution", "StopGradientScorer", "ScaleLatentGradients"]
+__all__ = ["STOP_GRADIENT_FN", "ScaleLatentGradients", "StopGradientScorer", "detach_distribution"]
 
 #: ``infer`` key under which pyrovi's guides store the stop-gradient twin of a site's distribution.
 STOP_GRADIENT_FN = "pyrovi_stop_gradient_fn"
@@ -136,7 +134,7 @@ class ScaleLatentGradients(Messenger):
         super().__init__()
         self.rank = rank
         self.data_plate = data_plate
-        self.weights: Optional[torch.Tensor] = None
+        self.weights: torch.Tensor | None = None
 
     def set_weights(self, w: torch.Tensor) -> None:
         self.weights = w.detach()
@@ -179,7 +177,7 @@ class StopGradientScorer:
     through :class:`ScaleLatentGradients`.
     """
 
-    def __init__(self, scale: Optional[ScaleLatentGradients] = None):
+    def __init__(self, scale: ScaleLatentGradients | None = None):
         self.scale = scale
 
     def __call__(self, site):

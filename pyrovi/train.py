@@ -257,13 +257,14 @@ def fit(
 
     Args:
         model: a Pyro model (pyrovi's, a ``PyroModule``, or a plain function).
-        guide: a Pyro guide; None picks ``DiagNormal`` for pyrovi's models.
+        guide: a Pyro guide; None picks ``DiagNormal`` for pyrovi's models and
+            :class:`pyrovi.guides.Auto` (traced on two training rows) for any other model.
         data: a :class:`pyrovi.data.Dataset` or dataset name (uses its train
             and validation splits; the test split is never touched), a tensor
             or array ``(N, D)``, an ``(x, y)`` pair, or a torch ``Dataset``/``DataLoader``
             (then ``val_fraction`` of it is held out for validation).
-        objective: ``"elbo"``, ``"meanfield"``, ``"iwae"``, ``"renyi"`` (see
-            :mod:`pyrovi.objectives`) or an Objective instance.
+        objective: ``"elbo"``, ``"meanfield"``, ``"iwae"``, ``"renyi"``, ``"stl"``,
+            ``"dreg"`` (see :mod:`pyrovi.objectives`) or an Objective instance.
         particles: S, vectorized particles per datapoint (objective default if None).
         alpha: Rényi order for ``objective="renyi"``.
         epochs, batch_size, lr, seed, patience, beta, warmup, clip_norm,

@@ -78,8 +78,11 @@ class AbsModel(PyroModule):
     """z ~ N(0, 1), x ~ N(|z|, sigma^2): symmetric bimodal posterior at z ~ +-x."""
 
     max_plate_nesting = 1
-    latent_sites = {"z": (1,)}
     obs_shape = (1,)
+
+    @property
+    def latent_sites(self):
+        return {"z": (1,)}
 
     def __init__(self, sigma=0.25):
         super().__init__()

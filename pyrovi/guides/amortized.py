@@ -29,7 +29,8 @@ Each sample site also carries a stop-gradient twin of its distribution
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pyro
 import pyro.distributions as dist
@@ -42,12 +43,12 @@ from torch import nn
 from torch.distributions import biject_to, constraints
 from torch.distributions import transforms as T
 
-from ..errors import ConfigError, check_positive
+from ..errors import ConfigError
 from ..nets import MLP
 from ..stop_gradient import STOP_GRADIENT_FN
 from .base import encoder_input, input_dim
 
-__all__ = ["SiteSpec", "discover_latents", "Amortized", "NormalHead", "example_spec"]
+__all__ = ["Amortized", "NormalHead", "SiteSpec", "discover_latents", "example_spec"]
 
 
 class SiteSpec(NamedTuple):

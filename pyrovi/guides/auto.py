@@ -31,7 +31,7 @@ from .amortized import Amortized, NormalHead
 from .flow import FLOWS, FlowHead
 from .mixture import MixtureHead
 
-__all__ = ["Auto", "FAMILIES"]
+__all__ = ["FAMILIES", "Auto"]
 
 FAMILIES = ("diag_normal", "mixture", "flow")
 _FAMILY_OPTIONS = {"diag_normal": (), "mixture": ("components",),

@@ -55,7 +55,7 @@ from torch import nn
 from ..errors import ConfigError, check_positive, lookup
 from .amortized import Amortized
 
-__all__ = ["Flow", "FlowHead", "FLOWS", "InvertiblePlanar", "InvertibleRadial"]
+__all__ = ["FLOWS", "Flow", "FlowHead", "InvertiblePlanar", "InvertibleRadial"]
 
 FLOWS = ("iaf", "spline", "planar", "radial")
 

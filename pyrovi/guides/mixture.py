@@ -49,7 +49,7 @@ from torch import nn
 from ..errors import ConfigError, check_positive
 from .amortized import Amortized
 
-__all__ = ["Mixture", "MixtureHead", "DiagNormalMixture"]
+__all__ = ["DiagNormalMixture", "Mixture", "MixtureHead"]
 
 
 class DiagNormalMixture(MixtureOfDiagNormals):
@@ -59,7 +59,7 @@ class DiagNormalMixture(MixtureOfDiagNormals):
     ``log_prob`` and ``expand`` are Pyro's; ``rsample`` is Graves' (2016) estimator (module doc).
     """
 
-    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape=()) -> torch.Tensor:
         sample_shape = torch.Size(sample_shape)
         locs = self.locs.expand(sample_shape + self.locs.shape)  # (*S, *batch, K, D)
         scales = self.coord_scale.expand(sample_shape + self.coord_scale.shape)  # (*S, *batch, K, D)
