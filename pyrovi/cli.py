@@ -56,6 +56,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--learn-sigma", action="store_true", help="learn the Gaussian std per pixel")
     g.add_argument("--guide", default=None,
                    help="guide name (default: diag_normal; delta for --model autoencoder)")
+    g.add_argument("--components", type=int, default=None, help="mixture components C (--guide mixture; default 5)")
+    g.add_argument("--flow", default=None, help="iaf | spline | planar | radial (--guide flow; default iaf)")
+    g.add_argument("--depth", type=int, default=None, help="number of flow transforms K (--guide flow; default 4)")
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default="elbo", help="objective name (default: elbo)")
     g.add_argument("--particles", type=int, default=None, help="vectorized particles S (objective's default)")
@@ -100,9 +103,17 @@ def model_config(args, dataset) -> dict:
 
 
 def guide_config(args, model=None) -> dict:
-    """The guide config dict the CLI's flags describe; no ``--guide`` takes the model's ``default_guide``."""
+    """The guide config dict the CLI's flags describe (guide options only where given).
+
+    No ``--guide`` takes the model's ``default_guide`` (e.g. ``delta`` for the autoencoder).
+    """
     name = args.guide or getattr(model, "default_guide", None) or "diag_normal"
-    return {"name": name, "hidden": list(args.hidden)}
+    cfg = {"name": name, "hidden": list(args.hidden)}
+    for flag in ("components", "flow", "depth"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            cfg[flag] = value
+    return cfg
 
 
 def _train(args) -> int:

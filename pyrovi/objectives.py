@@ -12,7 +12,13 @@ elbo       E_q[log p(x,z) - log q(z|x)]                           Pyro ``Trace_E
 meanfield  E_q[log p(x|z)] - KL(q || p), KL analytic where known  Pyro ``TraceMeanField_ELBO``
 iwae       E[log 1/S sum_s w_s], w = p(x,z)/q(z|x)                pyrovi (per datapoint)
 renyi      1/(1-a) E[log 1/S sum_s w_s^(1-a)]                     pyrovi (per datapoint)
+stl        ELBO; gradient without the score term of log q         pyrovi (Roeder et al. 2017)
+dreg       IWAE; doubly reparameterized encoder gradient          pyrovi (Tucker et al. 2018)
 ========== ====================================================== ==================
+
+``stl`` and ``dreg`` are gradient estimators, not new bounds: each returns
+exactly the value of ``elbo``/``iwae`` for the same draws and changes only
+the gradient (stop-gradient surrogates, see :mod:`pyrovi.stop_gradient`).
 
 All use ``particles`` vectorized draws. ``iwae``/``renyi`` are pyrovi's own
 because Pyro's ``RenyiELBO`` has no ``differentiable_loss``; their values
@@ -29,9 +35,11 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from . import fastpath
 from .errors import ConfigError, check_positive, lookup
-from .weights import LogWeights, log_weights
+from .stop_gradient import ScaleLatentGradients, StopGradientScorer
+from .weights import LogWeights, guess_max_plate_nesting, log_weights
 
-__all__ = ["Objective", "ELBO", "MeanFieldELBO", "IWAE", "Renyi", "get", "names", "OBJECTIVES", "iw_bound"]
+__all__ = ["Objective", "ELBO", "MeanFieldELBO", "IWAE", "Renyi", "STL", "DReG", "get", "names", "OBJECTIVES",
+           "iw_bound"]
 
 
 class Objective:
@@ -196,8 +204,86 @@ class IWAE(Renyi):
         return {"name": self.name, "particles": self.particles}
 
 
+class STL(Objective):
+    """ELBO with the *sticking-the-landing* gradient (Roeder, Wu & Duvenaud, 2017).
+
+    The reparameterized ELBO gradient of one draw :math:`z = g_\\phi(\\varepsilon)` is
+
+    .. math::
+
+        \\nabla_\\phi \\big[\\log p(x, z) - \\log q_\\phi(z)\\big]
+        = \\underbrace{\\big(\\nabla_z \\log p(x, z) - \\nabla_z \\log q_\\phi(z)\\big)
+          \\tfrac{\\partial z}{\\partial \\phi}}_{\\text{path}}
+        \\; - \\; \\underbrace{\\nabla_\\phi \\log q_\\phi(z)\\big|_{z}}_{\\text{score}} .
+
+    The score term has expectation zero but not variance zero, even when q is
+    the exact posterior (then the path term vanishes and only noise is left).
+    STL drops it by scoring ``log q`` with detached variational parameters:
+    the estimator stays unbiased, and its variance goes to zero as q
+    approaches the posterior. The value is the ELBO, bit for bit.
+
+    loss = -ELBO, summed over datapoints, averaged over ``particles``.
+
+    :param int particles: S, drawn vectorized.
+    """
+
+    name = "stl"
+
+    def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        lw = log_weights(model, guide, *args, particles=self.particles, max_plate_nesting=self._plate_depth(model),
+                         guide_log_prob=StopGradientScorer(), **kwargs)
+        assert lw.log_w.dim() == 2 and lw.log_w.shape[0] == self.particles  # (S, B) or (S, 1)
+        return -iw_bound(lw, alpha=1.0)  # = -scale * sum_b mean_s log w_{s,b}
+
+
+class DReG(Objective):
+    """IWAE bound with the *doubly reparameterized* encoder gradient (Tucker, Lawson, Gu & Maddison, 2018).
+
+    With normalized weights :math:`\\tilde w_s = w_s / \\sum_t w_t`, the IWAE
+    gradient for the encoder is :math:`\\sum_s \\tilde w_s \\nabla_\\phi \\log w_s`,
+    whose signal-to-noise ratio *falls* as S grows (Rainforth et al. 2018).
+    Rewriting its score part by a second reparameterization gives
+
+    .. math::
+
+        \\nabla_\\phi \\mathcal L_S = \\mathbb E\\Big[\\sum_{s=1}^S \\tilde w_s^{\\,2}\\,
+            \\frac{\\partial \\log w_s}{\\partial z_s}\\frac{\\partial z_s}{\\partial \\phi}\\Big],
+
+    with :math:`\\log w_s` scored under detached variational parameters; the
+    model's parameters keep the IWAE gradient :math:`\\sum_s \\tilde w_s \\nabla_\\theta \\log w_s`.
+    Surrogate: the IWAE log-sum-exp of the stop-gradient log weights (its
+    gradient is already :math:`\\sum_s \\tilde w_s \\nabla \\log w_s`), with
+    the gradient reaching each latent draw multiplied once more by
+    :math:`\\tilde w_s` (see :class:`pyrovi.stop_gradient.ScaleLatentGradients`).
+    The value is the IWAE bound, bit for bit. With S = 1 it is :class:`STL`.
+
+    loss = -IWAE bound, summed over datapoints (log-sum-exp per datapoint).
+
+    :param int particles: S, drawn vectorized (default 8).
+    """
+
+    name = "dreg"
+
+    def __init__(self, particles: int = 8):
+        super().__init__(particles)
+
+    def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        depth = self._plate_depth(model)
+        if depth is None:
+            depth = guess_max_plate_nesting(model, guide, args, kwargs)
+        scale = ScaleLatentGradients(rank=depth + 1)
+        with scale:  # outermost handler: wraps the latents where the model reads them
+            lw = log_weights(model, guide, *args, particles=self.particles, max_plate_nesting=depth,
+                             guide_log_prob=StopGradientScorer(scale), **kwargs)
+        log_w = lw.log_w  # (S, B) or (S, 1)
+        assert log_w.dim() == 2 and log_w.shape[0] == self.particles
+        scale.set_weights(torch.softmax(log_w.detach(), dim=0))  # normalized weights per datapoint, (S, B)
+        return -iw_bound(lw, alpha=0.0)
+
+
 #: name -> objective class
-OBJECTIVES: dict = {"elbo": ELBO, "meanfield": MeanFieldELBO, "iwae": IWAE, "renyi": Renyi}
+OBJECTIVES: dict = {"elbo": ELBO, "meanfield": MeanFieldELBO, "iwae": IWAE, "renyi": Renyi, "stl": STL,
+                    "dreg": DReG}
 
 
 def names() -> list:

@@ -503,9 +503,17 @@ def _check_sizes(config: dict, model, guide, nbytes: int, path: str) -> None:
         with torch.device("meta"):
             m = model if model is not None else models_mod.build(config["model"])
             g = guide if guide is not None else guides_mod.build(m, config["guide"])
-    except PyroviError:
+    except PyroviError as e:
+        if "meta" in str(e.__cause__ or e.__context__ or ""):
+            return  # the guide traced the model to find its sites, which needs real values
         raise
-    except (RuntimeError, OverflowError, MemoryError, ValueError) as e:
+    except NotImplementedError:
+        return  # a module whose construction needs real values (e.g. some flows): sized when built for real
+    except RuntimeError as e:
+        if "meta" in str(e):
+            return  # same: construction reads values (``.item()``), which meta tensors do not have
+        raise CheckpointError(f"the run config describes a model/guide that cannot be built: {str(e)[:200]}") from None
+    except (OverflowError, MemoryError, ValueError) as e:
         raise CheckpointError(f"the run config describes a model/guide that cannot be built: {str(e)[:200]}") from None
     need = 0
     for built, given in ((m, model), (g, guide)):

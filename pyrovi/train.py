@@ -167,13 +167,14 @@ def _describe(obj, kind: str) -> dict:
     return {"name": "user", "type": getattr(obj, "__qualname__", type(obj).__qualname__)}
 
 
-def _default_guide(model):
+def _default_guide(model, example: tuple = ()):
+    """DiagNormal for pyrovi's models; ``Auto`` (traced on ``example``, a few training rows) for any other."""
     if getattr(model, "latent_sites", None):
         return guides_mod.DiagNormal(model)
     auto = getattr(guides_mod, "Auto", None)
     if auto is None:
         raise ConfigError("guide=None needs a model that declares latent_sites; pass a guide")
-    return auto(model)
+    return auto(model, example=example or None)
 
 
 class _ScalePlate(Messenger):
@@ -397,7 +398,8 @@ def fit(
             own Pyro model"). Its parameters are found as SVI finds them and
             trained in a param-store scope of this fit's own.
         guide: a Pyro guide of any of those styles, or one of Pyro's
-            autoguides; None picks ``DiagNormal`` for pyrovi's models.
+            autoguides; None picks ``DiagNormal`` for pyrovi's models and
+            :class:`pyrovi.guides.Auto` (traced on two training rows) for any other model.
         data: a :class:`pyrovi.data.Dataset` or dataset name (uses its train
             and validation splits; the test split is never touched), a tensor
             or array ``(N, D)``, an ``(x, y)`` pair, or a torch ``Dataset``/``DataLoader``
@@ -405,8 +407,8 @@ def fit(
             Model and guide are called ``model(x_batch[, y_batch], **model_kwargs)``:
             ``y`` is passed when the model takes a second argument (rule in
             :mod:`pyrovi.inputs`).
-        objective: ``"elbo"``, ``"meanfield"``, ``"iwae"``, ``"renyi"`` (see
-            :mod:`pyrovi.objectives`) or an Objective instance.
+        objective: ``"elbo"``, ``"meanfield"``, ``"iwae"``, ``"renyi"``, ``"stl"``,
+            ``"dreg"`` (see :mod:`pyrovi.objectives`) or an Objective instance.
         particles: S, vectorized particles per datapoint (objective default if None).
         alpha: Rényi order for ``objective="renyi"``.
         epochs: passes over the training split.
@@ -490,7 +492,8 @@ def fit(
     _check_data(model, train, "training data", cfg, binarize)
     _check_data(model, val, "validation data", cfg, binarize)
     if guide is None:
-        guide = _default_guide(model)
+        guide = _default_guide(model, inputs.call_args(model, train.x[:2], None if train.y is None else train.y[:2],
+                                                       model_kwargs)[0])
     if not callable(guide):
         raise ConfigError(f"guide must be a Pyro guide (a callable), got {type(guide).__name__}")
     if cfg.batch_size is not None and cfg.batch_size > len(train):

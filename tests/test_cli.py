@@ -21,7 +21,7 @@ def test_help_lists_datasets_guides_objectives(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    assert "--objective" in out and "--particles" in out and "objectives: elbo" in out
+    assert "--objective" in out and "--particles" in out and "objectives: dreg, elbo" in out
 
 
 def test_train_sample_evaluate(tmp_path, capsys):
@@ -43,6 +43,6 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path):
                         str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 2
-    assert "unknown objective 'elbow'; valid objectives: elbo" in r.stderr
+    assert "unknown objective 'elbow'; valid objectives: dreg, elbo" in r.stderr
     assert "Traceback" not in r.stderr
     assert main(["sample", str(tmp_path / "missing")]) == 2

@@ -150,7 +150,7 @@ def test_closed_form_kl_matches_seed_formula_and_monte_carlo():
 
 
 def test_unknown_objective_and_bad_options():
-    with pytest.raises(ConfigError, match="valid objectives: elbo, iwae, meanfield, renyi"):
+    with pytest.raises(ConfigError, match="valid objectives: dreg, elbo, iwae, meanfield, renyi, stl"):
         pv.objectives.get("elbow")
     with pytest.raises(ConfigError, match="particles"):
         pv.objectives.get("iwae", particles=0)
