@@ -188,8 +188,10 @@ class DiagnosticsSummary:
                  f"| bad (k > {KHAT_BAD}) | {b['bad']} | {pct(b['bad'])} |", "",
                  f"- k-hat median {_f(self.khat_median)}, max {_f(self.khat_max)}; reliable below "
                  f"{_f(self.khat_threshold)} with {self.particles} draws",
-                 f"- importance-sampling ESS: mean {self.ess_mean:.1f}, min {self.ess_min:.1f} of {self.particles} draws",
-                 f"- IWAE log p(x) with {self.particles} draws: {self.log_likelihood:.4f} nats; ELBO {self.elbo:.4f} nats",
+                 f"- importance-sampling ESS: mean {self.ess_mean:.1f}, min {self.ess_min:.1f} "
+                 f"of {self.particles} draws",
+                 f"- IWAE log p(x) with {self.particles} draws: {self.log_likelihood:.4f} nats; "
+                 f"ELBO {self.elbo:.4f} nats",
                  f"- active units (Cov_x E_q[z_d] > 0.01): {self.active_units} of {self.latent_units}", ""]
         if self.warnings:
             lines += ["**Warnings**", ""] + [f"- {w}" for w in self.warnings] + [""]
@@ -223,7 +225,8 @@ def summarize(idata) -> DiagnosticsSummary:
 # --------------------------------------------------------------------------- draws
 
 
-def _draws(value: torch.Tensor, rank: int, data_dim: Optional[int], event_shape: tuple, s: int) -> Optional[torch.Tensor]:
+def _draws(value: torch.Tensor, rank: int, data_dim: Optional[int], event_shape: tuple,
+           s: int) -> Optional[torch.Tensor]:
     """``(S, B, *event_shape)`` draws of a site (or ``(S, *rest)`` without a data plate); None if not per draw."""
     nb = value.dim() - len(event_shape)
     if nb < 0:
@@ -411,13 +414,11 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
         idata.add_groups(constant_data=xr.Dataset(
             {"label": xr.DataArray(y_sel.numpy(), dims=("datapoint",), coords={"datapoint": dp})}))
 
-    summary = _summary(khat, ess, r, lat, particles, skipped)
+    summary, categories = _summary(khat, ess, r, lat, particles, skipped)
     idata.attrs[SUMMARY_ATTR] = json.dumps(summary.to_dict())
     idata.attrs["pyrovi_units"] = "nats; ess in draws"
     if warn:
-        for w in summary.warnings:
-            cat = FewParticlesWarning if w.startswith("only") else (
-                PosteriorCollapseWarning if "collapse" in w else DiagnosticWarning)
+        for cat, w in zip(categories, summary.warnings):
             warnings.warn(w, cat, stacklevel=3)  # 3: past torch.no_grad's wrapper, at the caller
     if save and run.directory:
         run.metrics["diagnostics"] = summary.to_dict()
@@ -425,19 +426,22 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
     return idata
 
 
-def _summary(khat, ess, r, lat, particles, skipped) -> DiagnosticsSummary:
+def _summary(khat, ess, r, lat, particles, skipped) -> tuple:
+    """-> (DiagnosticsSummary, warning category per message in its ``warnings``)."""
     bands = khat_bands(khat)
     finite = khat[np.isfinite(khat)]
-    warns = []
+    warns, cats = [], []
     need = min_particles()
     if particles < need:
         thr = khat_threshold(particles)
         warns.append(f"only {particles} draws per datapoint: k-hat is reliable only below {thr:.2f} with this "
                      f"many (Vehtari et al. 2024: k < 1 - 1/log10 S); use particles >= {need} to trust the 0.7 edge")
+        cats.append(FewParticlesWarning)
     if bands["bad"]:
         warns.append(f"{bands['bad']} of {len(khat)} datapoints have k-hat > {KHAT_BAD}: q(z|x) is not a trustworthy "
                      "posterior approximation there (too narrow or mis-shaped); try a richer guide (flow, mixture) or "
                      "an importance-weighted objective")
+        cats.append(DiagnosticWarning)
     collapsed = {}
     for name, s in lat.items():
         kl = s["kl_per_dim"]
@@ -452,11 +456,14 @@ def _summary(khat, ess, r, lat, particles, skipped) -> DiagnosticsSummary:
             warns.append(f"posterior collapse: all {total} latent units are inactive (Cov_x E_q[z_d] <= 0.01) with KL "
                          f"< {KL_COLLAPSE} nats: q(z|x) ≈ p(z) for every x and the decoder ignores z. Lower beta, use "
                          "KL warm-up, or a weaker decoder")
+            cats.append(PosteriorCollapseWarning)
         else:
             warns.append(f"partial posterior collapse: {n_col} of {total} latent units are inactive with KL "
                          f"< {KL_COLLAPSE} nats ({where}); they carry no information about x")
+            cats.append(PosteriorCollapseWarning)
     if skipped:
         warns.append(f"deterministic site(s) {skipped} left out of the posterior group (too large, or not per draw)")
+        cats.append(DiagnosticWarning)
     return DiagnosticsSummary(
         n=len(khat), particles=particles, khat_bands=bands,
         khat_max=float(finite.max()) if finite.size else float("nan"),
@@ -466,7 +473,7 @@ def _summary(khat, ess, r, lat, particles, skipped) -> DiagnosticsSummary:
         log_likelihood=float(r["log_likelihood"].mean()), elbo=float(r["elbo"].mean()),
         active_units=sum(s["active"] for s in lat.values()), latent_units=total,
         latents=lat, collapsed=collapsed, warnings=warns,
-    )
+    ), cats
 
 
 # --------------------------------------------------------------------------- files

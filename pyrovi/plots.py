@@ -105,7 +105,9 @@ def khat(values, *, particles: Optional[int] = None, labels=None, path: Optional
     n = k.size
     x = np.arange(n)
     fin = np.isfinite(k)
-    lo = min(-0.5, float(np.nanmin(k[fin])) - 0.1) if fin.any() else -0.5
+    lo = min(0.0, float(np.nanmin(k[fin])) - 0.1) if fin.any() else -0.5
+    if np.isneginf(k).any():
+        lo = min(lo, -0.5)  # room for the "all weights equal" markers at the bottom
     hi = max(1.0, float(np.nanmax(k[fin])) + 0.1) if fin.any() else 1.0
     fig, ax = plt.subplots(figsize=(max(6.0, min(12.0, 0.06 * n + 5)), 4))
     bands = [(k < 0.5, "tab:green", "k < 0.5 (good)"),

@@ -31,7 +31,8 @@ def test_evaluate_diagnose_report(run_dirs, capsys):
     assert cli.main(["evaluate", d, "--k", "50"]) == 0
     printed = capsys.readouterr().out
     assert "log_likelihood" in printed and "KL per dim (analytic)" in printed
-    metrics = json.load(open(os.path.join(d, "metrics.json")))
+    with open(os.path.join(d, "metrics.json")) as f:
+        metrics = json.load(f)
     assert metrics["test"]["k"] == 50 and metrics["test"]["n"] == 180
 
     assert cli.main(["diagnose", d, "--n", "24", "--particles", "300"]) == 0
@@ -47,12 +48,14 @@ def test_evaluate_diagnose_report(run_dirs, capsys):
         with open(os.path.join(d, f), "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n", f
 
-    md = open(os.path.join(d, "report.md")).read()
+    with open(os.path.join(d, "report.md")) as f:
+        md = f.read()
     assert "## Test metrics" in md and "## Posterior diagnostics" in md
     b = s.khat_bands
     assert f"| good (k < 0.5) | {b['good']} |" in md and f"| bad (k > 0.7) | {b['bad']} |" in md
     assert "![khat](khat.png)" in md
-    html = open(os.path.join(d, "report.html")).read()
+    with open(os.path.join(d, "report.html")) as f:
+        html = f.read()
     pngs = [f for f in os.listdir(d) if f.endswith(".png")]
     assert html.count("data:image/png;base64,") == len(pngs) >= 6  # every figure embedded
     assert 'src="khat.png"' not in html  # self-contained: no links to files

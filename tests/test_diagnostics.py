@@ -6,7 +6,6 @@ P(w > t) ~ t^(-1/k) with k = 1 - c^2 when c < 1 (q too narrow), and is bounded
 (k <= 0) when c >= 1 (q at least as wide as p). Yao et al. (2018).
 """
 
-import math
 import warnings
 
 import numpy as np
