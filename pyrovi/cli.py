@@ -153,7 +153,13 @@ COMMANDS["train"] = (_train_args, _train, "train a model and guide; writes a run
 def _print_eval(metrics: dict) -> None:
     print("test metrics (nats per datapoint):")
     for k, v in metrics.items():
-        print(f"  {k:16s} {v:.4f}" if isinstance(v, float) else f"  {k:16s} {v}")
+        if k == "latents":
+            continue
+        print(f"  {k:18s} {v:.4f}" if isinstance(v, float) else f"  {k:18s} {v}")
+    for site, st in (metrics.get("latents") or {}).items():
+        kl = st.get("kl_per_dim")
+        print(f"  latent {site!r}: {st['active']} of {st['dims']} units active (Cov_x E_q[z_d] > 0.01); "
+              f"KL per dim ({st['kl_method']}): " + ("—" if kl is None else " ".join(f"{v:.3f}" for v in kl)))
 
 
 def _evaluate_args(p) -> None:
@@ -161,21 +167,92 @@ def _evaluate_args(p) -> None:
     p.add_argument("--k", type=int, default=5000, help="importance samples per datapoint (default: 5000)")
     p.add_argument("--data", default=None, help="dataset (default: the run's own data, test split)")
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--chunk", type=int, default=None, help="particles per pass (default: bounded memory)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default: 0)")
     p.add_argument("--device", default="auto")
 
 
+def _run_data(run, name):
+    from . import data
+
+    return data.load(name, seed=run.config.get("train", {}).get("seed", 0)) if name else \
+        data.from_source(run.config.get("data", {}))
+
+
 def _evaluate(args) -> int:
-    from . import data, evaluate, load_run
+    from . import evaluate, load_run
     from .report import write_report
 
     run = load_run(args.run, device=args.device)
-    ds = data.load(args.data) if args.data else data.from_source(run.config.get("data", {}))
-    _print_eval(evaluate(run, ds, k=args.k, batch_size=args.batch_size))
+    ds = _run_data(run, args.data)
+    _print_eval(evaluate(run, ds, k=args.k, batch_size=args.batch_size, chunk=args.chunk, seed=args.seed))
     write_report(run)
+    print(f"updated {os.path.join(args.run, 'metrics.json')}, report.md and report.html")
     return 0
 
 
 COMMANDS["evaluate"] = (_evaluate_args, _evaluate, "held-out ELBO, IWAE log-likelihood, KL; updates metrics.json")
+
+
+# --------------------------------------------------------------------------- diagnose
+
+
+def _diagnose_args(p) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--n", type=int, default=100, help="datapoints to diagnose, the first N of the test split "
+                                                       "(default: 100)")
+    p.add_argument("--particles", type=int, default=2500,
+                   help="draws from q(z|x) per datapoint (default: 2500; k-hat up to 0.7 needs >= 2155)")
+    p.add_argument("--data", default=None, help="dataset (default: the run's own data, test split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="netCDF file (default: RUN/diagnostics.nc)")
+    p.add_argument("--device", default="auto")
+
+
+def _diagnose(args) -> int:
+    import warnings
+
+    from . import diagnose, load_run
+    from .diagnostics import DiagnosticWarning, save_netcdf, summarize
+    from .report import write_diagnostic_figures, write_report
+
+    run = load_run(args.run, device=args.device)
+    ds = _run_data(run, args.data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DiagnosticWarning)  # printed below as part of the summary
+        idata = diagnose(run, ds, n=args.n, particles=args.particles, seed=args.seed)
+    out = args.out or os.path.join(args.run, "diagnostics.nc")
+    save_netcdf(idata, out)
+    figs = write_diagnostic_figures(run, idata, ds.test)
+    write_report(run)
+    print(summarize(idata).to_markdown())
+    print(f"wrote {out}, {', '.join(figs)}; updated report.md and report.html in {args.run}")
+    return 0
+
+
+COMMANDS["diagnose"] = (_diagnose_args, _diagnose,
+                        "posterior draws as ArviZ InferenceData (netCDF), PSIS k-hat, ESS, collapse check, figures")
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _compare_args(p) -> None:
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default=None, help="directory for compare.md and training_curves.png (default: none)")
+
+
+def _compare(args) -> int:
+    from .report import compare_runs
+
+    res = compare_runs(args.runs, out=args.out)
+    print(res["markdown"])
+    if args.out:
+        print(f"wrote {os.path.join(args.out, 'compare.md')}" + (f" and {res['figure']}" if res["figure"] else ""))
+    return 0
+
+
+COMMANDS["compare"] = (_compare_args, _compare, "one table of metrics across runs, and overlaid training curves")
 
 
 # --------------------------------------------------------------------------- sample

@@ -19,8 +19,8 @@ import torch  # noqa: E402
 
 from .checkpoint import atomic_write  # noqa: E402
 
-__all__ = ["image_grid", "reconstructions", "samples", "training_curves", "save", "image_panels", "interpolation_norms",
-           "labeled_scatter"]
+__all__ = ["image_grid", "reconstructions", "samples", "training_curves", "khat", "latent_scatter", "interpolations",
+           "save", "image_panels", "interpolation_norms", "labeled_scatter"]
 
 
 def save(fig, path: Optional[str]):
@@ -85,6 +85,7 @@ def training_curves(histories: dict, *, path: Optional[str] = None):
         ep = [h["epoch"] for h in hist]
         line, = ax.plot(ep, [h["train_loss"] for h in hist], label=f"{label} train")
         ax.plot(ep, [h["val_loss"] for h in hist], "--", color=line.get_color(), label=f"{label} validation")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss = -bound (nats / datapoint)")
     ax.set_title("Training curves")
@@ -188,6 +189,57 @@ def interpolation_norms(alpha, norms: dict, *, latent_dim: Optional[int] = None,
     return save(fig, path)
 
 
+def khat(values, *, particles: Optional[int] = None, labels=None, path: Optional[str] = None):
+    """PSIS k-hat per datapoint with the bands of Yao et al. (2018): < 0.5 good, 0.5-0.7 fair, > 0.7 bad.
+
+    ``values`` ``(N,)``; ``-inf`` (all weights equal: q exact for that datapoint) is drawn at the
+    bottom edge as a triangle. ``labels`` ``(N,)`` (optional) are shown on the x axis when N <= 40.
+    """
+    k = np.asarray(values, dtype=float).reshape(-1)
+    n = k.size
+    x = np.arange(n)
+    fin = np.isfinite(k)
+    lo = min(0.0, float(np.nanmin(k[fin])) - 0.1) if fin.any() else -0.5
+    if np.isneginf(k).any():
+        lo = min(lo, -0.5)  # room for the "all weights equal" markers at the bottom
+    hi = max(1.0, float(np.nanmax(k[fin])) + 0.1) if fin.any() else 1.0
+    fig, ax = plt.subplots(figsize=(max(6.0, min(12.0, 0.06 * n + 5)), 4))
+    bands = [(k < 0.5, "tab:green", "k < 0.5 (good)"),
+             ((k >= 0.5) & (k <= 0.7), "tab:orange", "0.5 ≤ k ≤ 0.7 (fair)"),
+             ((k > 0.7) | np.isnan(k), "tab:red", "k > 0.7 (bad)")]
+    for mask, color, text in bands:
+        m = mask & fin
+        ax.scatter(x[m], k[m], s=18, color=color, label=f"{text}: {int(mask.sum())}", zorder=3)
+    flat = np.isneginf(k)
+    if flat.any():
+        ax.scatter(x[flat], np.full(flat.sum(), lo + 0.05), marker="v", s=22, color="tab:green", zorder=3,
+                   label=f"  of which all weights equal (q exact): {int(flat.sum())}")
+    odd = np.isnan(k) | np.isposinf(k)
+    if odd.any():
+        ax.scatter(x[odd], np.full(odd.sum(), hi - 0.05), marker="x", s=26, color="tab:red", zorder=3,
+                   label=f"  of which not estimable: {int(odd.sum())}")
+    for y, style in ((0.5, "--"), (0.7, "-")):
+        ax.axhline(y, color="0.3", ls=style, lw=1)
+        ax.text(1.0, y, f" {y}", transform=ax.get_yaxis_transform(), va="center", fontsize=8)
+    ax.axhspan(0.7, hi, color="tab:red", alpha=0.06)
+    ax.axhspan(0.5, 0.7, color="tab:orange", alpha=0.06)
+    ax.set_ylim(lo, hi)
+    ax.set_xlim(-1, n)
+    ax.set_xlabel("datapoint")
+    ax.set_ylabel("PSIS k-hat")
+    title = "Pareto k-hat of the importance weights p(x,z)/q(z|x) per datapoint"
+    if particles:
+        title += f" ({particles} draws each)"
+    ax.set_title(title, fontsize=10)
+    if labels is not None and n <= 40:
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(v) for v in np.asarray(labels).reshape(-1)], fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.04, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def labeled_scatter(points: dict, *, xlabel: str, ylabel: str, title: str = "", reference: Optional[tuple] = None,
                     path: Optional[str] = None):
     """One labelled point per entry of ``points`` (``{label: (x, y)}``), e.g. a trade-off between two metrics.
@@ -207,5 +259,90 @@ def labeled_scatter(points: dict, *, xlabel: str, ylabel: str, title: str = "", 
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.margins(0.15)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def latent_scatter(z, labels=None, *, title: str = "Posterior means E_q[z|x]", path: Optional[str] = None):
+    """Scatter of latent codes ``z`` ``(N, L)`` coloured by ``labels`` ``(N,)``.
+
+    L = 2 is drawn as is; L > 2 is projected on its first two principal
+    components (scikit-learn's PCA; axis labels give the explained variance).
+    """
+    z = z.detach().cpu().float().numpy() if torch.is_tensor(z) else np.asarray(z, dtype=np.float32)
+    z = z.reshape(z.shape[0], -1)
+    lab = None if labels is None else (labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels))
+    if z.shape[1] == 1:  # a strip plot: one row per label, jittered so points do not hide each other
+        jitter = np.random.default_rng(0).uniform(-0.3, 0.3, len(z))
+        rows = np.zeros(len(z)) if lab is None else np.searchsorted(np.unique(lab), lab)
+        z2 = np.c_[z[:, 0], rows + jitter]
+        xl, yl = "z_1", "label (jittered)" if lab is not None else "(jitter)"
+    elif z.shape[1] == 2:
+        z2, xl, yl = z, "z_1", "z_2"
+    else:
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2).fit(z)
+        z2 = pca.transform(z)
+        ev = pca.explained_variance_ratio_
+        xl, yl = f"PC 1 ({100 * ev[0]:.0f}% of variance)", f"PC 2 ({100 * ev[1]:.0f}% of variance)"
+        title = f"{title}, PCA of {z.shape[1]} dims"
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    if lab is None:
+        ax.scatter(z2[:, 0], z2[:, 1], s=8, alpha=0.7)
+    else:
+        classes = np.unique(lab)
+        cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+        for i, c in enumerate(classes):
+            m = lab == c
+            ax.scatter(z2[m, 0], z2[m, 1], s=8, alpha=0.75, color=cmap(i % cmap.N), label=str(c))
+        ax.legend(title="label", fontsize=8, markerscale=2, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                  borderaxespad=0)
+    if z.shape[1] == 1:
+        ax.set_yticks(range(len(np.unique(lab))) if lab is not None else [])
+        if lab is not None:
+            ax.set_yticklabels([str(c) for c in np.unique(lab)])
+    ax.set_xlabel(xl)
+    ax.set_ylabel(yl)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def interpolations(images, image_shape=None, *, alphas: Optional[Sequence[float]] = None, ends=None,
+                   title: str = "Interpolations: decode (1-a) z_start + a z_end", path: Optional[str] = None):
+    """Rows of decoded interpolations, ``images`` ``(R, T, D)`` (R pairs, T steps), columns labelled by a.
+
+    ``ends`` ``(R, 2, D)`` (optional): the two data items of each row, drawn in
+    an extra first and last column so the decodes can be compared with them.
+    """
+    def arr(v):
+        return v.detach().cpu().float().numpy() if torch.is_tensor(v) else np.asarray(v, dtype=np.float32)
+
+    imgs = arr(images)
+    r, t = imgs.shape[:2]
+    alphas = np.linspace(0, 1, t) if alphas is None else np.asarray(alphas)
+    cols = [(imgs[:, j], f"a={alphas[j]:.2f}") for j in range(t)]
+    if ends is not None:
+        e = arr(ends)
+        cols = [(e[:, 0], "data 1")] + cols + [(e[:, 1], "data 2")]
+    fig, axes = plt.subplots(r, len(cols), figsize=(1.0 * len(cols) + 0.6, 1.0 * r + 0.7), squeeze=False)
+    for j, (col, label) in enumerate(cols):
+        col = _as_images(col.reshape(r, -1), image_shape)
+        for i in range(r):
+            ax = axes[i, j]
+            ax.imshow(col[i], cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if ends is not None and j in (0, len(cols) - 1):
+                for sp in ax.spines.values():
+                    sp.set_color("tab:blue")
+                    sp.set_linewidth(1.5)
+            if i == 0:
+                ax.set_title(label, fontsize=8)
+    for i in range(r):
+        axes[i, 0].set_ylabel(f"pair {i + 1}", fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save(fig, path)
