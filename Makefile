@@ -14,7 +14,8 @@ demo: install
 	$(PY) -m pyrovi.cli train --data digits --latent-dim 8 --hidden 256 --epochs 60 --objective elbo \
 		--out $(RUN) --overwrite --evaluate-k 1000 --no-progress
 	$(PY) -m pyrovi.cli sample $(RUN) --n 64 --out $(RUN)/samples.png
-	@echo "report: $(RUN)/report.md"
+	$(PY) -m pyrovi.cli diagnose $(RUN)
+	@echo "report: $(RUN)/report.md and $(RUN)/report.html"
 
 test: install
 	$(PY) -m pytest -q

@@ -174,6 +174,7 @@ class Renyi(Objective):
         self.alpha = float(alpha)
 
     def config(self) -> dict:
+        """JSON-able description (name, particles, alpha) that :func:`get` turns back into this objective."""
         return {"name": self.name, "particles": self.particles, "alpha": self.alpha}
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
@@ -201,6 +202,7 @@ class IWAE(Renyi):
         super().__init__(alpha=0.0, particles=particles)
 
     def config(self) -> dict:
+        """JSON-able description (name, particles) that :func:`get` turns back into this objective."""
         return {"name": self.name, "particles": self.particles}
 
 

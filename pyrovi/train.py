@@ -62,6 +62,7 @@ class TrainConfig:
     dtype: Optional[str] = None  # "float32" | "float64"; None: the model's own parameter dtype
 
     def validate(self) -> None:
+        """Raise :class:`~pyrovi.ConfigError` naming the first option that is out of range."""
         check_positive("epochs", self.epochs, integer=True)
         if self.batch_size is not None:
             check_positive("batch_size", self.batch_size, integer=True)
