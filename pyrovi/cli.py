@@ -55,6 +55,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sigma", type=float, default=1.0, help="Gaussian observation std delta (default: 1.0)")
     g.add_argument("--learn-sigma", action="store_true", help="learn the Gaussian std per pixel")
     g.add_argument("--guide", default="diag_normal", help="guide name (default: diag_normal)")
+    _vq_train_args(p)
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default="elbo", help="objective name (default: elbo)")
     g.add_argument("--particles", type=int, default=None, help="vectorized particles S (objective's default)")
@@ -79,8 +80,31 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _vq_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("VQ-VAE (--model vqvae; guide: codebook)")
+    g.add_argument("--codebook", type=int, default=512, help="number of codes K (default: 512)")
+    g.add_argument("--code-dim", type=int, default=16, help="size d of one code vector (default: 16)")
+    g.add_argument("--downsample", type=int, default=1, help="stride-2 stages data -> code grid (default: 1)")
+    g.add_argument("--channels", type=int, default=64, help="conv width (default: 64)")
+    g.add_argument("--commitment", type=float, default=0.25, help="commitment weight beta (default: 0.25)")
+    g.add_argument("--ema-decay", type=float, default=None, help="EMA codebook updates, e.g. 0.99 (default: off)")
+    g.add_argument("--kmeans-init", action="store_true", help="k-means initialisation of the codebook")
+    g.add_argument("--restart-dead", type=float, default=None,
+                   help="restart codes used less than this many times per batch on average (default: off)")
+
+
+def _vq_model_config(args, dataset) -> dict:
+    vocab = getattr(dataset, "vocab", None)
+    return {"name": "vqvae", "input_dim": dataset.shape[0], "num_codes": args.codebook, "code_dim": args.code_dim,
+            "downsample": args.downsample, "channels": args.channels,
+            "likelihood": "categorical" if vocab else args.likelihood, "sigma": args.sigma,
+            "image_shape": dataset.image_shape, "vocab": vocab}
+
+
 def model_config(args, dataset) -> dict:
     """The model config dict the CLI's flags describe (the same dict ``config.json`` stores)."""
+    if args.model.strip().lower() == "vqvae":
+        return _vq_model_config(args, dataset)
     return {"name": args.model, "input_dim": dataset.shape[0], "latent_dim": args.latent_dim,
             "hidden": list(args.hidden), "likelihood": args.likelihood, "sigma": args.sigma,
             "learn_sigma": args.learn_sigma, "image_shape": dataset.image_shape}
@@ -88,6 +112,10 @@ def model_config(args, dataset) -> dict:
 
 def guide_config(args) -> dict:
     """The guide config dict the CLI's flags describe."""
+    if args.model.strip().lower() == "vqvae" and args.guide in ("diag_normal", "codebook"):
+        opts = {"beta": args.commitment, "ema_decay": args.ema_decay, "kmeans_init": args.kmeans_init,
+                "restart_dead": args.restart_dead}
+        return {"name": "codebook", **{k: v for k, v in opts.items() if v is not None}}
     return {"name": args.guide, "hidden": list(args.hidden)}
 
 
@@ -157,6 +185,28 @@ def _sample_args(p) -> None:
     p.add_argument("--out", default=None, help="output file: .png (grid), .npy or .csv (default: RUN/samples.png)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    g = p.add_argument_group("VQ-VAE runs (codes from the run's Transformer prior, else uniform)")
+    g.add_argument("--label", type=int, default=None, help="class label for a class-conditional prior")
+    g.add_argument("--temperature", type=float, default=1.0, help="prior sampling temperature (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes (default: all)")
+
+
+def _sample_vq(args, run) -> int:
+    from . import plots, priors
+
+    prior = priors.load_prior(run) if os.path.isfile(os.path.join(args.run, priors.PRIOR_CONFIG)) else None
+    x = priors.sample_run(run, prior, args.n, label=args.label, temperature=args.temperature, top_k=args.top_k,
+                          seed=args.seed)
+    if run.model.is_text:
+        for s in x:
+            print(s)
+            print("-" * 20)
+        return 0
+    out = args.out or os.path.join(args.run, "samples.png")
+    shape = run.config.get("data", {}).get("image_shape")
+    plots.samples(x.cpu(), tuple(shape) if shape else None, path=out)
+    print(f"wrote {args.n} samples ({'Transformer' if prior else 'uniform'} prior) to {out}")
+    return 0
 
 
 def _sample(args) -> int:
@@ -168,6 +218,8 @@ def _sample(args) -> int:
 
     check_positive("--n", args.n, integer=True)
     run = load_run(args.run, device=args.device)
+    if run.config.get("model", {}).get("name") == "vqvae":
+        return _sample_vq(args, run)
     out = args.out or os.path.join(args.run, "samples.png")
     torch.manual_seed(args.seed)
     with run.scope():
@@ -187,6 +239,44 @@ def _sample(args) -> int:
 
 
 COMMANDS["sample"] = (_sample_args, _sample, "draw samples from a trained run's prior and decode them")
+
+
+# --------------------------------------------------------------------------- train-prior
+
+
+def _train_prior_args(p) -> None:
+    p.add_argument("run", help="a VQ-VAE run directory")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--d-model", type=int, default=128, help="Transformer width (default: 128)")
+    p.add_argument("--layers", type=int, default=2, help="Transformer blocks (default: 2)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--conditional", choices=["auto", "yes", "no"], default="auto",
+                   help="condition on class labels (default: auto = when the data has labels)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _train_prior(args) -> int:
+    from . import data, load_run, priors
+
+    run = load_run(args.run, device=args.device)
+    ds = data.from_source(run.config.get("data", {}))
+    prior = priors.fit_prior(run, ds, conditional={"auto": None, "yes": True, "no": False}[args.conditional],
+                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, d_model=args.d_model,
+                             layers=args.layers, heads=args.heads, seed=args.seed, progress=not args.no_progress)
+    unit = "bits/char" if run.model.is_text else "bits/dim"
+    m = prior.metrics
+    print(f"wrote {os.path.join(args.run, priors.PRIOR_WEIGHTS)} and {priors.PRIOR_CONFIG}")
+    print(f"held-out {unit}: learned prior {m['bits_per_dim_learned']:.4f}, uniform prior {m['bits_per_dim_uniform']:.4f}"
+          + (f", unigram {m['bits_per_dim_unigram']:.4f}" if "bits_per_dim_unigram" in m else ""))
+    return 0
+
+
+COMMANDS["train-prior"] = (_train_prior_args, _train_prior,
+                           "fit a causal Transformer prior over a VQ-VAE run's codes (prior.safetensors)")
 
 
 # --------------------------------------------------------------------------- main

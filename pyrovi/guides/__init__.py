@@ -7,12 +7,13 @@ config with :func:`build`.
 from __future__ import annotations
 
 from ..errors import ConfigError, lookup
+from .codebook import Codebook, CodebookConfig
 from .diag_normal import DiagNormal
 
-__all__ = ["DiagNormal", "GUIDES", "build", "names"]
+__all__ = ["DiagNormal", "Codebook", "CodebookConfig", "GUIDES", "build", "names"]
 
 #: name -> guide class; each is built as ``cls(model, **options)``.
-GUIDES: dict = {"diag_normal": DiagNormal, "diagnormal": DiagNormal}
+GUIDES: dict = {"diag_normal": DiagNormal, "diagnormal": DiagNormal, "codebook": Codebook}
 
 
 def names() -> list:

@@ -9,11 +9,12 @@ from __future__ import annotations
 from ..errors import ConfigError, lookup
 from .linear_gaussian import LinearGaussian
 from .vae import VAE, VAEConfig
+from .vqvae import VQVAE, VQVAEConfig, vq_metrics
 
-__all__ = ["VAE", "VAEConfig", "LinearGaussian", "MODELS", "build", "names"]
+__all__ = ["VAE", "VAEConfig", "LinearGaussian", "VQVAE", "VQVAEConfig", "vq_metrics", "MODELS", "build", "names"]
 
 #: name -> model class; every class has ``from_config(dict)``.
-MODELS: dict = {"vae": VAE, "linear_gaussian": LinearGaussian}
+MODELS: dict = {"vae": VAE, "linear_gaussian": LinearGaussian, "vqvae": VQVAE}
 
 
 def names() -> list:
