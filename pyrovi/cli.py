@@ -88,7 +88,8 @@ def _vq_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels", type=int, default=64, help="conv width (default: 64)")
     g.add_argument("--commitment", type=float, default=0.25, help="commitment weight beta (default: 0.25)")
     g.add_argument("--ema-decay", type=float, default=None, help="EMA codebook updates, e.g. 0.99 (default: off)")
-    g.add_argument("--kmeans-init", action="store_true", help="k-means initialisation of the codebook")
+    g.add_argument("--no-kmeans-init", action="store_true",
+                   help="keep the initial codebook instead of k-means on the first batch")
     g.add_argument("--restart-dead", type=float, default=None,
                    help="restart codes used less than this many times per batch on average (default: off)")
 
@@ -113,7 +114,7 @@ def model_config(args, dataset) -> dict:
 def guide_config(args) -> dict:
     """The guide config dict the CLI's flags describe."""
     if args.model.strip().lower() == "vqvae" and args.guide in ("diag_normal", "codebook"):
-        opts = {"beta": args.commitment, "ema_decay": args.ema_decay, "kmeans_init": args.kmeans_init,
+        opts = {"beta": args.commitment, "ema_decay": args.ema_decay, "kmeans_init": not args.no_kmeans_init,
                 "restart_dead": args.restart_dead}
         return {"name": "codebook", **{k: v for k, v in opts.items() if v is not None}}
     return {"name": args.guide, "hidden": list(args.hidden)}
