@@ -43,15 +43,21 @@ def part_recon(name: str, epochs: int, seed: int) -> dict:
     ds = pv.data.load(name, seed=seed)
     t = time.time()
     s = 1 if name == "digits" else 2
+    torch.manual_seed(seed)  # the weights' initial draw, here and before every model below
     vq = pv.models.VQVAE(ds.shape, 16 if name == "digits" else 64, code_dim=16, downsample=s, channels=64,
                          image_shape=ds.image_shape)
-    vg = pv.guides.Codebook(vq)
+    vg = pv.guides.Codebook(vq, **({} if name == "digits" else {"ema_decay": 0.99}))
     vrun = pv.fit(vq, vg, ds, epochs=epochs, batch_size=64, lr=2e-3, seed=seed, progress=False)
     vm = vq_metrics(vrun, ds, save=False)
     vq_s = time.time() - t
     t = time.time()
-    vae = pv.models.VAE(ds.shape, 16, hidden=(512,), image_shape=ds.image_shape)
-    dg = pv.guides.DiagNormal(vae, hidden=(512,))
+    # A DiagNormal VAE of the same size: one hidden layer h in encoder and decoder, latent 16, so
+    # params = h (2D + 3*16 + 2) + 2*16 + D; solve for h.
+    D = ds.shape[0]
+    h = max(8, round((_params(vq, vg) - 32 - D) / (2 * D + 50)))
+    torch.manual_seed(seed)
+    vae = pv.models.VAE(ds.shape, 16, hidden=(h,), image_shape=ds.image_shape)
+    dg = pv.guides.DiagNormal(vae, hidden=(h,))
     arun = pv.fit(vae, dg, ds, epochs=epochs, batch_size=64, lr=2e-3, seed=seed, progress=False)
     am = _vae_recon(arun, ds.test)
     vae_s = time.time() - t
@@ -66,13 +72,13 @@ def part_recon(name: str, epochs: int, seed: int) -> dict:
     print("| model | params | recon MSE/pixel | log p(x given z) (nats) | ELBO (nats) | bits/dim | codebook |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     r = rows["vqvae"]
-    print(f"| VQ-VAE (K={r['K']}, L={r['L']}) | {r['params']} | {r['recon_mse']:.4f} | {r['reconstruction']:.2f} | "
-          f"{r['elbo_uniform']:.2f} (uniform prior) | {r['bits_per_dim_uniform']:.3f} | perplexity "
-          f"{r['perplexity']:.1f}, {r['codes_used']}/{r['K']} used |")
+    print(f"| VQ-VAE (K={r['K']}, L={r['L']}) | {r['params']} | {r['recon_mse']:.4f} | "
+          f"{r['reconstruction']:.2f} | {r['elbo_uniform']:.2f} (uniform prior) | "
+          f"{r['bits_per_dim_uniform']:.3f} | perplexity {r['perplexity']:.1f}, {r['codes_used']}/{r['K']} used |")
     r = rows["vae_diag_normal"]
-    print(f"| VAE + DiagNormal (latent 16) | {r['params']} | {r['recon_mse']:.4f} | {r['reconstruction']:.2f} "
-          f"(at the mean: {r['reconstruction_at_mean']:.2f}) | {r['elbo']:.2f} (IWAE-1000 {r['log_likelihood_iwae1000']:.2f}) "
-          f"| {r['bits_per_dim']:.3f} | - |")
+    print(f"| VAE + DiagNormal (latent 16, hidden {h}) | {r['params']} | {r['recon_mse']:.4f} | "
+          f"{r['reconstruction']:.2f} (at the mean: {r['reconstruction_at_mean']:.2f}) | {r['elbo']:.2f} "
+          f"(IWAE-1000 {r['log_likelihood_iwae1000']:.2f}) | {r['bits_per_dim']:.3f} | - |")
     return rows
 
 
@@ -84,6 +90,7 @@ def part_restart(epochs: int, seed: int) -> dict:
                         ("k-means init + restart_dead=1", {"restart_dead": 1.0}),
                         ("EMA 0.99, no restart", {"ema_decay": 0.99}),
                         ("EMA 0.99 + restart_dead=1", {"ema_decay": 0.99, "restart_dead": 1.0})):
+        torch.manual_seed(seed)
         m = pv.models.VQVAE(ds.shape, 512, code_dim=16, downsample=1, channels=64, image_shape=ds.image_shape)
         run = pv.fit(m, pv.guides.Codebook(m, **opts), ds, epochs=epochs, batch_size=64, lr=2e-3, seed=seed,
                      progress=False)
@@ -101,6 +108,7 @@ def part_restart(epochs: int, seed: int) -> dict:
 
 def part_prior(epochs: int, prior_epochs: int, seed: int) -> dict:
     ds = pv.data.load("digits", seed=seed)
+    torch.manual_seed(seed)
     m = pv.models.VQVAE(ds.shape, 16, code_dim=16, downsample=1, channels=64, image_shape=ds.image_shape)
     run = pv.fit(m, pv.guides.Codebook(m), ds, epochs=epochs, batch_size=64, lr=2e-3, seed=seed, progress=False)
     out = {}
@@ -128,6 +136,7 @@ def part_prior(epochs: int, prior_epochs: int, seed: int) -> dict:
 
 def part_text(epochs: int, prior_epochs: int, seed: int) -> dict:
     ds = pv.data.load("text", seed=seed)
+    torch.manual_seed(seed)
     m = pv.models.VQVAE(ds.shape, 256, code_dim=16, downsample=1, channels=64, vocab=ds.vocab)
     run = pv.fit(m, pv.guides.Codebook(m, restart_dead=1.0), ds, epochs=epochs, batch_size=128, lr=2e-3,
                  seed=seed, progress=False)

@@ -271,7 +271,8 @@ def _train_prior(args) -> int:
     unit = "bits/char" if run.model.is_text else "bits/dim"
     m = prior.metrics
     print(f"wrote {os.path.join(args.run, priors.PRIOR_WEIGHTS)} and {priors.PRIOR_CONFIG}")
-    print(f"held-out {unit}: learned prior {m['bits_per_dim_learned']:.4f}, uniform prior {m['bits_per_dim_uniform']:.4f}"
+    print(f"held-out {unit}: learned prior {m['bits_per_dim_learned']:.4f}, "
+          f"uniform prior {m['bits_per_dim_uniform']:.4f}"
           + (f", unigram {m['bits_per_dim_unigram']:.4f}" if "bits_per_dim_unigram" in m else ""))
     return 0
 

@@ -5,6 +5,10 @@ Plain ``torch.nn``, no Pyro. Each stride-2 stage halves (encoder) or doubles
 ``H/2^s x W/2^s`` grid, or ``T`` characters to ``T/2^s`` positions. Every
 module takes and returns *position-last* tensors ``(..., L, d)`` (any leading
 particle/batch dims) so the VQ-VAE's latent site is simply ``(L, d)``.
+
+Activations are leaky ReLUs (slope 0.2): with plain ReLUs an early large step
+can kill every unit of the encoder, its output becomes a constant, and the
+VQ-VAE collapses onto one code for good (seen on mnist5k for some seeds).
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from torch import nn
 from .errors import ConfigError, check_positive
 
 __all__ = ["ImageEncoder", "ImageDecoder", "TextEncoder", "TextDecoder", "grid_shape"]
+
+
+def _act() -> nn.Module:
+    return nn.LeakyReLU(0.2)
 
 
 def grid_shape(size: tuple, downsample: int) -> tuple:
@@ -43,9 +51,9 @@ class ImageEncoder(nn.Module):
         layers: list[nn.Module] = []
         c_in = 1
         for _ in range(downsample):
-            layers += [nn.Conv2d(c_in, channels, 4, stride=2, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(c_in, channels, 4, stride=2, padding=1), _act()]
             c_in = channels
-        layers += [nn.Conv2d(c_in, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, code_dim, 1)]
+        layers += [nn.Conv2d(c_in, channels, 3, padding=1), _act(), nn.Conv2d(channels, code_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,13 +69,13 @@ class ImageDecoder(nn.Module):
     def __init__(self, image_shape: tuple, code_dim: int, channels: int, downsample: int):
         super().__init__()
         self.grid = grid_shape(image_shape, downsample)
-        layers: list[nn.Module] = [nn.Conv2d(code_dim, channels, 3, padding=1), nn.ReLU(),
-                                   nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU()]
+        layers: list[nn.Module] = [nn.Conv2d(code_dim, channels, 3, padding=1), _act(),
+                                   nn.Conv2d(channels, channels, 3, padding=1), _act()]
         for i in range(downsample):
             last = i == downsample - 1
             layers.append(nn.ConvTranspose2d(channels, 1 if last else channels, 4, stride=2, padding=1))
             if not last:
-                layers.append(nn.ReLU())
+                layers.append(_act())
         if downsample == 0:
             layers.append(nn.Conv2d(channels, 1, 1))
         self.net = nn.Sequential(*layers)
@@ -87,8 +95,8 @@ class TextEncoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, channels)
         layers: list[nn.Module] = []
         for _ in range(downsample):
-            layers += [nn.Conv1d(channels, channels, 4, stride=2, padding=1), nn.ReLU()]
-        layers += [nn.Conv1d(channels, channels, 3, padding=1), nn.ReLU(), nn.Conv1d(channels, code_dim, 1)]
+            layers += [nn.Conv1d(channels, channels, 4, stride=2, padding=1), _act()]
+        layers += [nn.Conv1d(channels, channels, 3, padding=1), _act(), nn.Conv1d(channels, code_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +111,10 @@ class TextDecoder(nn.Module):
 
     def __init__(self, vocab_size: int, code_dim: int, channels: int, downsample: int):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv1d(code_dim, channels, 3, padding=1), nn.ReLU(),
-                                   nn.Conv1d(channels, channels, 3, padding=1), nn.ReLU()]
+        layers: list[nn.Module] = [nn.Conv1d(code_dim, channels, 3, padding=1), _act(),
+                                   nn.Conv1d(channels, channels, 3, padding=1), _act()]
         for _ in range(downsample):
-            layers += [nn.ConvTranspose1d(channels, channels, 4, stride=2, padding=1), nn.ReLU()]
+            layers += [nn.ConvTranspose1d(channels, channels, 4, stride=2, padding=1), _act()]
         layers.append(nn.Conv1d(channels, vocab_size, 1))
         self.net = nn.Sequential(*layers)
 

@@ -110,7 +110,8 @@ class CodeTransformer(nn.Module):
         K = self.cfg.num_codes
         if not self.conditional:
             if y is not None:
-                raise ConfigError("this prior is not class-conditional: drop the label (or fit it with conditional=True)")
+                raise ConfigError("this prior is not class-conditional: drop the label "
+                                  "(or fit it with conditional=True)")
             return torch.full((n, 1), K, dtype=torch.long, device=device)
         if y is None:
             raise ConfigError(f"this prior is class-conditional: pass a label in [0, {self.cfg.num_classes})")

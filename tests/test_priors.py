@@ -108,10 +108,11 @@ def test_class_conditioning_is_learned():
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     ds = pv.data.load("digits")
-    model = pv.models.VQVAE(ds.shape, 16, code_dim=8, downsample=1, channels=32, image_shape=ds.image_shape)
+    # A 2x2 grid of codes: a short sequence the prior learns in a few epochs.
+    model = pv.models.VQVAE(ds.shape, 32, code_dim=8, downsample=2, channels=32, image_shape=ds.image_shape)
     guide = pv.guides.Codebook(model)
     out = str(tmp_path_factory.mktemp("vq") / "run")
-    run = pv.fit(model, guide, ds, epochs=6, batch_size=64, lr=2e-3, seed=0, progress=False, out=out, figures=False)
+    run = pv.fit(model, guide, ds, epochs=8, batch_size=64, lr=2e-3, seed=0, progress=False, out=out, figures=False)
     prior = priors.fit_prior(run, ds, epochs=10, d_model=32, heads=2, lr=3e-3)
     return run, prior, ds
 

@@ -27,7 +27,7 @@ def test_vqvae_digits_example_quick(tmp_path):
     for f in ("reconstructions.png", "samples_by_label.png", "uniform_prior_samples.png", "metrics.json",
               "run/config.json", "run/prior.safetensors", "run/prior.json"):
         assert os.path.isfile(tmp_path / f), f
-    assert set(out["class_conditional"]["per_label"]) == set(range(10))
+    assert set(out["class_conditional"]["temperature_1.0"]["per_label"]) == set(range(10))
     assert out["prior_test"]["bits_per_dim_learned"] < out["prior_test"]["bits_per_dim_uniform"]
 
 

@@ -89,7 +89,8 @@ class VQVAEConfig:
         else:
             lookup({k: k for k in IMAGE_LIKELIHOODS}, self.likelihood, "likelihood")
             if len(self.image_shape) != 2 or math.prod(self.image_shape) != self.input_dim:
-                raise ConfigError(f"image_shape {self.image_shape} must be (H, W) with H*W = input_dim {self.input_dim}")
+                raise ConfigError(f"image_shape {self.image_shape} must be (H, W) with H*W = input_dim "
+                                  f"{self.input_dim}")
             grid_shape(self.image_shape, self.downsample)
 
 
@@ -271,13 +272,16 @@ class VQVAE(PyroModule):
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Code indices ``(..., L)`` -> data: image means ``(..., D)``, or most likely characters ``(..., T)`` (int64)."""
+        """Code indices ``(..., L)`` -> data: image means ``(..., D)``, or the most likely characters
+        ``(..., T)`` (int64) for text."""
         out = self.decode(self.codebook.detach()[codes.long()])
         return out.argmax(-1) if self.is_text else out
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Decode ``n`` code grids drawn from the *uniform* prior: ``(n, D)`` (see :mod:`pyrovi.priors` for a learned one)."""
+        """Decode ``n`` code grids drawn from the *uniform* prior: ``(n, D)``.
+
+        :mod:`pyrovi.priors` fits a learned prior over codes and samples from it."""
         check_positive("n", n, integer=True)
         codes = torch.randint(self.num_codes, (n, self.length), generator=generator).to(self.codebook.device)
         return self.decode_codes(codes)
