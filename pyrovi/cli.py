@@ -59,6 +59,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--components", type=int, default=None, help="mixture components C (--guide mixture; default 5)")
     g.add_argument("--flow", default=None, help="iaf | spline | planar | radial (--guide flow; default iaf)")
     g.add_argument("--depth", type=int, default=None, help="number of flow transforms K (--guide flow; default 4)")
+    _vq_train_args(p)
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default="elbo", help="objective name (default: elbo)")
     g.add_argument("--particles", type=int, default=None, help="vectorized particles S (objective's default)")
@@ -87,11 +88,35 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _vq_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("VQ-VAE (--model vqvae; guide: codebook)")
+    g.add_argument("--codebook", type=int, default=512, help="number of codes K (default: 512)")
+    g.add_argument("--code-dim", type=int, default=16, help="size d of one code vector (default: 16)")
+    g.add_argument("--downsample", type=int, default=1, help="stride-2 stages data -> code grid (default: 1)")
+    g.add_argument("--channels", type=int, default=64, help="conv width (default: 64)")
+    g.add_argument("--commitment", type=float, default=0.25, help="commitment weight beta (default: 0.25)")
+    g.add_argument("--ema-decay", type=float, default=None, help="EMA codebook updates, e.g. 0.99 (default: off)")
+    g.add_argument("--no-kmeans-init", action="store_true",
+                   help="keep the initial codebook instead of k-means on the first batch")
+    g.add_argument("--restart-dead", type=float, default=None,
+                   help="restart codes used less than this many times per batch on average (default: off)")
+
+
+def _vq_model_config(args, dataset) -> dict:
+    vocab = getattr(dataset, "vocab", None)
+    return {"name": "vqvae", "input_dim": dataset.shape[0], "num_codes": args.codebook, "code_dim": args.code_dim,
+            "downsample": args.downsample, "channels": args.channels,
+            "likelihood": "categorical" if vocab else args.likelihood, "sigma": args.sigma,
+            "image_shape": dataset.image_shape, "vocab": vocab}
+
+
 def model_config(args, dataset) -> dict:
     """The model config dict the CLI's flags describe (the same dict ``config.json`` stores)."""
     from . import models
     from .errors import ConfigError, lookup
 
+    if args.model.strip().lower() == "vqvae":
+        return _vq_model_config(args, dataset)
     cfg = {"name": args.model, "input_dim": dataset.shape[0], "latent_dim": args.latent_dim,
            "hidden": list(args.hidden), "likelihood": args.likelihood, "sigma": args.sigma,
            "learn_sigma": args.learn_sigma, "image_shape": dataset.image_shape}
@@ -107,6 +132,10 @@ def guide_config(args, model=None) -> dict:
 
     No ``--guide`` takes the model's ``default_guide`` (e.g. ``delta`` for the autoencoder).
     """
+    if args.model.strip().lower() == "vqvae" and args.guide in (None, "diag_normal", "codebook"):
+        opts = {"beta": args.commitment, "ema_decay": args.ema_decay, "kmeans_init": not args.no_kmeans_init,
+                "restart_dead": args.restart_dead}
+        return {"name": "codebook", **{k: v for k, v in opts.items() if v is not None}}
     name = args.guide or getattr(model, "default_guide", None) or "diag_normal"
     cfg = {"name": name, "hidden": list(args.hidden)}
     for flag in ("components", "flow", "depth"):
@@ -264,8 +293,30 @@ def _sample_args(p) -> None:
     p.add_argument("--out", default=None, help="output file: .png (grid), .npy or .csv (default: RUN/samples.png)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=None,
-                   help="class of every sample, for a conditional run (default: classes in turn)")
+                   help="class of every sample, for a conditional run or a class-conditional VQ-VAE prior "
+                        "(default: classes in turn)")
     p.add_argument("--device", default="auto")
+    g = p.add_argument_group("VQ-VAE runs (codes from the run's Transformer prior, else uniform)")
+    g.add_argument("--temperature", type=float, default=1.0, help="prior sampling temperature (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes (default: all)")
+
+
+def _sample_vq(args, run) -> int:
+    from . import plots, priors
+
+    prior = priors.load_prior(run) if os.path.isfile(os.path.join(args.run, priors.PRIOR_CONFIG)) else None
+    x = priors.sample_run(run, prior, args.n, label=args.label, temperature=args.temperature, top_k=args.top_k,
+                          seed=args.seed)
+    if run.model.is_text:
+        for s in x:
+            print(s)
+            print("-" * 20)
+        return 0
+    out = args.out or os.path.join(args.run, "samples.png")
+    shape = run.config.get("data", {}).get("image_shape")
+    plots.samples(x.cpu(), tuple(shape) if shape else None, path=out)
+    print(f"wrote {args.n} samples ({'Transformer' if prior else 'uniform'} prior) to {out}")
+    return 0
 
 
 def _sample(args) -> int:
@@ -276,6 +327,8 @@ def _sample(args) -> int:
 
     check_positive("--n", args.n, integer=True)
     run = load_run(args.run, device=args.device)
+    if run.config.get("model", {}).get("name") == "vqvae":
+        return _sample_vq(args, run)
     out = args.out or os.path.join(args.run, "samples.png")
     from .uses import sample_prior
 
@@ -354,6 +407,45 @@ def _interpolate(args) -> int:
 
 COMMANDS["interpolate"] = (_interpolate_args, _interpolate,
                            "decode paths between pairs of items' codes (linear and slerp) into a PNG")
+
+
+# --------------------------------------------------------------------------- train-prior
+
+
+def _train_prior_args(p) -> None:
+    p.add_argument("run", help="a VQ-VAE run directory")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--d-model", type=int, default=128, help="Transformer width (default: 128)")
+    p.add_argument("--layers", type=int, default=2, help="Transformer blocks (default: 2)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--conditional", choices=["auto", "yes", "no"], default="auto",
+                   help="condition on class labels (default: auto = when the data has labels)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _train_prior(args) -> int:
+    from . import data, load_run, priors
+
+    run = load_run(args.run, device=args.device)
+    ds = data.from_source(run.config.get("data", {}))
+    prior = priors.fit_prior(run, ds, conditional={"auto": None, "yes": True, "no": False}[args.conditional],
+                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, d_model=args.d_model,
+                             layers=args.layers, heads=args.heads, seed=args.seed, progress=not args.no_progress)
+    unit = "bits/char" if run.model.is_text else "bits/dim"
+    m = prior.metrics
+    print(f"wrote {os.path.join(args.run, priors.PRIOR_WEIGHTS)} and {priors.PRIOR_CONFIG}")
+    print(f"held-out {unit}: learned prior {m['bits_per_dim_learned']:.4f}, "
+          f"uniform prior {m['bits_per_dim_uniform']:.4f}"
+          + (f", unigram {m['bits_per_dim_unigram']:.4f}" if "bits_per_dim_unigram" in m else ""))
+    return 0
+
+
+COMMANDS["train-prior"] = (_train_prior_args, _train_prior,
+                           "fit a causal Transformer prior over a VQ-VAE run's codes (prior.safetensors)")
 
 
 # --------------------------------------------------------------------------- main

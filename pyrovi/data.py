@@ -12,6 +12,11 @@ Names (``pyrovi.data.load(name)``)::
     idx:IMAGES[,LABELS]   MNIST-format IDX files, plain or .gz
     npz:PATH        a .npz (arrays ``x`` and optional ``y``) or a .npy array
     csv:PATH        numeric CSV, one row per item; a ``label``/``y`` column is taken as labels
+    text            Python's own ``pydoc_data.topics`` (~465 KB of English), as characters
+    text:PATH       any UTF-8 text file, as characters
+
+Text datasets hold int64 character indices ``(N, T)`` (chunks of ``T`` characters)
+and their vocabulary (``Dataset.vocab``); see :func:`load_text`.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ import torch
 
 from .errors import ConfigError, DataError, check_seed, lookup
 
-__all__ = ["Dataset", "Split", "load", "names", "from_arrays", "from_source", "validate", "read_idx", "as_tensor"]
+__all__ = ["Dataset", "Split", "load", "load_text", "names", "from_arrays", "from_source", "validate", "read_idx",
+           "as_tensor"]
 
 
 class Split(NamedTuple):
-    """One split of a dataset: ``x`` of shape ``(N, D)`` float32, ``y`` of shape ``(N,)`` int64 or None."""
+    """One split of a dataset: ``x`` of shape ``(N, D)`` float32 (int64 character indices for text),
+    ``y`` of shape ``(N,)`` int64 or None."""
 
     x: torch.Tensor
     y: Optional[torch.Tensor]
@@ -57,6 +64,7 @@ class Dataset:
         binarize: ``"static"`` (drawn once, seeded, at load), ``"dynamic"``
             (``fit`` redraws x ~ Bernoulli(x) every batch) or None.
         source: JSON-able description that reloads the same data (run configs).
+        vocab: text datasets only: the characters, ``vocab[i]`` is character index ``i``.
     """
 
     name: str
@@ -67,6 +75,7 @@ class Dataset:
     num_classes: Optional[int] = None
     binarize: Optional[str] = None
     source: dict = field(default_factory=dict)
+    vocab: Optional[str] = None
 
     @property
     def shape(self) -> tuple:
@@ -277,7 +286,7 @@ _IMAGE_DEFAULT_BINARIZE = "static"
 
 def names() -> list:
     """Names and prefixes :func:`load` accepts."""
-    return sorted(_BUILTIN) + ["idx:PATH", "npz:PATH", "csv:PATH"]
+    return sorted(_BUILTIN) + ["idx:PATH", "npz:PATH", "csv:PATH", "text", "text:PATH"]
 
 
 def load(
@@ -286,6 +295,7 @@ def load(
     split: tuple = (0.1, 0.1),
     seed: int = 0,
     binarize: Optional[str] = "default",
+    text_length: int = 64,
 ) -> Dataset:
     """Load a dataset by name or ``kind:PATH`` (see the module docstring).
 
@@ -297,15 +307,20 @@ def load(
         binarize: ``"static"`` (default for the built-in image sets, as for a
             Bernoulli likelihood), ``"dynamic"``, or None (keep grey levels in
             [0, 1], e.g. for a Gaussian likelihood). Files default to None.
+        text_length: characters per item for ``text`` / ``text:PATH`` (see :func:`load_text`).
 
     Returns:
-        :class:`Dataset` with flat float32 ``x`` of shape ``(N, D)``.
+        :class:`Dataset` with flat float32 ``x`` of shape ``(N, D)`` (text: int64 ``(N, T)``).
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"dataset name must be a non-empty string, got {name!r}; valid: {', '.join(names())}")
     _check_split(split)
     check_seed("seed", seed)  # before reading anything
     kind, sep, path = name.partition(":")
+    if kind.strip().lower() == "text":
+        if binarize not in ("default", None, "none", False):
+            raise ConfigError(f"binarize={binarize!r} does not apply to text data; leave it at its default")
+        return load_text(path if sep else None, length=text_length, split=split, seed=seed)
     src = {"name": name}
     if sep:
         reader = lookup(_FILE_READERS, kind, "dataset kind")
@@ -327,6 +342,8 @@ def from_source(source: dict) -> Dataset:
         raise ConfigError(f"cannot reload data from {source!r}: pass the data explicitly")
     if source["name"] == "arrays":
         raise ConfigError("this run was trained on in-memory arrays; pass the data explicitly")
+    if source.get("kind") == "text":
+        return _reload_text(source)
     # A run directory may come from someone else: a stored file path must not climb out of
     # where it points ("csv:../../x"), and every option must have the type load() expects.
     path = source["name"].partition(":")[2]
@@ -493,3 +510,94 @@ def _read_csv(path: str):
 
 
 _FILE_READERS: dict[str, Callable] = {"idx": _read_idx_pair, "npz": _read_npz, "npy": _read_npz, "csv": _read_csv}
+
+
+# --- text (characters) -------------------------------------------------------------------
+
+
+def _default_corpus() -> str:
+    # Python's own help topics: ~465 KB of English prose and code that ships with CPython.
+    # Sorted keys, so the corpus does not depend on dict insertion order.
+    from pydoc_data import topics
+
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+def _read_text(path: str) -> str:
+    raw = _read_bytes(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path!r} is not UTF-8 text ({e}); convert it, e.g. with iconv -t utf-8") from None
+
+
+def load_text(
+    path: Optional[str] = None,
+    *,
+    length: int = 64,
+    split: tuple = (0.1, 0.1),
+    seed: int = 0,
+    vocab: Optional[str] = None,
+) -> Dataset:
+    """A character-level text dataset: the corpus cut into items of ``length`` characters.
+
+    Args:
+        path: a UTF-8 text file; None for the default corpus (``pydoc_data.topics``).
+        length: T, characters per item; the tail shorter than T is dropped.
+        split: ``(val_fraction, test_fraction)``. Text is split into *contiguous*
+            blocks (train, then validation, then test, in corpus order), so
+            held-out items are text the model never saw next to, not chunks
+            interleaved with training chunks. ``seed`` is recorded but the split
+            does not depend on it.
+        vocab: the characters to index (default: the sorted characters of the
+            corpus); a corpus character outside it raises :class:`DataError`.
+
+    Returns:
+        :class:`Dataset` whose ``x`` are int64 indices into ``vocab``, shape ``(N, T)``;
+        ``vocab`` is kept on the dataset and in ``source`` so a run reloads it.
+    """
+    from .errors import check_positive
+
+    check_positive("length", length, integer=True)
+    text = _default_corpus() if not path else _read_text(path)
+    name = "text" if not path else f"text:{path}"
+    if vocab is None:
+        vocab = "".join(sorted(set(text)))
+    if not vocab:
+        raise DataError(f"{name!r} is empty")
+    index = {c: i for i, c in enumerate(vocab)}
+    missing = sorted(set(text) - set(index))
+    if missing:
+        raise DataError(f"{name!r} has characters outside the vocabulary: {missing[:10]!r}")
+    n = len(text) // length
+    val_f, test_f = split
+    if not (0 <= val_f < 1 and 0 <= test_f < 1 and val_f + test_f < 1):
+        raise ConfigError(f"split fractions (val, test) must be in [0, 1) and sum below 1; got {split}")
+    n_test, n_val = int(round(n * test_f)), int(round(n * val_f))
+    if n - n_test - n_val < 1 or (val_f > 0 and n_val < 1) or (test_f > 0 and n_test < 1):
+        raise DataError(f"{name!r} has {len(text)} characters, {n} items of length {length}: too few to split "
+                        f"with fractions {split}; use a longer text or a smaller length")
+    codes = np.fromiter((index[c] for c in text[: n * length]), dtype=np.int64, count=n * length)
+    x = torch.from_numpy(codes).reshape(n, length)  # (N, T)
+    n_train = n - n_val - n_test
+
+    def part(a, b):
+        return Split(x[a:b].contiguous(), None)
+
+    return Dataset(
+        name=name,
+        train=part(0, n_train),
+        val=part(n_train, n_train + n_val),
+        test=part(n_train + n_val, n),
+        source={"name": name, "kind": "text", "length": length, "split": list(split), "seed": seed,
+                "binarize": None, "vocab": vocab, "characters": len(text)},
+        vocab=vocab,
+    )
+
+
+def _reload_text(source: dict) -> Dataset:
+    # The stored vocabulary fixes the character indices, so a run's codes mean the same characters.
+    name = source["name"]
+    return load_text(name.partition(":")[2] or None, length=int(source.get("length", 64)),
+                     split=tuple(source.get("split", (0.1, 0.1))), seed=int(source.get("seed", 0)),
+                     vocab=source.get("vocab"))

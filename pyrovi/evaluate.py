@@ -436,6 +436,10 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     check_positive("batch_size", batch_size, integer=True)
     if chunk is not None:
         check_positive("chunk", chunk, integer=True)
+    if getattr(run.guide, "point_mass", False):
+        # A point-mass guide (the VQ-VAE's Codebook: one-hot q) draws the same z for every particle, so
+        # all k importance weights are equal and the IWAE estimate is the ELBO itself: one draw suffices.
+        k = 1
     split = _split_of(run, data)
     data_mod.validate(split.x, name="evaluation data")
     if device is not None:

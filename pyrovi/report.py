@@ -48,7 +48,7 @@ def write_training_report(run, x_recon: Optional[torch.Tensor] = None) -> list:
         plots.training_curves({"run": run.history}, path=os.path.join(d, "training_curves.png"))
         written.append("training_curves.png")
     model = run.model
-    if hasattr(model, "decode") and hasattr(model, "sample"):
+    if hasattr(model, "decode") and hasattr(model, "sample") and not getattr(model, "is_text", False):
         img = _image_shape(run)
         if x_recon is None and run.data is not None:
             x_recon = run.data.val.x[:8]

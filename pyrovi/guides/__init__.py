@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from ..errors import ConfigError, PyroviError, lookup
 from .auto import Auto
+from .codebook import Codebook, CodebookConfig
 from .delta import Delta
 from .diag_normal import DiagNormal
 from .flow import Flow
 from .mixture import Mixture
 
-__all__ = ["DiagNormal", "Mixture", "Flow", "Auto", "Delta", "GUIDES", "build", "names"]
+__all__ = ["DiagNormal", "Mixture", "Flow", "Auto", "Delta", "Codebook", "CodebookConfig", "GUIDES", "build", "names"]
 
 #: name -> guide class; each is built as ``cls(model, **options)``.
 GUIDES: dict = {"diag_normal": DiagNormal, "diagnormal": DiagNormal, "mixture": Mixture, "flow": Flow, "auto": Auto,
-                "delta": Delta}
+                "delta": Delta, "codebook": Codebook}
 
 
 def names() -> list:

@@ -11,12 +11,14 @@ from .autoencoder import Autoencoder
 from .conditional import ConditionalVAE
 from .linear_gaussian import LinearGaussian
 from .vae import VAE, VAEConfig
+from .vqvae import VQVAE, VQVAEConfig, vq_metrics
 
-__all__ = ["VAE", "VAEConfig", "ConditionalVAE", "Autoencoder", "LinearGaussian", "MODELS", "build", "names"]
+__all__ = ["VAE", "VAEConfig", "ConditionalVAE", "Autoencoder", "LinearGaussian", "VQVAE", "VQVAEConfig", "vq_metrics",
+           "MODELS", "build", "names"]
 
 #: name -> model class; every class has ``from_config(dict)``.
 MODELS: dict = {"vae": VAE, "linear_gaussian": LinearGaussian, "conditional_vae": ConditionalVAE,
-                "autoencoder": Autoencoder}
+                "autoencoder": Autoencoder, "vqvae": VQVAE}
 
 
 def names() -> list:
