@@ -68,6 +68,7 @@ from .train import (
     _save_checkpoint,
     _scheduler,
     _structure,
+    record_epoch,
     train_step,
 )
 from .weights import guess_max_plate_nesting
@@ -468,22 +469,9 @@ def _ddp_loop(fabric, ddp, run, train, val, cfg, opt, sched, shuffle_gen, loop, 
             sched.step()
             total, seen = _sum_over_ranks(fabric, total, seen)
             val_loss = _val_loss(fabric, val_fn, val, max(per_rank, 256))
-            if not math.isfinite(val_loss):
-                raise TrainingError(f"validation loss is {val_loss} after epoch {loop['epoch'] + 1}; the last good "
-                                    f"checkpoint (epoch {loop['epoch']}) is kept")
-            loop["epoch"] += 1
             secs = time.perf_counter() - t0
-            loop["seconds"] += secs
-            run.history.append({"epoch": loop["epoch"], "train_loss": total / seen, "val_loss": val_loss,
-                                "lr": lr_now, "beta": beta, "seconds": secs, "items_per_second": seen / secs})
-            improved = val_loss < loop["best"]
-            if improved:
-                loop.update(best=val_loss, best_epoch=loop["epoch"], bad_epochs=0)
-            else:
-                loop["bad_epochs"] += 1
-            if improved and cfg.patience is not None:
-                best.clear()
-                best.update({k: v.detach().clone() for k, v in run.state_tensors().items()})
+            record_epoch(run, loop, cfg, best, train_loss=total / seen, val_loss=val_loss, lr=lr_now, beta=beta,
+                         secs=secs, seen=seen)
             if ckpt_path:
                 _on_rank0(fabric, "writing the checkpoint",
                           lambda: _save_checkpoint(ckpt_path, run, opt, sched, shuffle_gen, loop, best))

@@ -682,6 +682,30 @@ def train_step(loss_fn, optimizer, x: torch.Tensor, y: Optional[torch.Tensor] = 
     return value
 
 
+def record_epoch(run, loop: dict, cfg: TrainConfig, best: dict, *, train_loss: float, val_loss: float, lr: float,
+                 beta: float, secs: float, seen: float) -> None:
+    """End-of-epoch bookkeeping shared by the single-process and the distributed loop.
+
+    Refuses a non-finite validation loss (the last checkpoint stays), appends the
+    history row, and tracks the best epoch; with early stopping on, ``best`` keeps
+    a copy of the best-validation weights.
+    """
+    if not math.isfinite(val_loss):
+        raise TrainingError(f"validation loss is {val_loss} after epoch {loop['epoch'] + 1}; the last good "
+                            f"checkpoint (epoch {loop['epoch']}) is kept")
+    loop["epoch"] += 1
+    loop["seconds"] += secs
+    run.history.append({"epoch": loop["epoch"], "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
+                        "beta": beta, "seconds": secs, "items_per_second": seen / secs})
+    if val_loss < loop["best"]:
+        loop.update(best=val_loss, best_epoch=loop["epoch"], bad_epochs=0)
+        if cfg.patience is not None:
+            best.clear()
+            best.update({k: v.detach().clone() for k, v in run.state_tensors().items()})
+    else:
+        loop["bad_epochs"] += 1
+
+
 def _train_loop(run, loss_fn, steps_per_epoch, train, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
                 binarize, progress, best) -> None:
     model, guide, obj = run.model, run.guide, run.objective
@@ -720,22 +744,9 @@ def _train_loop(run, loss_fn, steps_per_epoch, train, val, cfg, opt, sched, shuf
             lr_now = opt.param_groups[0]["lr"]
             sched.step()
             val_loss = _mean_loss(loss_fn, val, None if full else max(cfg.batch_size, 256))
-            if not math.isfinite(val_loss):
-                raise TrainingError(f"validation loss is {val_loss} after epoch {loop['epoch'] + 1}; the last good "
-                                    f"checkpoint (epoch {loop['epoch']}) is kept")
-            loop["epoch"] += 1
             secs = time.perf_counter() - t0
-            loop["seconds"] += secs
-            run.history.append({"epoch": loop["epoch"], "train_loss": total / seen, "val_loss": val_loss,
-                                "lr": lr_now, "beta": beta, "seconds": secs, "items_per_second": seen / secs})
-            improved = val_loss < loop["best"]
-            if improved:
-                loop.update(best=val_loss, best_epoch=loop["epoch"], bad_epochs=0)
-            else:
-                loop["bad_epochs"] += 1
-            if improved and cfg.patience is not None:
-                best.clear()
-                best.update({k: v.detach().clone() for k, v in run.state_tensors().items()})
+            record_epoch(run, loop, cfg, best, train_loss=total / seen, val_loss=val_loss, lr=lr_now, beta=beta,
+                         secs=secs, seen=seen)
             if ckpt_path:
                 _save_checkpoint(ckpt_path, run, opt, sched, shuffle_gen, loop, best)
             bar.set_postfix(loss=f"{total / seen:.3f}", val=f"{val_loss:.3f}", it_s=f"{seen / secs:.0f}")
