@@ -68,6 +68,7 @@ from .train import (
     _save_checkpoint,
     _scheduler,
     _structure,
+    finish,
     record_epoch,
     train_step,
 )
@@ -381,19 +382,7 @@ def _worker(fabric, spec: dict):
                   spec["progress"], best, shape["global_sites"])
         if best and loop["best_epoch"] != loop["epoch"]:
             run.load_state_tensors(best, {})  # early stopping hands back the best-validation weights
-    for m in (model, guide):
-        if isinstance(m, torch.nn.Module):
-            m.eval()
-    last = run.history[-1] if run.history else {}
-    run.metrics = {
-        "epochs": loop["epoch"],
-        "best_epoch": loop["best_epoch"],
-        "train_loss": last.get("train_loss"),
-        "val_loss": loop["best"] if math.isfinite(loop["best"]) else None,
-        "train_seconds": loop["seconds"],
-        "world_size": world,
-        "units": "nats per datapoint; loss = -bound",
-    }
+    run.metrics = finish(run, loop, world_size=world)
     if out is not None:
         def save():
             run.save(out)

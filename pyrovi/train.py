@@ -555,19 +555,7 @@ def fit(
                     progress, best)
         if best and loop["best_epoch"] != loop["epoch"]:
             run.load_state_tensors(best, {})  # early stopping hands back the best-validation weights
-    for m in (model, guide):
-        if isinstance(m, torch.nn.Module):
-            m.eval()
-    last = run.history[-1] if run.history else {}
-    run.metrics = {
-        "epochs": loop["epoch"],
-        "best_epoch": loop["best_epoch"],
-        "train_loss": last.get("train_loss"),
-        "val_loss": loop["best"] if math.isfinite(loop["best"]) else None,
-        "train_seconds": loop["seconds"],
-        "steps": loop["step"],
-        "units": "nats per datapoint; loss = -bound",
-    }
+    run.metrics = finish(run, loop, steps=loop["step"])
     if out is not None:
         run.save(out)
         if figures:
@@ -680,6 +668,23 @@ def train_step(loss_fn, optimizer, x: torch.Tensor, y: Optional[torch.Tensor] = 
                                        clip_norm)
     optimizer.step()
     return value
+
+
+def finish(run, loop: dict, **extra) -> dict:
+    """Put model and guide in eval mode; the ``metrics.json`` of a finished fit (losses in nats/datapoint)."""
+    for m in (run.model, run.guide):
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    last = run.history[-1] if run.history else {}
+    return {
+        "epochs": loop["epoch"],
+        "best_epoch": loop["best_epoch"],
+        "train_loss": last.get("train_loss"),
+        "val_loss": loop["best"] if math.isfinite(loop["best"]) else None,
+        "train_seconds": loop["seconds"],
+        **extra,
+        "units": "nats per datapoint; loss = -bound",
+    }
 
 
 def record_epoch(run, loop: dict, cfg: TrainConfig, best: dict, *, train_loss: float, val_loss: float, lr: float,
