@@ -68,9 +68,9 @@ from .train import (
     _save_checkpoint,
     _scheduler,
     _structure,
+    batch_step,
     finish,
     record_epoch,
-    train_step,
 )
 from .weights import guess_max_plate_nesting
 
@@ -439,20 +439,10 @@ def _ddp_loop(fabric, ddp, run, train, val, cfg, opt, sched, shuffle_gen, loop, 
             total, seen = 0.0, 0
             for i in range(steps_per_epoch):
                 idx = idx_all[i * per_rank:(i + 1) * per_rank]
-                xb = train.x[idx]
-                if binarize == "dynamic":
-                    xb = torch.bernoulli(xb)
-                yb = None if train.y is None else train.y[idx]
-                beta = cfg.beta * (min(1.0, (loop["step"] + 1) / warm_steps) if warm_steps else 1.0)
-                loss = train_step(loss_fn, opt, xb, yb, n, beta=beta, clip_norm=cfg.clip_norm, params=params)
-                if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss} at epoch {loop['epoch'] + 1}, step {loop['step'] + 1} (on some rank); "
-                        f"training stopped. The last good checkpoint (epoch {loop['epoch']}) is kept"
-                        f"{' in ' + repr(ckpt_path) if ckpt_path else ''}. "
-                        "Try a lower lr, clip_norm, or check the data.")
-                total += loss * xb.shape[0]
-                seen += xb.shape[0]
+                loss, beta, rows = batch_step(loss_fn, opt, train, idx, n, cfg, loop, warm_steps, binarize, params,
+                                              ckpt_path, where=" (on some rank)")
+                total += loss * rows
+                seen += rows
                 loop["step"] += 1
             lr_now = opt.param_groups[0]["lr"]
             sched.step()

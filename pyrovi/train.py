@@ -670,6 +670,27 @@ def train_step(loss_fn, optimizer, x: torch.Tensor, y: Optional[torch.Tensor] = 
     return value
 
 
+def batch_step(loss_fn, opt, train, idx: torch.Tensor, n: int, cfg: TrainConfig, loop: dict, warm_steps: int,
+               binarize: Optional[str], params: list, ckpt_path: Optional[str], where: str = "") -> tuple:
+    """One optimizer step on rows ``idx`` of ``train``: ``(loss in nats/datapoint, beta used, rows)``.
+
+    Shared by the single-process and the distributed loop: dynamic binarization,
+    the KL warm-up's beta for this step, and a clear stop on a non-finite loss.
+    """
+    xb = train.x[idx]
+    if binarize == "dynamic":
+        xb = torch.bernoulli(xb)
+    yb = None if train.y is None else train.y[idx]
+    beta = cfg.beta * (min(1.0, (loop["step"] + 1) / warm_steps) if warm_steps else 1.0)
+    loss = train_step(loss_fn, opt, xb, yb, n, beta=beta, clip_norm=cfg.clip_norm, params=params)
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"loss became {loss} at epoch {loop['epoch'] + 1}, step {loop['step'] + 1}{where}; "
+            f"training stopped. The last good checkpoint (epoch {loop['epoch']}) is kept"
+            f"{' in ' + repr(ckpt_path) if ckpt_path else ''}. Try a lower lr, clip_norm, or check the data.")
+    return loss, beta, xb.shape[0]
+
+
 def finish(run, loop: dict, **extra) -> dict:
     """Put model and guide in eval mode; the ``metrics.json`` of a finished fit (losses in nats/datapoint)."""
     for m in (run.model, run.guide):
@@ -731,18 +752,9 @@ def _train_loop(run, loss_fn, steps_per_epoch, train, val, cfg, opt, sched, shuf
             total, seen = 0.0, 0
             for i in range(steps_per_epoch):
                 idx = perm if full else perm[i * bsz:(i + 1) * bsz]
-                xb = train.x[idx]
-                if binarize == "dynamic":
-                    xb = torch.bernoulli(xb)
-                yb = None if train.y is None else train.y[idx]
-                beta = cfg.beta * (min(1.0, (loop["step"] + 1) / warm_steps) if warm_steps else 1.0)
-                loss = train_step(loss_fn, opt, xb, yb, n, beta=beta, clip_norm=cfg.clip_norm, params=params)
-                if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss} at epoch {loop['epoch'] + 1}, step {loop['step'] + 1}; "
-                        f"training stopped. The last good checkpoint (epoch {loop['epoch']}) is kept"
-                        f"{' in ' + repr(ckpt_path) if ckpt_path else ''}. Try a lower lr, clip_norm, or check the data.")
-                b = n / steps_per_epoch if full else xb.shape[0]  # datapoints one step stands for
+                loss, beta, rows = batch_step(loss_fn, opt, train, idx, n, cfg, loop, warm_steps, binarize, params,
+                                              ckpt_path)
+                b = n / steps_per_epoch if full else rows  # datapoints one step stands for
                 total += loss * b
                 seen += b
                 loop["step"] += 1
