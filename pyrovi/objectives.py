@@ -20,7 +20,15 @@ dreg       IWAE; doubly reparameterized encoder gradient          pyrovi (Tucker
 exactly the value of ``elbo``/``iwae`` for the same draws and changes only
 the gradient (stop-gradient surrogates, see :mod:`pyrovi.stop_gradient`).
 
-All use ``particles`` vectorized draws. ``iwae``/``renyi`` are pyrovi's own
+All use ``particles`` vectorized draws. For a guide with mixture sites
+(``guide.strata = C > 1``: :class:`~pyrovi.guides.Mixture`, ``Auto(family="mixture")``)
+``elbo``, ``meanfield`` and ``stl`` estimate the ELBO as
+:math:`\\sum_c \\pi_c \\mathbb E_{q_c}[\\log w]`: ``particles`` draws *per component*,
+stratified, each weighted by :math:`\\rho = C \\pi_c(x)` (see :mod:`pyrovi.guides.mixture`).
+Same expectation, and the mixture weights get an exact gradient instead of a
+pathwise one that vanishes between separated modes. ``iwae``, ``renyi`` and
+``dreg`` keep ``particles`` plain draws from the mixture (the bounds they name).
+``iwae``/``renyi`` are pyrovi's own
 because Pyro's ``RenyiELBO`` has no ``differentiable_loss``; their values
 equal ``RenyiELBO.loss`` on models whose sites all lie in the data plate (tested).
 """
@@ -42,6 +50,12 @@ __all__ = ["Objective", "ELBO", "MeanFieldELBO", "IWAE", "Renyi", "STL", "DReG",
            "iw_bound"]
 
 
+def _strata(guide) -> int:
+    """Mixture components C of a guide whose sites objectives draw stratified (``guide.strata``), else 1."""
+    c = getattr(guide, "strata", 1)
+    return c if isinstance(c, int) and not isinstance(c, bool) and c > 1 else 1
+
+
 class Objective:
     """Base class: ``loss = objective(model, guide, *args, **kwargs)``; the bound is ``-loss``.
 
@@ -60,6 +74,17 @@ class Objective:
         self.particles = particles
         #: plate depth of the model; ``fit`` sets it once, else read from ``model.max_plate_nesting``
         self.max_plate_nesting: Optional[int] = None
+
+    def _stratified_weights(self, model, guide, *args, **kwargs) -> Optional[LogWeights]:
+        """Stratified log weights (``particles`` per component) when the guide has mixture sites, else None.
+
+        Only for the ELBO family (see the module doc); :func:`iw_bound` with ``alpha=1`` turns them into the ELBO.
+        """
+        strata = _strata(guide)
+        if strata == 1:
+            return None
+        return log_weights(model, guide, *args, particles=self.particles * strata,
+                           max_plate_nesting=self._plate_depth(model), stratify=True, **kwargs)
 
     def _plate_depth(self, model) -> Optional[int]:
         if self.max_plate_nesting is not None:
@@ -95,6 +120,9 @@ class _PyroObjective(Objective):
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
         if self.fast and not kwargs and fastpath.supported(model, guide):
             return -self._fast_bound(model, guide, *args)
+        lw = self._stratified_weights(model, guide, *args, **kwargs)
+        if lw is not None:  # a mixture guide: the ELBO, stratified (its KL has no closed form anyway)
+            return -iw_bound(lw, alpha=1.0)
         if self._elbo is None:
             self._elbo = self.pyro_elbo(self._plate_depth(model))
         return self._elbo.differentiable_loss(model, guide, *args, **kwargs)
@@ -143,13 +171,18 @@ def iw_bound(lw: LogWeights, alpha: float = 0.0) -> torch.Tensor:
         \\qquad \\alpha \\to 1: \\frac1S\\sum_s \\log w_s.
 
     The log-sum-exp runs over particles (dim 0) for each datapoint.
+    With stratified mixture draws (``lw.log_rho``) each weight is multiplied by
+    its :math:`\\rho_s`: :math:`\\frac1S\\sum_s \\rho_s \\log w_s` for
+    :math:`\\alpha = 1`, :math:`\\log \\frac1S \\sum_s \\rho_s w_s^{1-\\alpha}` inside otherwise.
     """
     log_w = lw.log_w  # (S, B) or (S, 1)
     S = log_w.shape[0]
+    log_rho = getattr(lw, "log_rho", None)
     if alpha == 1.0:
-        per = log_w.mean(0)
+        per = log_w.mean(0) if log_rho is None else (log_rho.exp() * log_w).mean(0)
     else:
-        per = (torch.logsumexp((1.0 - alpha) * log_w, dim=0) - math.log(S)) / (1.0 - alpha)  # (B,)
+        a = (1.0 - alpha) * log_w if log_rho is None else (1.0 - alpha) * log_w + log_rho
+        per = (torch.logsumexp(a, dim=0) - math.log(S)) / (1.0 - alpha)  # (B,)
     return lw.scale * per.sum()
 
 
@@ -232,9 +265,11 @@ class STL(Objective):
     name = "stl"
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        lw = log_weights(model, guide, *args, particles=self.particles, max_plate_nesting=self._plate_depth(model),
-                         guide_log_prob=StopGradientScorer(), **kwargs)
-        assert lw.log_w.dim() == 2 and lw.log_w.shape[0] == self.particles  # (S, B) or (S, 1)
+        strata = _strata(guide)
+        lw = log_weights(model, guide, *args, particles=self.particles * strata,
+                         max_plate_nesting=self._plate_depth(model), guide_log_prob=StopGradientScorer(),
+                         stratify=strata > 1, **kwargs)
+        assert lw.log_w.dim() == 2 and lw.log_w.shape[0] == self.particles * strata  # (S, B) or (S, 1)
         return -iw_bound(lw, alpha=1.0)  # = -scale * sum_b mean_s log w_{s,b}
 
 

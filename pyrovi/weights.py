@@ -23,6 +23,7 @@ its variance grows with the batch size; see the objectives docs.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, NamedTuple, Optional
 
 import pyro
@@ -32,6 +33,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import site_is_subsample
 
 from .errors import ConfigError
+from .guides.mixture import log_stratum, stratified
 
 __all__ = ["LogWeights", "log_weights", "guess_max_plate_nesting", "PARTICLE_PLATE"]
 
@@ -54,6 +56,8 @@ class LogWeights(NamedTuple):
     per_datapoint: bool
     model_trace: object
     guide_trace: object
+    #: log of the stratification weights rho_s of stratified mixture draws, ``(S, B|1)``; None: all rho = 1
+    log_rho: Optional[torch.Tensor] = None
 
 
 def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
@@ -102,6 +106,7 @@ def log_weights(
     max_plate_nesting: Optional[int] = None,
     data_plate: str = "data",
     guide_log_prob: Optional[Callable] = None,
+    stratify: bool = False,
     **kwargs,
 ) -> LogWeights:
     """Draw ``particles`` vectorized samples z ~ q(z|x), replay the model, return log weights.
@@ -116,6 +121,8 @@ def log_weights(
         guide_log_prob: optional ``site -> distribution`` used to score guide
             sites instead of ``site["fn"]`` (STL/DReG evaluate log q with
             detached variational parameters this way).
+        stratify: draw mixture sites stratified over the particles
+            (:func:`pyrovi.guides.mixture.stratified`); their weights are returned as ``log_rho``.
 
     Gradients flow through z (reparameterized guides) into both log p and log q.
     """
@@ -124,13 +131,14 @@ def log_weights(
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
     rank = max_plate_nesting + 1
-    with pyro.plate(PARTICLE_PLATE, particles, dim=-rank):
+    with pyro.plate(PARTICLE_PLATE, particles, dim=-rank), (stratified(rank) if stratify else nullcontext()):
         guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
     if is_validation_enabled():
         _check_sites(model_tr, guide_tr)
 
     sites = []  # (log_prob, scale, data_dim, sign); sign 2 marks observed model sites
+    strata = []  # (log rho, data_dim) of stratified guide draws
     for tr, sign, scorer in ((model_tr, 1.0, None), (guide_tr, -1.0, guide_log_prob)):
         for site in tr.nodes.values():
             if site["type"] != "sample" or site_is_subsample(site):
@@ -139,6 +147,8 @@ def log_weights(
             use_scorer = scorer if not site["is_observed"] else None
             kind = 2.0 if (sign > 0 and site["is_observed"]) else sign
             sites.append((_site_log_prob(site, use_scorer), site["scale"], data_dim, kind))
+            if stratify and sign < 0 and log_stratum(site["fn"]) is not None:
+                strata.append((log_stratum(site["fn"]), data_dim))
 
     per_datapoint = bool(sites) and all(d is not None for _, _, d, _ in sites)
     # A data-plate subsampling factor N/B common to every site multiplies the per-datapoint
@@ -166,7 +176,13 @@ def log_weights(
     log_p, log_q, log_lik = torch.broadcast_tensors(log_p, log_q, log_lik)
     if log_p.shape[0] != particles:
         log_p, log_q, log_lik = (t.expand(particles, -1) for t in (log_p, log_q, log_lik))
-    return LogWeights(log_p - log_q, log_p, log_q, log_lik, scale, per_datapoint, model_tr, guide_tr)
+    log_rho = None
+    for lr, data_dim in strata:
+        term = _reduce(lr, rank, data_dim if per_datapoint else None)
+        log_rho = term if log_rho is None else log_rho + term
+    if log_rho is not None:
+        log_rho = log_rho.expand_as(log_p)
+    return LogWeights(log_p - log_q, log_p, log_q, log_lik, scale, per_datapoint, model_tr, guide_tr, log_rho)
 
 
 def _check_sites(model_tr, guide_tr) -> None:

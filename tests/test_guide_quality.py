@@ -107,34 +107,49 @@ def _abs_data(n, seed, sigma=0.25):
     return z + sigma * torch.randn(n, 1, generator=g)
 
 
-def _bimodal(make_guides, epochs, seed=0):
+def _bimodal(make_guides, epochs, seed=0, particles=1):
     torch.manual_seed(seed)
     model = AbsModel()
     x, xt = _abs_data(1000, 1), _abs_data(500, 2)
     exact = float(model.exact_log_likelihood(xt).mean())
-    return {name: exact - _elbo(_fit(model, g, x, "elbo", epochs, batch_size=32, lr=0.005, seed=seed), xt)
+    return {name: exact - _elbo(pv.fit(model, g, x, objective="elbo", particles=particles, epochs=epochs, lr=0.005,
+                                       batch_size=32, lr_schedule="cosine", seed=seed, progress=False, figures=False),
+                                xt)
             for name, g in make_guides(model).items()}
 
 
+def _diag_and_mixture(m, **mixture_options):
+    return {"diag": pv.guides.DiagNormal(m, hidden=(64,)),
+            "mix": pv.guides.Mixture(m, components=2, hidden=(64,), **mixture_options)}
+
+
 def test_mixture_covers_both_modes_of_a_bimodal_posterior():
-    gaps = _bimodal(lambda m: {"diag": pv.guides.DiagNormal(m, hidden=(64,)),
-                               "mix": pv.guides.Mixture(m, components=2, learn_weights=False, hidden=(64,))},
-                    epochs=6)
+    """Done-when item 2 with the default Mixture (learned weights; the ELBO stratified over components).
+
+    Measured at these settings (2 draws per component, 6 epochs): 24 of 25 seeds within 0.035 nats of
+    log p(x); the slow test below checks the rate over seeds."""
+    gaps = _bimodal(_diag_and_mixture, epochs=6, particles=2)
     assert abs(gaps["diag"] - math.log(2)) < 0.1, gaps  # one mode: log 2 lost
     assert gaps["diag"] - gaps["mix"] > 0.5, gaps
+    assert gaps["mix"] < 0.05, gaps
+
+
+def test_mixture_with_equal_weights_covers_both_modes():
+    gaps = _bimodal(lambda m: {"mix": pv.guides.Mixture(m, components=2, learn_weights=False, hidden=(64,))},
+                    epochs=6)
     assert gaps["mix"] < 0.15, gaps
 
 
 @pytest.mark.slow
-def test_mixture_with_learned_weights_covers_both_modes_in_most_runs():
-    """With learned weights the outcome depends on the run (see pyrovi.guides.mixture: the weights' pathwise
-    gradient vanishes between separated modes). Measured: seeds 0 and 2 beat DiagNormal by > 0.5 nats, seed 1
-    collapsed onto one mode. The test pins that most runs succeed and a collapsed run is no worse than DiagNormal."""
-    wins = 0
-    for seed in (0, 1, 2):
-        gaps = _bimodal(lambda m: {"diag": pv.guides.DiagNormal(m, hidden=(64,)),
-                                   "mix": pv.guides.Mixture(m, components=2, hidden=(64,))},
-                        epochs=40, seed=seed)
-        wins += gaps["diag"] - gaps["mix"] > 0.5
-        assert gaps["mix"] < gaps["diag"] + 0.05, gaps
-    assert wins >= 2
+def test_mixture_with_learned_weights_covers_both_modes_across_seeds():
+    """40 epochs, seeds 0-9. Measured with the stratified ELBO: 10 of 10 seeds within 0.01 nats of log p(x)
+    with 2 draws per component, 9 of 10 with 1 (seed 0 lost one component: a component whose weight falls
+    to ~0 before it reaches a mode gets no more gradient). Before stratification, with the mixture's
+    pathwise weight gradient: 2-3 of 5 seeds beat DiagNormal by 0.5 nats."""
+    for particles, need in ((2, 10), (1, 8)):
+        wins = 0
+        for seed in range(10):
+            gaps = _bimodal(_diag_and_mixture, epochs=40, seed=seed, particles=particles)
+            wins += gaps["diag"] - gaps["mix"] > 0.5
+            assert gaps["mix"] < gaps["diag"] + 0.05, (particles, seed, gaps)  # never worse than one Gaussian
+        assert wins >= need, (particles, wins)

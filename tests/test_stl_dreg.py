@@ -56,7 +56,8 @@ def test_values_equal_elbo_and_iwae_for_the_same_draws(name):
     pyro.set_rng_seed(3)
     stl = pv.objectives.get("stl", particles=5)(model, guide, x)
     pyro.set_rng_seed(3)
-    elbo = -iw_bound(log_weights(model, guide, x, particles=5), alpha=1.0)
+    strata = getattr(guide, "strata", 1)  # a mixture's ELBO is estimated stratified, 5 draws per component
+    elbo = -iw_bound(log_weights(model, guide, x, particles=5 * strata, stratify=strata > 1), alpha=1.0)
     pyro.set_rng_seed(3)
     pyro_elbo = pv.objectives.get("elbo", particles=5)(model, guide, x)
     assert stl.item() == elbo.item()  # bit for bit: the surrogate keeps the value of log q
@@ -75,13 +76,16 @@ def test_stl_gradient_is_total_gradient_minus_score(name):
     guide = _guides(model)[name]
     x = model.sample_data(5, seed=2)
     params = list(guide.parameters())
+    strata = getattr(guide, "strata", 1)  # a mixture: 3 stratified draws per component, each weighted by rho
+    S = 3 * strata
     pyro.set_rng_seed(5)
-    lw = log_weights(model, guide, x, particles=3)
+    lw = log_weights(model, guide, x, particles=S, stratify=strata > 1)
     g_elbo = _grads(-iw_bound(lw, 1.0), params)
     pyro.set_rng_seed(5)
     g_stl = _grads(pv.objectives.get("stl", particles=3)(model, guide, x), params)
-    z = lw.guide_trace.nodes["z"]["value"].detach()  # (3, 5, 2): the same draws
-    score = _grads(_q(guide, x).log_prob(z).sum() / 3, params)
+    z = lw.guide_trace.nodes["z"]["value"].detach()  # (S, 5, 2): the same draws
+    rho = torch.ones(S, 5) if lw.log_rho is None else lw.log_rho.detach().exp()  # (S, 5)
+    score = _grads((rho * _q(guide, x).log_prob(z)).sum() / S, params)
     torch.testing.assert_close(g_elbo - g_stl, score, rtol=1e-4, atol=1e-5)
 
 

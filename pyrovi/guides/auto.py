@@ -89,6 +89,11 @@ class Auto(Amortized):
         super().__init__(model, self._head, hidden=hidden, activation=activation, example=example,
                          data_plate=data_plate)
 
+    @property
+    def strata(self) -> int:
+        """Components per site for ``family="mixture"`` (stratified training draws), else 1."""
+        return self.options["components"] if self.family == "mixture" else 1
+
     def _head(self, context_dim: int, dim: int):
         if self.family == "mixture":
             return MixtureHead(context_dim, dim, components=self.options["components"], min_scale=self.min_scale)

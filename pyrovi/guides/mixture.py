@@ -33,13 +33,36 @@ mixture *weight* moves probability mass by moving draws through the region
 between components, so once components sit on well-separated modes almost
 no draw carries that signal, and Adam turns the remaining zero-mean noise into
 a drift of the weights. The weights therefore start equal, and
-``learn_weights=False`` keeps them equal (1/C): the right choice when the
-modes are known to be symmetric, and a way to avoid weight collapse.
+``learn_weights=False`` keeps them equal (1/C).
+
+Training with the ELBO (``elbo``, ``meanfield``, ``stl``) therefore draws *stratified*
+particles (Morningstar, Vikram, Ham, Gallagher & Dillon 2021, *Automatic
+differentiation variational inference with mixtures*): ``particles`` per component, particle
+``s`` from component :math:`c(s) = (s + u) \\bmod C` (``u`` uniform per site and
+datapoint, so each particle's component is marginally uniform) by ordinary
+reparameterization, and weight it by :math:`\\rho_s = C\\,\\pi_{c(s)}(x)`:
+
+.. math:: \\mathbb E_q[f(z)] = \\sum_c \\pi_c\\, \\mathbb E_{q_c}[f(z)]
+          \\approx \\frac1S \\sum_{s=1}^S \\rho_s f(z_s),
+          \\qquad \\mathbb E\\Big[\\frac1S \\sum_s \\rho_s w_s\\Big] = p(x).
+
+The ELBO is the first sum with :math:`f = \\log w`. (By the second identity a
+log-average of :math:`\\rho_s w_s` is still a lower bound, by Jensen, which
+:func:`pyrovi.objectives.iw_bound` accepts; the ``iwae``, ``renyi`` and ``dreg``
+objectives keep plain draws, the bounds they name.) A weight
+:math:`\\pi_c` now gets the exact gradient :math:`\\sum_s [c(s) = c]\\, C f(z_s) / S`,
+and because the :math:`\\pi_c` sum to one every component's draw acts as
+the others' baseline. On the bimodal test model this took learned weights from
+2-3 of 5 seeds covering both modes to 9-10 of 10 (``tests/test_guide_quality.py``).
+Evaluation and diagnostics draw from :math:`q` itself, with the sampler above.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +72,32 @@ from torch import nn
 from ..errors import ConfigError, check_positive
 from .amortized import Amortized
 
-__all__ = ["DiagNormalMixture", "Mixture", "MixtureHead"]
+__all__ = ["DiagNormalMixture", "Mixture", "MixtureHead", "stratified", "log_stratum"]
+
+# Rank of the particle dim (it is batch dim ``-rank``) while objectives draw stratified particles; None otherwise.
+_STRATIFY: ContextVar[Optional[int]] = ContextVar("pyrovi_stratify", default=None)
+
+
+@contextmanager
+def stratified(rank: int):
+    """Within this context :meth:`DiagNormalMixture.rsample` draws stratified particles (module doc).
+
+    ``rank``: the particle dim is batch dim ``-rank`` of every mixture sampled (Pyro's
+    vectorized particle plate at ``dim=-rank``). Each draw's log weight :math:`\\log \\rho_s`
+    is left on the distribution as ``log_stratum`` (batch shape); read it with :func:`log_stratum`.
+    """
+    token = _STRATIFY.set(int(rank))
+    try:
+        yield
+    finally:
+        _STRATIFY.reset(token)
+
+
+def log_stratum(fn) -> Optional[torch.Tensor]:
+    """``log rho`` of a stratified draw from ``fn`` (through Independent/Transformed/Expanded wrappers), else None."""
+    while not isinstance(fn, DiagNormalMixture) and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return getattr(fn, "log_stratum", None)
 
 
 class DiagNormalMixture(MixtureOfDiagNormals):
@@ -59,8 +107,13 @@ class DiagNormalMixture(MixtureOfDiagNormals):
     ``log_prob`` and ``expand`` are Pyro's; ``rsample`` is Graves' (2016) estimator (module doc).
     """
 
+    log_stratum: Optional[torch.Tensor] = None  # set by a stratified draw: log(C pi_c(s)), batch shape
+
     def rsample(self, sample_shape=()) -> torch.Tensor:
         sample_shape = torch.Size(sample_shape)
+        rank = _STRATIFY.get()
+        if rank is not None and not sample_shape and len(self.batch_shape) >= rank:
+            return self._stratified_rsample(rank)
         locs = self.locs.expand(sample_shape + self.locs.shape)  # (*S, *batch, K, D)
         scales = self.coord_scale.expand(sample_shape + self.coord_scale.shape)  # (*S, *batch, K, D)
         log_w = torch.log_softmax(self.component_logits, -1).expand(locs.shape[:-1])  # (*S, *batch, K)
@@ -80,6 +133,21 @@ class DiagNormalMixture(MixtureOfDiagNormals):
             zs.append(z_d)
             log_w = log_w - 0.5 * ((z_d[..., None] - mu) / sd) ** 2 - sd.log()  # condition on z_d
         return torch.stack(zs, dim=-1)  # (*S, *batch, D)
+
+    def _stratified_rsample(self, rank: int) -> torch.Tensor:
+        """Particle s (batch dim -rank) from component (s + u) mod K, reparameterized; sets ``log_stratum``."""
+        batch, K = self.batch_shape, self.locs.size(-2)
+        S = batch[-rank]
+        offset_shape = batch[:-rank] + (1,) + batch[len(batch) - rank + 1:]
+        u = torch.randint(K, offset_shape, device=self.locs.device)
+        s = torch.arange(S, device=self.locs.device).reshape((S,) + (1,) * (rank - 1))
+        which = (u + s) % K  # (*batch)
+        idx = which[..., None, None].expand(batch + (1, self.dim))
+        loc = self.locs.expand(batch + self.locs.shape[-2:]).gather(-2, idx).squeeze(-2)  # (*batch, D)
+        scale = self.coord_scale.expand(batch + self.coord_scale.shape[-2:]).gather(-2, idx).squeeze(-2)
+        log_pi = torch.log_softmax(self.component_logits, -1).expand(batch + (K,))
+        self.log_stratum = math.log(K) + log_pi.gather(-1, which[..., None]).squeeze(-1)  # (*batch)
+        return loc + scale * torch.randn(loc.shape, dtype=loc.dtype, device=loc.device)
 
 
 class MixtureHead(nn.Module):
@@ -143,6 +211,11 @@ class Mixture(Amortized):
         self.components, self.min_scale, self.learn_weights = components, float(min_scale), learn_weights
         super().__init__(model, self._head, hidden=hidden, activation=activation, example=example,
                          data_plate=data_plate)
+
+    @property
+    def strata(self) -> int:
+        """Components C: objectives draw ``particles`` stratified draws per component (module doc)."""
+        return self.components
 
     def _head(self, context_dim: int, dim: int) -> MixtureHead:
         return MixtureHead(context_dim, dim, components=self.components, min_scale=self.min_scale,
