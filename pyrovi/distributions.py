@@ -77,14 +77,17 @@ class DiagonalNormal(dist.Independent):
 
     def __init__(self, loc: torch.Tensor, scale, event_dims: int = 1, validate_args=None):
         super().__init__(dist.Normal(loc, scale, validate_args=validate_args), event_dims)
-        # scale as given, before torch broadcasts it to loc's shape: log(scale) is taken on this
-        # (a per-pixel sigma (D,) against means (S, B, D) needs D logs, not S*B*D)
-        self._scale_arg = scale if torch.is_tensor(scale) else self.base_dist.scale
+        # loc and scale as given, before torch broadcasts them to one shape: the formulas below read
+        # these (broadcasting inside the kernels), which keeps torch's broadcast views out of the
+        # autograd graph and takes log(scale) on a per-pixel sigma (D,) once, not per (S, B, D) element.
+        base = self.base_dist
+        self._loc_arg = loc if torch.is_tensor(loc) else base.loc
+        self._scale_arg = scale if torch.is_tensor(scale) else base.scale
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(DiagonalNormal, _instance)
         new = super().expand(batch_shape, _instance=new)
-        new._scale_arg = self._scale_arg
+        new._loc_arg, new._scale_arg = self._loc_arg, self._scale_arg
         return new
 
     def _log_normalizer(self) -> torch.Tensor:
@@ -102,10 +105,18 @@ class DiagonalNormal(dist.Independent):
         """
         if self._validate_args:
             self._validate_sample(value)
-        base = self.base_dist
-        r = (value - base.loc) / base.scale
+        r = (value - self._loc_arg) / self._scale_arg
         lp = -0.5 * _sum_rightmost(r * r, self.reinterpreted_batch_ndims) - self._log_normalizer()
         return _batch_of(lp, self)
+
+    def _eps(self, sample_shape) -> torch.Tensor:
+        loc = self._loc_arg
+        # the same call torch's Normal.rsample makes, so a seed gives the same draws as dist.Normal
+        return torch.empty(self._extended_shape(sample_shape), dtype=loc.dtype, device=loc.device).normal_()
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """``loc + eps * scale``, shape ``sample_shape + batch_shape + event_shape`` (torch's draw)."""
+        return self._loc_arg + self._eps(sample_shape) * self._scale_arg
 
     def rsample_and_log_prob(self, sample_shape=torch.Size()) -> tuple:
         """``(z, log q(z))``: the draw of :meth:`rsample` (same random numbers) and its log-density.
@@ -113,10 +124,8 @@ class DiagonalNormal(dist.Independent):
         ``z`` has shape ``sample_shape + batch_shape + event_shape``; ``log q(z)``
         ``sample_shape + batch_shape``, in nats, computed from the standard normal draw.
         """
-        base = self.base_dist
-        eps = torch.empty(self._extended_shape(sample_shape), dtype=base.loc.dtype,
-                          device=base.loc.device).normal_()  # as torch's Normal.rsample draws it
-        z = base.loc + eps * base.scale
+        eps = self._eps(sample_shape)
+        z = self._loc_arg + eps * self._scale_arg
         lp = -0.5 * _sum_rightmost(eps * eps, self.reinterpreted_batch_ndims) - self._log_normalizer()
         return z, _batch_of(lp, self)
 
@@ -159,18 +168,24 @@ class BernoulliLogits(dist.Independent):
 
     def __init__(self, logits: torch.Tensor, event_dims: int = 1, validate_args=False):
         super().__init__(dist.Bernoulli(logits=logits, validate_args=validate_args), event_dims)
+        self._logits = logits  # as given (torch's broadcast view of it would add a node to the graph)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(BernoulliLogits, _instance)
-        return super().expand(batch_shape, _instance=new)
+        new = super().expand(batch_shape, _instance=new)
+        new._logits = self._logits
+        return new
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """:math:`-\\sum_d \\mathrm{BCE}(\\ell_d, x_d)`, shape ``broadcast(value, logits).shape[:-n]`` (nats)."""
         if self._validate_args:
             self._validate_sample(value)
-        logits = self.base_dist.logits
+        logits = self._logits
         if logits.shape != value.shape:
-            logits, value = torch.broadcast_tensors(logits, value)  # views; no data-size copy
+            try:
+                value = value.expand(logits.shape)  # x (B, D) against logits (S, B, D): a view, no copy
+            except RuntimeError:  # value has dims logits lack
+                logits, value = torch.broadcast_tensors(logits, value)
         bce = F.binary_cross_entropy_with_logits(logits, value, reduction="none")
         return _batch_of(-_sum_rightmost(bce, self.reinterpreted_batch_ndims), self)
 
@@ -180,8 +195,8 @@ def _kl_diagonal_standard(q: DiagonalNormal, p: StandardNormal) -> torch.Tensor:
     """KL(N(mu, diag sigma^2) || N(0, I)) = sum_i (mu_i^2 + sigma_i^2 - 1) / 2 - log sigma_i, nats."""
     if q.event_shape != p.event_shape:
         raise NotImplementedError("KL between normals over different event shapes")
-    loc, scale = q.base_dist.loc, q.base_dist.scale
+    loc, scale = q._loc_arg, q._scale_arg
     kl = 0.5 * (loc * loc + scale * scale - 1.0) - scale.log()
-    kl = _sum_rightmost(kl, q.reinterpreted_batch_ndims)
-    shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
-    return kl if kl.shape == shape else kl.expand(shape)
+    if kl.shape != q.batch_shape + q.event_shape:
+        kl = kl.expand(q.batch_shape + q.event_shape)
+    return _batch_of(_sum_rightmost(kl, q.reinterpreted_batch_ndims), p)
