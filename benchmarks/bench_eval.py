@@ -191,7 +191,7 @@ def timing(run, x, args, chunk) -> None:
 
 def memory(args, run_dir: str) -> None:
     """Peak RSS of one evaluation per implementation, each in a fresh subprocess."""
-    for impl in ("pyrovi", "hand"):
+    for impl in args.memory_impls.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--memory", impl, "--n", str(args.n), "--k", str(args.k),
                "--batch-size", str(args.batch_size), "--threads", str(args.threads),
                "--run-dir", run_dir] + (["--chunk", str(args.chunk)] if args.chunk else [])
@@ -213,6 +213,7 @@ def main(argv=None) -> None:
     p.add_argument("--train-epochs", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="torch profiler tables instead of timing")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument("--memory-impls", default="pyrovi,hand", help="whose peak RSS to measure (comma-separated)")
     p.add_argument("--memory", choices=["pyrovi", "hand"], help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

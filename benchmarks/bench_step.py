@@ -154,10 +154,11 @@ def _hand_step(objective: str, K: int, fused: bool, flow: bool, model, guide):
 
 def check_same_loss(net, loss_fn, x, objective: str, K: int) -> None:
     """Same weights and seed: the hand-written loss equals pyrovi's (so both sides do the same math)."""
-    torch.manual_seed(123)
-    mine = float(loss_fn(x))
-    torch.manual_seed(123)
-    hand = float(net.loss(x, objective, K))
+    with torch.no_grad():
+        torch.manual_seed(123)
+        mine = float(loss_fn(x))
+        torch.manual_seed(123)
+        hand = float(net.loss(x, objective, K))
     if not math.isclose(mine, hand, rel_tol=1e-4, abs_tol=1e-3):
         raise AssertionError(f"hand-written loss {hand} differs from pyrovi's {mine}: the two sides disagree")
 
