@@ -107,4 +107,4 @@ def fast_meanfield_bound(model, guide, *args, particles: int = 1, beta: float = 
         except NotImplementedError:  # Monte Carlo for pairs without a closed form, as Pyro does
             k = (q.log_prob(z[s]) - priors[s].log_prob(z[s])).mean(0)
         kl = k if kl is None else kl + k
-    return log_lik.mean(0).sum() - beta * kl.sum()
+    return log_lik.mean(0).sum() - (kl.sum() if beta == 1.0 else beta * kl.sum())

@@ -66,7 +66,9 @@ class DiagNormal(PyroModule):
         for name, shape in self.sites.items():
             loc, raw = self.heads[name](h).chunk(2, dim=-1)  # (B, prod(shape)) each
             scale = F.softplus(raw) + self.min_scale
-            out[name] = (loc.reshape(-1, *shape), scale.reshape(-1, *shape))
+            if len(shape) != 1:  # a (B, n) site needs no reshape (a no-op view, but a node in the graph)
+                loc, scale = loc.reshape(-1, *shape), scale.reshape(-1, *shape)
+            out[name] = (loc, scale)
         return out
 
     def posterior(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict:
