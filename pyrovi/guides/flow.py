@@ -192,7 +192,8 @@ class FlowHead(nn.Module):
         loc, raw = self.base(h).chunk(2, dim=-1)  # (..., n) each
         scale = F.softplus(raw) + self.min_scale
         base = dist.Normal(loc, scale, validate_args=validate_args).to_event(1)
-        return dist.TransformedDistribution(base, [t.condition(h) for t in self.transforms]), loc, scale
+        transforms = [t.condition(h) for t in self.transforms]
+        return dist.TransformedDistribution(base, transforms, validate_args=validate_args), loc, scale
 
     def forward(self, h: torch.Tensor) -> tuple:
         """``(q, q_stop_gradient)`` with batch ``h.shape[:-1]`` and event ``(n,)``."""
