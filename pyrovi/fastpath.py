@@ -13,6 +13,14 @@ Same draws, same values: sites are sampled in the guide's order with the same
 fast path and Pyro's path give equal losses (tested). A class whose
 ``forward`` is overridden below the class that defines the fast methods falls
 back to Pyro's path automatically.
+
+Implemented by :class:`~pyrovi.models.VAE` (and its subclasses), ``LinearGaussian``,
+:class:`~pyrovi.guides.DiagNormal` and :class:`~pyrovi.guides.Flow`. A q with
+``rsample_and_log_prob`` (:class:`pyrovi.distributions.DiagonalNormal`) is drawn and
+scored in one pass, through its standard-normal draw; the lean distributions of
+:mod:`pyrovi.distributions` keep the rest of the step close to hand-written PyTorch
+(``benchmarks/RESULTS.md``). ``stl`` and ``dreg`` always go through Pyro: they score
+q under detached parameters, which the traces carry.
 """
 
 from __future__ import annotations
