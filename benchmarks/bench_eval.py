@@ -20,7 +20,9 @@ as the code; with ``--threads 1`` the CPU time is the work done.
 The hand-written reference is what a PyTorch user would write for the IWAE
 log-likelihood (Burda et al. 2016): encode once, then per chunk of particles
 draw z = mu + sigma * eps, decode, and merge log-sum-exps of
-log p(x|z) + log p(z) - log q(z|x). It computes only log p(x) (and the ELBO);
+log p(x|z) + log p(z) - log q(z|x) (chunks of ``chunk`` particles and a smaller last
+one; pyrovi splits K into near-equal chunks of at most ``chunk``, the same total work).
+It computes only log p(x) (and the ELBO);
 pyrovi computes, from the same draws, ELBO, reconstruction, KL, KL per
 dimension, active units and the squared error too.
 """
@@ -191,7 +193,7 @@ def timing(run, x, args, chunk) -> None:
 
 def memory(args, run_dir: str) -> None:
     """Peak RSS of one evaluation per implementation, each in a fresh subprocess."""
-    for impl in ("pyrovi", "hand"):
+    for impl in args.memory_impls.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--memory", impl, "--n", str(args.n), "--k", str(args.k),
                "--batch-size", str(args.batch_size), "--threads", str(args.threads),
                "--run-dir", run_dir] + (["--chunk", str(args.chunk)] if args.chunk else [])
@@ -213,6 +215,7 @@ def main(argv=None) -> None:
     p.add_argument("--train-epochs", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="torch profiler tables instead of timing")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument("--memory-impls", default="pyrovi,hand", help="whose peak RSS to measure (comma-separated)")
     p.add_argument("--memory", choices=["pyrovi", "hand"], help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -68,6 +68,7 @@ from .train import (
     _save_checkpoint,
     _scheduler,
     _structure,
+    adam,
     batch_step,
     finish,
     record_epoch,
@@ -363,7 +364,7 @@ def _worker(fabric, spec: dict):
             raise ConfigError("found no trainable parameters in model or guide")
         params = _store_params_as_parameters(params)
         wrapper = _ObjectiveModule(obj, model, guide, params)
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = _scheduler(opt, cfg)
         loop = {"epoch": 0, "step": 0, "best": math.inf, "best_epoch": 0, "bad_epochs": 0, "seconds": 0.0}
         resuming = bool(spec["resume"] and ckpt_path and os.path.isfile(ckpt_path))

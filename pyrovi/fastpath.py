@@ -13,6 +13,14 @@ Same draws, same values: sites are sampled in the guide's order with the same
 fast path and Pyro's path give equal losses (tested). A class whose
 ``forward`` is overridden below the class that defines the fast methods falls
 back to Pyro's path automatically.
+
+Implemented by :class:`~pyrovi.models.VAE` (and its subclasses), ``LinearGaussian``,
+:class:`~pyrovi.guides.DiagNormal` and :class:`~pyrovi.guides.Flow`. A q with
+``rsample_and_log_prob`` (:class:`pyrovi.distributions.DiagonalNormal`) is drawn and
+scored in one pass, through its standard-normal draw; the lean distributions of
+:mod:`pyrovi.distributions` keep the rest of the step close to hand-written PyTorch
+(``benchmarks/RESULTS.md``). ``stl`` and ``dreg`` always go through Pyro: they score
+q under detached parameters, which the traces carry.
 """
 
 from __future__ import annotations
@@ -31,23 +39,50 @@ def _owner(cls, name: str):
     return next((k for k in cls.__mro__ if name in k.__dict__), None)
 
 
+_SUPPORTED: dict = {}  # (model class, guide class) -> bool; asked once per training step
+
+
 def supported(model, guide) -> bool:
     """True when ``model`` and ``guide`` both implement the fast protocol consistently with their ``forward``."""
-    for obj, fast in ((model, "fast_log_joint"), (guide, "posterior")):
-        owner = _owner(type(obj), fast)
-        if owner is None or _owner(type(obj), "forward") is not owner:
-            return False
-    return True
+    key = (type(model), type(guide))
+    ok = _SUPPORTED.get(key)
+    if ok is None:
+        ok = _SUPPORTED[key] = all(
+            (owner := _owner(type(obj), fast)) is not None and _owner(type(obj), "forward") is owner
+            for obj, fast in ((model, "fast_log_joint"), (guide, "posterior")))
+    return ok
 
 
 def _split(args: tuple) -> tuple:
     return args[0], (args[1] if len(args) > 1 else None)
 
 
-def _draw(guide, x, y, particles: int) -> tuple:
+def _draw(guide, x, y, particles: int, score: bool = True) -> tuple:
+    """``(qs, z, log_q)``: ``{site: q}`` (batch ``(B,)``), ``{site: (S, B, *event)}``, ``(S, B)`` or None.
+
+    Draws with ``rsample`` in the guide's site order, as Pyro's vectorized particle plate does;
+    a distribution with ``rsample_and_log_prob`` (pyrovi's DiagonalNormal, zuko's flows) scores
+    its draw in the same pass.
+    """
     qs = guide.posterior(x, y)  # {site: q}, batch shape (B,)
-    z = {s: q.rsample((particles,)) for s, q in qs.items()}  # {site: (S, B, *event)}
-    return qs, z
+    z, log_q = {}, None
+    for s, q in qs.items():
+        if score and hasattr(q, "rsample_and_log_prob"):
+            z[s], lq = q.rsample_and_log_prob((particles,))
+        else:
+            z[s] = q.rsample((particles,))  # (S, B, *event)
+            lq = q.log_prob(z[s]) if score else None
+        if score:
+            log_q = lq if log_q is None else log_q + lq  # (S, B)
+    return qs, z, log_q
+
+
+def _total(terms) -> torch.Tensor:
+    """Sum of tensors without Python's ``sum`` starting at 0 (one add fewer per call)."""
+    out = None
+    for t in terms:
+        out = t if out is None else out + t
+    return out
 
 
 def fast_log_weights(model, guide, *args, particles: int = 1, beta: float = 1.0) -> LogWeights:
@@ -56,11 +91,11 @@ def fast_log_weights(model, guide, *args, particles: int = 1, beta: float = 1.0)
     ``beta`` weights the latent terms: log w = log p(x|z) + beta (log p(z) - log q(z|x)).
     """
     x, y = _split(args)
-    qs, z = _draw(guide, x, y, particles)
-    log_q = sum(q.log_prob(z[s]) for s, q in qs.items())  # (S, B)
+    qs, z, log_q = _draw(guide, x, y, particles)  # log_q (S, B)
     log_lik, priors = model.fast_log_joint(x, z, y)  # (S, B), {site: p(z)}
-    log_prior = sum(priors[s].log_prob(z[s]) for s in qs)  # (S, B)
-    log_lik = log_lik.expand_as(log_q)
+    log_prior = _total(priors[s].log_prob(z[s]) for s in qs)  # (S, B)
+    if log_lik.shape != log_q.shape:
+        log_lik = log_lik.expand_as(log_q)
     log_w = log_lik + (log_prior - log_q) if beta == 1.0 else log_lik + beta * (log_prior - log_q)
     return LogWeights(log_w, log_lik + log_prior, log_q, log_lik, 1.0, True, None, None)
 
@@ -71,7 +106,7 @@ def fast_meanfield_bound(model, guide, *args, particles: int = 1, beta: float = 
     .. math:: \\sum_n \\Big( \\frac1S \\sum_s \\log p(x_n \\mid z_{s,n}) - \\beta\\,\\mathrm{KL}(q(z|x_n) \\,\\|\\, p(z)) \\Big)
     """
     x, y = _split(args)
-    qs, z = _draw(guide, x, y, particles)
+    qs, z, _ = _draw(guide, x, y, particles, score=False)
     log_lik, priors = model.fast_log_joint(x, z, y)
     kl: Optional[torch.Tensor] = None
     for s, q in qs.items():
@@ -80,4 +115,4 @@ def fast_meanfield_bound(model, guide, *args, particles: int = 1, beta: float = 
         except NotImplementedError:  # Monte Carlo for pairs without a closed form, as Pyro does
             k = (q.log_prob(z[s]) - priors[s].log_prob(z[s])).mean(0)
         kl = k if kl is None else kl + k
-    return log_lik.mean(0).sum() - beta * kl.sum()
+    return log_lik.mean(0).sum() - (kl.sum() if beta == 1.0 else beta * kl.sum())

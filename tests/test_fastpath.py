@@ -46,6 +46,28 @@ def test_fast_path_equals_pyro_path(kind, name, particles):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("flow", ["iaf", "planar", "spline"])
+@pytest.mark.parametrize("name, particles", [("elbo", 1), ("meanfield", 2), ("iwae", 5)])
+def test_flow_guide_fast_path_equals_pyro_path(flow, name, particles):
+    """Flow guides on pyrovi's models take the fast path with the same draws, values and gradients."""
+    torch.manual_seed(0)
+    model = pv.models.VAE(16, 3, hidden=(8,))
+    guide = pv.guides.Flow(model, flow=flow, depth=2, hidden=(8,))
+    x = (torch.rand(6, 16) < 0.5).float()
+    assert fastpath.supported(model, guide)
+    obj = pv.objectives.get(name, particles=particles)
+    obj.max_plate_nesting = 1
+    fast, plain = _loss(obj, True, model, guide, (x,)), _loss(obj, False, model, guide, (x,))
+    torch.testing.assert_close(fast, plain, rtol=2e-6, atol=1e-4)
+    params = list(guide.parameters())
+    gf = torch.autograd.grad(fast, params, allow_unused=True)
+    gp = torch.autograd.grad(plain, params, allow_unused=True)
+    assert sum(g is not None for g in gf) == sum(g is not None for g in gp) > len(params) // 2
+    for a, b in zip(gf, gp):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def _loss(obj, fast, model, guide, x):
     obj.fast = fast
     pyro.set_rng_seed(11)
@@ -65,3 +87,117 @@ def test_subclass_overriding_forward_falls_back_to_pyro():
         return g(x, y)
 
     assert not fastpath.supported(pv.models.VAE(8, 2, hidden=(4,)), plain_guide)
+
+
+# --------------------------------------------------------------------------- pyrovi.distributions
+
+
+def test_diagonal_normal_equals_torch_normal():
+    import pyro.distributions as dist
+
+    from pyrovi.distributions import DiagonalNormal
+
+    torch.manual_seed(1)
+    loc, scale = torch.randn(5, 3, 4), torch.rand(5, 3, 4) + 0.1
+    value = torch.randn(2, 5, 3, 4)
+    for n in (1, 2):
+        torch.testing.assert_close(DiagonalNormal(loc, scale, n).log_prob(value),
+                                   dist.Normal(loc, scale).to_event(n).log_prob(value), rtol=1e-6, atol=1e-5)
+    # a per-pixel sigma (D,) against means (S, B, D), as the Gaussian likelihood builds it
+    sigma = torch.rand(4) + 0.2
+    torch.testing.assert_close(DiagonalNormal(loc, sigma).log_prob(value),
+                               dist.Normal(loc, sigma).to_event(1).log_prob(value), rtol=1e-6, atol=1e-5)
+    # expand (what a plate does) keeps the class and the value
+    q = DiagonalNormal(loc[0], scale[0]).expand([2, 3])
+    assert isinstance(q, DiagonalNormal) and q.batch_shape == (2, 3)
+    torch.testing.assert_close(q.log_prob(value[:, 0]), dist.Normal(loc[0], scale[0]).to_event(1).log_prob(value[:, 0]))
+
+
+def test_rsample_and_log_prob_is_rsample_then_log_prob():
+    """Same draw as rsample under one seed; same log q and the same gradient as scoring z by log_prob."""
+    import pyro.distributions as dist
+
+    from pyrovi.distributions import DiagonalNormal
+
+    torch.manual_seed(2)
+    loc = torch.randn(6, 3, requires_grad=True)
+    raw = torch.randn(6, 3, requires_grad=True)
+    scale = torch.nn.functional.softplus(raw) + 1e-4
+    torch.manual_seed(5)
+    z, lq = DiagonalNormal(loc, scale).rsample_and_log_prob((4,))
+    torch.manual_seed(5)
+    plain = dist.Normal(loc, scale).to_event(1)
+    z0 = plain.rsample((4,))
+    lq0 = plain.log_prob(z0)
+    assert torch.equal(z, z0) and lq.shape == (4, 6)
+    torch.testing.assert_close(lq, lq0, rtol=1e-6, atol=1e-5)
+    g = torch.autograd.grad(lq.sum() + (z ** 2).sum(), (loc, raw), retain_graph=True)
+    g0 = torch.autograd.grad(lq0.sum() + (z0 ** 2).sum(), (loc, raw))
+    for a, b in zip(g, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_standard_normal_and_its_kl():
+    import pyro.distributions as dist
+    from torch.distributions import kl_divergence
+
+    from pyrovi.distributions import DiagonalNormal, StandardNormal
+
+    torch.manual_seed(3)
+    p = StandardNormal((4,))
+    ref = dist.Normal(0.0, 1.0).expand([4]).to_event(1)
+    z = torch.randn(3, 5, 4) * 3
+    torch.testing.assert_close(p.log_prob(z), ref.log_prob(z), rtol=1e-6, atol=1e-5)
+    pb = p.expand([5])  # the data plate's expansion keeps the class; a value without batch dims broadcasts
+    assert isinstance(pb, StandardNormal) and pb.log_prob(z[0, 0]).shape == (5,)
+    loc, scale = torch.randn(5, 4), torch.rand(5, 4) + 0.05
+    kl = kl_divergence(DiagonalNormal(loc, scale), pb)
+    torch.testing.assert_close(kl, kl_divergence(dist.Normal(loc, scale).to_event(1), ref.expand([5])),
+                               rtol=1e-6, atol=1e-6)
+    z64 = torch.zeros(2, dtype=torch.float64)
+    assert StandardNormal((2,), dtype=torch.float64).log_prob(z64).dtype == torch.float64
+
+
+def test_bernoulli_logits_is_bit_identical_to_torch():
+    """Summing the cross-entropy before negating gives exactly torch's value, and the same gradient."""
+    import pyro.distributions as dist
+
+    from pyrovi.distributions import BernoulliLogits
+
+    torch.manual_seed(4)
+    logits = (torch.randn(3, 5, 16) * 4).requires_grad_()
+    x = torch.rand(5, 16)  # grey levels are allowed (cross-entropy), broadcast over particles
+    x[:, :8] = x[:, :8].round()
+    lp = BernoulliLogits(logits).log_prob(x)
+    ref = dist.Bernoulli(logits=logits, validate_args=False).to_event(1).log_prob(x)
+    assert lp.shape == (3, 5) and torch.equal(lp, ref)
+    g, = torch.autograd.grad(lp.sum(), logits)
+    g0, = torch.autograd.grad(ref.sum(), logits)
+    assert torch.equal(g, g0)
+    assert torch.equal(BernoulliLogits(logits[0]).expand([5]).log_prob(x), ref[0])
+
+
+def test_vae_prior_is_cached_per_dtype():
+    m = pv.models.VAE(8, 3, hidden=(4,))
+    x = torch.zeros(2, 8)
+    assert m.prior(2, x) is m.prior(5, x)
+    p64 = m.prior(2, x.double())
+    assert p64 is not m.prior(2, x) and p64.log_prob(torch.zeros(3, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_fused_adam_is_adam():
+    """fit's optimizer (fused kernel) takes the same steps as torch's default Adam, up to rounding."""
+    from pyrovi.train import adam
+
+    torch.manual_seed(6)
+    w0 = torch.randn(50, 20)
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    oa, ob = adam([a], lr=1e-2, weight_decay=1e-3), torch.optim.Adam([b], lr=1e-2, weight_decay=1e-3)
+    assert oa.param_groups[0]["fused"]
+    for _ in range(20):
+        g = torch.randn(50, 20)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    assert not torch.equal(a, w0)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

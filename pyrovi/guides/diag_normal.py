@@ -16,12 +16,12 @@ import math
 from typing import Optional
 
 import pyro
-import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
+from ..distributions import DiagonalNormal
 from ..errors import check_positive
 from ..nets import MLP, as_widths
 from .base import encoder_input, input_dim, latent_sites
@@ -66,12 +66,19 @@ class DiagNormal(PyroModule):
         for name, shape in self.sites.items():
             loc, raw = self.heads[name](h).chunk(2, dim=-1)  # (B, prod(shape)) each
             scale = F.softplus(raw) + self.min_scale
-            out[name] = (loc.reshape(-1, *shape), scale.reshape(-1, *shape))
+            if len(shape) != 1:  # a (B, n) site needs no reshape (a no-op view, but a node in the graph)
+                loc, scale = loc.reshape(-1, *shape), scale.reshape(-1, *shape)
+            out[name] = (loc, scale)
         return out
 
     def posterior(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict:
-        """``{site: q(z|x)}``, each a Normal with batch shape ``(B,)`` and the site's event shape."""
-        return {name: dist.Normal(loc, scale).to_event(len(self.sites[name]))
+        """``{site: q(z|x)}``, each a :class:`~pyrovi.distributions.DiagonalNormal` with batch shape ``(B,)``
+        and the site's event shape.
+
+        Not argument-checked: ``scale = softplus(.) + min_scale`` is positive by construction, and a
+        non-finite encoder output surfaces as a non-finite loss, which fit reports.
+        """
+        return {name: DiagonalNormal(loc, scale, len(self.sites[name]), validate_args=False)
                 for name, (loc, scale) in self.encode(x, y).items()}
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict:

@@ -184,12 +184,20 @@ class FlowHead(nn.Module):
         self.transforms = nn.ModuleList(layers)
         self._twins = [_twin(t) for t in layers]  # a plain list: the twins own no parameters
 
-    def forward(self, h: torch.Tensor) -> tuple:
-        """``(q, q_stop_gradient)`` with batch ``h.shape[:-1]`` and event ``(n,)``."""
+    def q(self, h: torch.Tensor, *, validate_args=None):
+        """q alone (no stop-gradient twin), batch ``h.shape[:-1]``, event ``(n,)``."""
+        return self._q(h, validate_args)[0]
+
+    def _q(self, h: torch.Tensor, validate_args=None) -> tuple:
         loc, raw = self.base(h).chunk(2, dim=-1)  # (..., n) each
         scale = F.softplus(raw) + self.min_scale
-        base = dist.Normal(loc, scale).to_event(1)
-        q = dist.TransformedDistribution(base, [t.condition(h) for t in self.transforms])
+        base = dist.Normal(loc, scale, validate_args=validate_args).to_event(1)
+        transforms = [t.condition(h) for t in self.transforms]
+        return dist.TransformedDistribution(base, transforms, validate_args=validate_args), loc, scale
+
+    def forward(self, h: torch.Tensor) -> tuple:
+        """``(q, q_stop_gradient)`` with batch ``h.shape[:-1]`` and event ``(n,)``."""
+        q, loc, scale = self._q(h)
         hd = h.detach()
         base_sg = dist.Normal(loc.detach(), scale.detach()).to_event(1)
         q_sg = dist.TransformedDistribution(base_sg, [t.condition(hd) for t in self._twins])
@@ -238,6 +246,22 @@ class Flow(Amortized):
     def _head(self, context_dim: int, dim: int) -> FlowHead:
         return FlowHead(context_dim, dim, flow=self.flow, depth=self.depth, flow_hidden=self.flow_hidden,
                         count_bins=self.count_bins, bound=self.bound, min_scale=self.min_scale)
+
+    # -- the fast path (pyrovi.fastpath): the same q as forward samples from, without Pyro's tracing
+    def posterior(self, x: torch.Tensor, y=None) -> dict:
+        """``{site: q(z|x)}`` for a pyrovi model's batch ``x`` ``(B, D)`` (labels ``y`` for conditional models).
+
+        The distributions :meth:`forward` samples from (without their stop-gradient twins, which
+        only ``stl``/``dreg`` read, and those go through Pyro). The base Gaussian is not
+        argument-checked: its scale is ``softplus(.) + min_scale`` by construction.
+        """
+        h = self.body(self._encoder_input((x,) if y is None else (x, y)))  # (B, H)
+        return {name: self._site_distribution(spec, self.heads[name].q(h, validate_args=False))
+                for name, spec in self.sites.items()}
+
+    def forward(self, *args, **kwargs) -> dict:
+        """Sample every latent site from q(z|x) in the data plate (see :class:`~pyrovi.guides.amortized.Amortized`)."""
+        return super().forward(*args, **kwargs)
 
     def config(self) -> dict:
         """JSON-able options (the model is supplied when rebuilding)."""
