@@ -20,9 +20,7 @@ as the code; with ``--threads 1`` the CPU time is the work done.
 The hand-written reference is what a PyTorch user would write for the IWAE
 log-likelihood (Burda et al. 2016): encode once, then per chunk of particles
 draw z = mu + sigma * eps, decode, and merge log-sum-exps of
-log p(x|z) + log p(z) - log q(z|x) (chunks of ``chunk`` particles and a smaller last
-one; pyrovi splits K into near-equal chunks of at most ``chunk``, the same total work).
-It computes only log p(x) (and the ELBO);
+log p(x|z) + log p(z) - log q(z|x). It computes only log p(x) (and the ELBO);
 pyrovi computes, from the same draws, ELBO, reconstruction, KL, KL per
 dimension, active units and the squared error too.
 """

@@ -69,7 +69,8 @@ class DiagonalNormal(dist.Independent):
     Same distribution as ``dist.Normal(loc, scale).to_event(event_dims)``.
 
     Args:
-        loc, scale: tensors of shape ``batch_shape + event_shape``; ``scale > 0``.
+        loc: tensor of shape ``batch_shape + event_shape`` (or broadcastable to it).
+        scale: tensor broadcastable with ``loc``, ``scale > 0`` (a per-pixel sigma ``(D,)`` is fine).
         event_dims: number of rightmost dims that form the event.
         validate_args: as torch's (pyrovi passes False for a scale built as
             ``softplus(.) + min_scale``, positive by construction).

@@ -341,12 +341,8 @@ def iw_log_likelihood(model, guide, *args, k: int = 5000, chunk: int = 500, max_
     rank = max_plate_nesting + 1
     tally = Tally(data_plate)
     log_w = None
-    # Near-equal chunks (k = 5000 at 213: 24 chunks of 208-209, not 23 of 213 and one of 101): a
-    # small last chunk splits the allocator's freed blocks and raised the peak RSS by ~40% at
-    # K = 5000 on 1000 images (benchmarks/RESULTS.md).
-    n_chunks = -(-k // chunk)
-    sizes = [k // n_chunks + (1 if i < k % n_chunks else 0) for i in range(n_chunks)]  # largest first
-    for s in sizes:
+    while tally.k < k:
+        s = min(chunk, k - tally.k)
         # Pyro's and torch's argument/support checks run on the first chunk; later chunks repeat the
         # same computation on new draws, so they skip them (about 5% of the time at K = 5000).
         with contextlib.nullcontext() if tally.k == 0 else pyro.validation_enabled(False):
