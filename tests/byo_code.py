@@ -77,14 +77,3 @@ def heldout_elbo(model, guide, x, particles=200, seed=123):
         loss = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1).loss(model, guide, x)
     return -loss / x.shape[0]
 
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture(autouse=False)
-def one_thread():
-    """These models are tiny: one torch thread is faster, and much faster on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

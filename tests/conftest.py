@@ -1,5 +1,6 @@
 """Shared fixtures. Tests run on CPU with fixed seeds; CUDA tests skip without a GPU."""
 
+import contextlib
 import os
 
 import pyro
@@ -17,6 +18,32 @@ def _fresh_pyro():
     pyro.set_rng_seed(0)
     yield
     pyro.clear_param_store()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test of tiny nets: on a shared 2-core CPU, thread synchronization dominates.
+
+    Use as ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """:func:`one_thread` held for a whole module, so its module-scoped fixtures (trained runs) use it too."""
+    with _torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -33,12 +33,7 @@ SIG = 0.5
 A0, B0, KAPPA, D = 3.0, 3.0, 1.0, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def factor_model(x):

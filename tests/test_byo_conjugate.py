@@ -24,7 +24,6 @@ from pyro.infer.autoguide import AutoMultivariateNormal
 from torch.distributions import constraints
 
 import pyrovi as pv
-from byo_code import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,6 @@ from pyro.nn import PyroModule
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import pyrovi as pv
-from byo_code import one_thread  # noqa: F401
 from pyrovi.inputs import as_split, takes_y
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ import torch
 from torch.distributions import constraints
 
 import pyrovi as pv
-from byo_code import one_thread, tutorial_vae  # noqa: F401
+from byo_code import tutorial_vae
 from pyrovi.checkpoint import load_tensors, save_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import pyrovi as pv
-from byo_code import heldout_elbo, one_thread, train_svi, tutorial_vae  # noqa: F401
+from byo_code import heldout_elbo, train_svi, tutorial_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributions import constraints
 
 import pyrovi as pv
-from byo_code import one_thread, tutorial_vae  # noqa: F401
+from byo_code import tutorial_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

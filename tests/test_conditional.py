@@ -9,13 +9,7 @@ from pyrovi.errors import ConfigError, DataError
 from pyrovi.sample_quality import fit_scorer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These nets are tiny: one thread avoids the synchronization cost that dominates on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

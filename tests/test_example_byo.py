@@ -7,7 +7,6 @@ import os
 
 import pytest
 
-from byo_code import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,6 @@ import os
 import runpy
 
 import pytest
-import torch
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -21,13 +20,7 @@ FIGURES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These nets are tiny: one thread avoids the synchronization cost that dominates on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def test_every_use_example_is_listed():

@@ -25,12 +25,7 @@ import pyrovi as pv
 W = torch.tensor([[1.0, 0.8], [0.9, 1.0], [1.0, 1.1], [0.8, 0.9]])  # nearly parallel columns: correlated posterior
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fit(model, guide, x, objective, epochs, batch_size=128, lr=0.01, seed=0):

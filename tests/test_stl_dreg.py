@@ -12,12 +12,7 @@ from pyrovi.weights import log_weights
 W = torch.tensor([[1.0, 0.8], [0.9, 1.0], [1.0, 1.1], [0.8, 0.9]])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(learn=True):

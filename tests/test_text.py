@@ -11,13 +11,7 @@ from pyrovi import priors
 from pyrovi.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny nets on a shared, loaded CPU: one thread is many times faster than two.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def test_default_corpus_is_pydoc_topics():

@@ -13,13 +13,7 @@ from pyrovi.models.vqvae import VQVAE, code_usage, vq_metrics, vq_terms
 from pyrovi.run import discover_params
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These nets are tiny: on a shared, loaded CPU one thread is many times faster than two.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(digits, **guide_opts):
