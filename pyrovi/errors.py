@@ -7,7 +7,8 @@ wrong" from a bug. Messages name the argument, the value found and the fix.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Mapping, Optional
 
 
 class PyroviError(ValueError):
@@ -42,6 +43,25 @@ def lookup(table: Mapping[str, Any], name: str, what: str) -> Any:
         valid = ", ".join(sorted(table))
         raise ConfigError(f"unknown {what} {name!r}; valid {what}s: {valid}")
     return table[key]
+
+
+@contextmanager
+def rebuilding(what: str, config: Mapping, cls: type, options: Optional[Mapping] = None):
+    """Around ``cls(**config)``: the errors a config edited by hand or crafted raises become :class:`ConfigError`.
+
+    ``what`` names the object (``"model"``, ``"guide"``); ``options``, when given, are shown instead of
+    the whole config in the message for options that do not fit ``cls``.
+    """
+    try:
+        yield
+    except PyroviError:
+        raise
+    except KeyError as e:
+        raise ConfigError(f"{what} config {config!r:.200} lacks the key {e}; "
+                          "rebuild it from the object's config()") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        shown = f"{what} config {config!r:.300} does" if options is None else f"{what} options {options!r:.300} do"
+        raise ConfigError(f"{shown} not fit {cls.__name__}: {(str(e).splitlines() or [repr(e)])[0][:200]}") from None
 
 
 def check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:

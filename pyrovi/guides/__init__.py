@@ -6,7 +6,7 @@ config with :func:`build`.
 
 from __future__ import annotations
 
-from ..errors import ConfigError, PyroviError, lookup
+from ..errors import ConfigError, lookup, rebuilding
 from .auto import Auto
 from .codebook import Codebook, CodebookConfig
 from .delta import Delta
@@ -34,13 +34,5 @@ def build(model, config) -> object:
         raise ConfigError(f"guide config must be a name or a dict with a 'name'; got {config!r}")
     opts = dict(config)
     cls = lookup(GUIDES, opts.pop("name"), "guide")
-    try:
+    with rebuilding("guide", config, cls, options=opts):
         return cls(model, **opts)
-    except PyroviError:
-        raise
-    except KeyError as e:
-        raise ConfigError(f"guide config {config!r:.200} lacks the key {e}; "
-                          "rebuild it from the object's config()") from None
-    except (TypeError, ValueError, AttributeError) as e:  # a config edited by hand or crafted
-        raise ConfigError(f"guide options {opts!r:.300} do not fit {cls.__name__}: "
-                          f"{(str(e).splitlines() or [repr(e)])[0][:200]}") from None

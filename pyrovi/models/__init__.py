@@ -6,7 +6,7 @@ built for it, and ``config()`` / ``from_config()`` so a run directory rebuilds i
 
 from __future__ import annotations
 
-from ..errors import ConfigError, PyroviError, lookup
+from ..errors import ConfigError, lookup, rebuilding
 from .autoencoder import Autoencoder
 from .conditional import ConditionalVAE
 from .linear_gaussian import LinearGaussian
@@ -31,13 +31,5 @@ def build(config: dict):
     if not isinstance(config, dict) or "name" not in config:
         raise ConfigError(f"model config must be a dict with a 'name'; got {config!r}")
     cls = lookup(MODELS, config["name"], "model")
-    try:
+    with rebuilding("model", config, cls):
         return cls.from_config(config)
-    except PyroviError:
-        raise
-    except KeyError as e:
-        raise ConfigError(f"model config {config!r:.200} lacks the key {e}; "
-                          "rebuild it from the object's config()") from None
-    except (TypeError, ValueError, AttributeError) as e:  # a config edited by hand or crafted
-        raise ConfigError(f"model config {config!r:.300} does not fit {cls.__name__}: "
-                          f"{(str(e).splitlines() or [repr(e)])[0][:200]}") from None
