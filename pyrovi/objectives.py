@@ -75,16 +75,14 @@ class Objective:
         #: plate depth of the model; ``fit`` sets it once, else read from ``model.max_plate_nesting``
         self.max_plate_nesting: Optional[int] = None
 
-    def _stratified_weights(self, model, guide, *args, **kwargs) -> Optional[LogWeights]:
-        """Stratified log weights (``particles`` per component) when the guide has mixture sites, else None.
-
-        Only for the ELBO family (see the module doc); :func:`iw_bound` with ``alpha=1`` turns them into the ELBO.
+    def _elbo_weights(self, model, guide, *args, guide_log_prob=None, **kwargs) -> LogWeights:
+        """Log weights for an ELBO estimate: ``particles`` plain draws, or per component, stratified, for a
+        guide with mixture sites (see the module doc); :func:`iw_bound` with ``alpha=1`` turns them into the ELBO.
         """
         strata = _strata(guide)
-        if strata == 1:
-            return None
         return log_weights(model, guide, *args, particles=self.particles * strata,
-                           max_plate_nesting=self._plate_depth(model), stratify=True, **kwargs)
+                           max_plate_nesting=self._plate_depth(model), guide_log_prob=guide_log_prob,
+                           stratify=strata > 1, **kwargs)
 
     def _plate_depth(self, model) -> Optional[int]:
         if self.max_plate_nesting is not None:
@@ -120,9 +118,8 @@ class _PyroObjective(Objective):
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
         if self.fast and not kwargs and fastpath.supported(model, guide):
             return -self._fast_bound(model, guide, *args)
-        lw = self._stratified_weights(model, guide, *args, **kwargs)
-        if lw is not None:  # a mixture guide: the ELBO, stratified (its KL has no closed form anyway)
-            return -iw_bound(lw, alpha=1.0)
+        if _strata(guide) > 1:  # a mixture guide: the ELBO, stratified (its KL has no closed form anyway)
+            return -iw_bound(self._elbo_weights(model, guide, *args, **kwargs), alpha=1.0)
         if self._elbo is None:
             self._elbo = self.pyro_elbo(self._plate_depth(model))
         return self._elbo.differentiable_loss(model, guide, *args, **kwargs)
@@ -177,7 +174,7 @@ def iw_bound(lw: LogWeights, alpha: float = 0.0) -> torch.Tensor:
     """
     log_w = lw.log_w  # (S, B) or (S, 1)
     S = log_w.shape[0]
-    log_rho = getattr(lw, "log_rho", None)
+    log_rho = lw.log_rho  # (S, B|1) or None
     if alpha == 1.0:
         per = log_w.mean(0) if log_rho is None else (log_rho.exp() * log_w).mean(0)
     else:
@@ -265,11 +262,8 @@ class STL(Objective):
     name = "stl"
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        strata = _strata(guide)
-        lw = log_weights(model, guide, *args, particles=self.particles * strata,
-                         max_plate_nesting=self._plate_depth(model), guide_log_prob=StopGradientScorer(),
-                         stratify=strata > 1, **kwargs)
-        assert lw.log_w.dim() == 2 and lw.log_w.shape[0] == self.particles * strata  # (S, B) or (S, 1)
+        lw = self._elbo_weights(model, guide, *args, guide_log_prob=StopGradientScorer(), **kwargs)
+        assert lw.log_w.dim() == 2 and lw.log_w.shape[0] == self.particles * _strata(guide)  # (S, B) or (S, 1)
         return -iw_bound(lw, alpha=1.0)  # = -scale * sum_b mean_s log w_{s,b}
 
 

@@ -147,8 +147,9 @@ def log_weights(
             use_scorer = scorer if not site["is_observed"] else None
             kind = 2.0 if (sign > 0 and site["is_observed"]) else sign
             sites.append((_site_log_prob(site, use_scorer), site["scale"], data_dim, kind))
-            if stratify and sign < 0 and log_stratum(site["fn"]) is not None:
-                strata.append((log_stratum(site["fn"]), data_dim))
+            site_rho = log_stratum(site["fn"]) if stratify and sign < 0 else None
+            if site_rho is not None:
+                strata.append((site_rho, data_dim))
 
     per_datapoint = bool(sites) and all(d is not None for _, _, d, _ in sites)
     # A data-plate subsampling factor N/B common to every site multiplies the per-datapoint
