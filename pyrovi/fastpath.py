@@ -47,8 +47,10 @@ def supported(model, guide) -> bool:
     key = (type(model), type(guide))
     ok = _SUPPORTED.get(key)
     if ok is None:
+        # forward defined in the class with the fast method or above it (Flow's posterior mirrors
+        # Amortized.forward); a forward overridden below it may sample differently, so it falls back
         ok = _SUPPORTED[key] = all(
-            (owner := _owner(type(obj), fast)) is not None and _owner(type(obj), "forward") is owner
+            (owner := _owner(type(obj), fast)) is not None and issubclass(owner, _owner(type(obj), "forward"))
             for obj, fast in ((model, "fast_log_joint"), (guide, "posterior")))
     return ok
 

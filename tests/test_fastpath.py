@@ -88,6 +88,14 @@ def test_subclass_overriding_forward_falls_back_to_pyro():
 
     assert not fastpath.supported(pv.models.VAE(8, 2, hidden=(4,)), plain_guide)
 
+    class OtherFlow(pv.guides.Flow):  # Flow's posterior mirrors the forward it inherits; an override may not
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model = pv.models.VAE(8, 2, hidden=(4,))
+    assert fastpath.supported(model, pv.guides.Flow(model, depth=1, hidden=(4,)))
+    assert not fastpath.supported(model, OtherFlow(model, depth=1, hidden=(4,)))
+
 
 # --------------------------------------------------------------------------- pyrovi.distributions
 

@@ -259,10 +259,6 @@ class Flow(Amortized):
         return {name: self._site_distribution(spec, self.heads[name].q(h, validate_args=False))
                 for name, spec in self.sites.items()}
 
-    def forward(self, *args, **kwargs) -> dict:
-        """Sample every latent site from q(z|x) in the data plate (see :class:`~pyrovi.guides.amortized.Amortized`)."""
-        return super().forward(*args, **kwargs)
-
     def config(self) -> dict:
         """JSON-able options (the model is supplied when rebuilding)."""
         d = {"name": "flow", "flow": self.flow, "depth": self.depth, "count_bins": self.count_bins,
