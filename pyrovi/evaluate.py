@@ -64,15 +64,8 @@ KL_METHODS = ("analytic", "monte_carlo", "moment_matched", "none")
 
 
 def _split_of(run, data) -> data_mod.Split:
-    if data is None:
-        if run.data is None:
-            raise ConfigError("evaluate needs data= (this run does not carry its dataset)")
-        return run.data.test
-    if isinstance(data, str):
-        return data_mod.load(data, seed=run.config.get("train", {}).get("seed", 0)).test
-    if isinstance(data, data_mod.Dataset):
-        return data.test
-    return inputs.as_split(data)  # tensor, array, (x, y), torch Dataset or DataLoader
+    """The held-out rows to score: ``data``'s test split, or the run's own (:func:`pyrovi.inputs.split`)."""
+    return inputs.split(data, run, "test")
 
 
 # --------------------------------------------------------------------------- per-site tensors
