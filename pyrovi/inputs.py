@@ -172,7 +172,7 @@ def training_data(data: Any, *, seed: int = 0, val_fraction: float = 0.1) -> tup
     takes is split here, ``val_fraction`` of its rows (at least one) held out by a seeded
     permutation.
     """
-    ds = dataset(data, seed=seed)
+    ds = None if data is None else dataset(data, seed=seed)  # fit has no run whose data None could mean
     if ds is not None:
         if len(ds.val) == 0:
             raise DataError(f"dataset {ds.name!r} has an empty validation split; load it with split=(0.1, ...)")
