@@ -52,7 +52,8 @@ from . import data as data_mod
 from . import inputs
 from .checkpoint import write_json
 from .errors import ConfigError, DataError, check_positive
-from .weights import LogWeights, guess_max_plate_nesting, log_weights
+from .traces import data_dim, guess_max_plate_nesting, in_data_plate
+from .weights import LogWeights, log_weights
 
 __all__ = ["evaluate", "iw_log_likelihood", "Tally", "site_matrix", "latent_summary", "per_datapoint_weights", "seeded",
            "ACTIVE_THRESHOLD", "KL_METHODS"]
@@ -255,7 +256,7 @@ class Tally:
             self._add_sq_error(lw, rank, s)
 
     def _data_dim(self, site) -> Optional[int]:
-        return next((f.dim for f in site["cond_indep_stack"] if f.name == self.data_plate), None)
+        return data_dim(site, self.data_plate)
 
     def _add_sq_error(self, lw: LogWeights, rank: int, s: int) -> None:
         total, count = None, 0
@@ -304,7 +305,7 @@ def _global_sites(lw: LogWeights, data_plate: str) -> list:
     for tr in (lw.model_trace, lw.guide_trace):
         for name, site in tr.nodes.items():
             if site["type"] == "sample" and not site_is_subsample(site) and not site["infer"].get("_deterministic"):
-                if not any(f.name == data_plate for f in site["cond_indep_stack"]) and name not in names:
+                if not in_data_plate(site, data_plate) and name not in names:
                     names.append(name)
     return names
 
