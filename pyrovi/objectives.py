@@ -10,7 +10,7 @@ Per-datapoint bounds (``iwae``, ``renyi``, ``dreg``, and the stratified ELBO of
 mixture guides) log-sum-exp over particles for each datapoint of the plate
 named ``objective.data_plate`` ("data" unless ``fit(data_plate=...)`` says
 otherwise); see :mod:`pyrovi.weights`. ``beta`` (KL warm-up, beta-VAE) weights
-the latent sites' terms, :math:`\log p(x|z) + \beta(\log p(z) - \log q(z|x))`,
+the latent sites' terms, :math:`\\log p(x|z) + \\beta(\\log p(z) - \\log q(z|x))`,
 on the fast path and on Pyro's path alike.
 
 ========== ====================================================== ==================
