@@ -7,8 +7,6 @@ imperfect diagonal Gaussian (shrunk mean, widened scale), so the ELBO sits visib
 below log p(x) and the importance-weighted bounds have room to close the gap.
 """
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -141,5 +139,4 @@ def test_log_weights_per_datapoint_under_either_name():
         assert lw.per_datapoint and lw.log_w.shape == (4, 8)
     lw = log_weights(*make_pair("batch", _guide_params()), x, particles=4, max_plate_nesting=1)  # plate not found
     assert not lw.per_datapoint and lw.log_w.shape == (4, 1)
-    assert float(iw_bound(lw, alpha=1.0)) == pytest.approx(float(lw.log_w.mean()), rel=1e-6)
-    assert math.isfinite(float(lw.log_w.sum()))
+    assert float(iw_bound(lw, alpha=1.0).detach()) == pytest.approx(float(lw.log_w.detach().mean()), rel=1e-6)
