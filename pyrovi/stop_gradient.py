@@ -24,9 +24,11 @@ How the detached q is obtained, per guide site:
    ``to_event``/expanded/masked wrappers, parameter-free transforms) and raises a
    :class:`~pyrovi.errors.ConfigError` for anything else.
 
-The reported value is kept bit-for-bit equal to the ordinary ``log q`` by the
+The reported value is the ordinary ``log q`` of the site's value, kept by the
 surrogate ``lp.detach() + (lp_sg - lp_sg.detach())`` (value of the first term,
-gradient of the second).
+gradient of the second). A bound built from it equals the plain one for the
+same draws to float rounding, not bit for bit: under DReG the latent values are
+copies, so a flow recomputes its inverse instead of reading its cache.
 
 DReG additionally weights the pathwise gradient of particle ``s`` by its
 normalized importance weight. The weights are only known after the model has
