@@ -29,8 +29,9 @@ at K = 5000. From the same draws:
 - ``bits_per_dim`` :math:`= -\\log p(x) / (D \\ln 2)`.
 
 All log-densities are in nats per datapoint unless a name says otherwise.
-Per-datapoint metrics need every sample site inside the ``"data"`` plate; a
-model with a global latent gets a clear error (its weights do not factorize
+Per-datapoint metrics need every sample site inside the data plate (the
+run's ``data_plate``: ``"data"`` unless ``fit(data_plate=...)`` named another;
+found with :mod:`pyrovi.traces`); a model with a global latent gets a clear error (its weights do not factorize
 over datapoints, so there is no per-datapoint log p(x) to estimate).
 """
 
