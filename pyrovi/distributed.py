@@ -150,10 +150,10 @@ class _ObjectiveModule(torch.nn.Module):
         owned = {id(p) for p in self.parts.parameters()}
         self.store_params = torch.nn.ParameterList([p for p in params if id(p) not in owned])
 
-    def forward(self, model, guide, *args, **kwargs):
-        # model/guide come in as arguments (maybe wrapped for beta/KL warm-up by BatchLoss);
+    def forward(self, model, guide, args, kwargs, beta):
+        # model/guide come in as arguments (maybe wrapped for minibatch scaling by BatchLoss);
         # they are the same objects as self.parts, whose parameters DDP watches.
-        return self.objective(model, guide, *args, **kwargs)
+        return self.objective.loss(model, guide, args, kwargs, beta=beta)
 
 
 def _store_params_as_parameters(params: list) -> list:
@@ -237,21 +237,25 @@ class FabricWorld(World):
 
     def objective(self, obj, model, guide, params):
         """``obj`` evaluated through DDP, whose backward averages gradients across ranks."""
-        ddp = self.fabric.setup_module(_ObjectiveModule(obj, model, guide, params))  # broadcasts rank 0's weights
-
-        def step_objective(m, g, *args, **kw):
-            loss = ddp(m, g, *args, **kw)
-            # All ranks must skip a non-finite step together: a rank that skipped backward alone
-            # would leave the others waiting in DDP's gradient all-reduce forever.
-            if self.size > 1 and not math.isfinite(self.sum(float(loss.detach()))[0]):
-                return loss * float("nan")
-            return loss
-
-        step_objective.name = obj.name
-        return step_objective
+        return _ThroughDDP(self, self.fabric.setup_module(_ObjectiveModule(obj, model, guide, params)))
 
     def describe(self):
         return dict(self._describe)
+
+
+class _ThroughDDP:
+    """The objective's ``loss``, evaluated through the DDP module (its backward averages gradients)."""
+
+    def __init__(self, world: FabricWorld, ddp):
+        self.world, self.ddp = world, ddp
+
+    def loss(self, model, guide, args, kwargs=None, *, beta: float = 1.0):
+        loss = self.ddp(model, guide, tuple(args), dict(kwargs or {}), beta)
+        # All ranks must skip a non-finite step together: a rank that skipped backward alone
+        # would leave the others waiting in DDP's gradient all-reduce forever.
+        if self.world.size > 1 and not math.isfinite(self.world.sum(float(loss.detach()))[0]):
+            return loss * float("nan")
+        return loss
 
 
 # --------------------------------------------------------------------------- launching

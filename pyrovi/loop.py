@@ -25,8 +25,6 @@ from typing import Optional
 
 import pyro
 import torch
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
 from . import data as data_mod
@@ -34,10 +32,10 @@ from .checkpoint import write_json
 from .errors import ConfigError, TrainingError
 from .run import CHECKPOINT, CONFIG, Run, default_device, discover_params, empty_param_state
 from .train_state import best_from_checkpoint, new_loop, prepare_out, restore, save_checkpoint, scheduler, adam
-from .weights import guess_max_plate_nesting
+from .traces import ScalePlate, guess_max_plate_nesting, structure
 
 __all__ = ["World", "BatchLoss", "train", "train_step", "batch_step", "mean_loss", "record_epoch", "finish",
-           "structure", "check_structure"]
+           "check_structure"]
 
 
 class World:
@@ -96,37 +94,6 @@ class World:
 # --------------------------------------------------------------------------- the loss
 
 
-class _ScaleLatents(Messenger):
-    """Multiply the log-density of every latent (non-observed) site by ``beta`` (β-VAE, KL warm-up)."""
-
-    def __init__(self, beta: float):
-        super().__init__()
-        self.beta = beta
-
-    def _process_message(self, msg):
-        if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
-            msg["scale"] = self.beta * msg["scale"]
-
-
-class _ScalePlate(Messenger):
-    """Weight every site inside plate ``name`` by ``factor`` = N / B (minibatch of B rows out of N).
-
-    The same estimator of the whole data set's ELBO that ``pyro.plate(name, N, subsample=idx)``
-    gives: local terms scaled up by N/B, global terms (outside the plate) counted once.
-    """
-
-    def __init__(self, name: str, factor: float):
-        super().__init__()
-        self.name = name
-        self.factor = factor
-
-    def _process_message(self, msg):
-        # The model's plate is entered inside this handler, so it has already added its frame.
-        if msg["type"] == "sample" and not site_is_subsample(msg) and \
-                any(f.name == self.name for f in msg["cond_indep_stack"]):
-            msg["scale"] = self.factor * msg["scale"]
-
-
 class BatchLoss:
     """The loss ``fit`` minimizes and reports: minus the bound of a whole data set, per datapoint.
 
@@ -151,7 +118,7 @@ class BatchLoss:
     by N/B), and :math:`\\ell = -\\hat{\\mathcal L} / N`.
 
     Args:
-        objective: a :class:`pyrovi.objectives.Objective` (returns -bound, nats).
+        objective: a :class:`pyrovi.objectives.Objective` (its ``loss`` returns -bound, nats).
         model, guide: Pyro callables.
         global_sites: whether model or guide has sample sites outside the data plate.
         data_plate: name of the plate over datapoints.
@@ -170,45 +137,16 @@ class BatchLoss:
         b = x.shape[0]
         n = b if n is None else n
         model, guide = self.model, self.guide
-        if beta != 1.0:
-            model, guide = _ScaleLatents(beta)(model), _ScaleLatents(beta)(guide)
         scaled = self.global_sites and not self.full and n != b
         if scaled:
-            model, guide = _ScalePlate(self.data_plate, n / b)(model), _ScalePlate(self.data_plate, n / b)(guide)
+            model, guide = ScalePlate(self.data_plate, n / b)(model), ScalePlate(self.data_plate, n / b)(guide)
         args = (x, y) if (self.pass_y and y is not None) else (x,)
-        loss = self.objective(model, guide, *args, **self.model_kwargs)
+        # beta goes to the objective, which keeps its fast path under KL warm-up
+        loss = self.objective.loss(model, guide, args, self.model_kwargs, beta=beta)
         return loss / (n if (scaled or self.full) else b)
 
 
 # --------------------------------------------------------------------------- structure
-
-
-def structure(model, guide, args, kwargs, data_plate: str) -> dict:
-    """One trace of guide and model: where the sites lie relative to the data plate.
-
-    Returns ``{"data_plate": bool, "global_sites": bool, "local_latents": [names],
-    "subsample_size": int or None}``.
-    """
-    from pyro import poutine
-
-    with poutine.block(), torch.no_grad():
-        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
-    info = {"data_plate": False, "global_sites": False, "local_latents": [], "subsample_size": None}
-    for tr in (guide_tr, model_tr):
-        for name, site in tr.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            frame = next((f for f in site["cond_indep_stack"] if f.name == data_plate), None)
-            if frame is None:
-                info["global_sites"] = True
-                continue
-            info["data_plate"] = True
-            if frame.full_size is not None and frame.size < frame.full_size:
-                info["subsample_size"] = int(frame.size)
-            if tr is model_tr and not site["is_observed"] and name not in info["local_latents"]:
-                info["local_latents"].append(name)
-    return info
 
 
 def check_structure(shape: dict, guide, cfg, n: int) -> None:
@@ -405,6 +343,12 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
 # --------------------------------------------------------------------------- a whole fit
 
 
+def _path_name(calls: dict) -> Optional[str]:
+    """``"fast"``, ``"traced"`` or ``"mixed"``: which estimator path the objective's calls took (None: no calls)."""
+    used = sorted(k for k, v in calls.items() if v)
+    return None if not used else used[0] if len(used) == 1 else "mixed"
+
+
 def train(world: World, spec: dict) -> Run:
     """Train ``spec["model"]``/``spec["guide"]`` on this rank of ``world``; the :class:`Run` of the fit.
 
@@ -440,6 +384,7 @@ def train(world: World, spec: dict) -> Run:
         probe, kw = run.call_args(train_.x[:rows], None if train_.y is None else train_.y[:rows])
         with default_device(dev):  # pyro.param inits and lazy autoguide params land on `dev`
             obj.max_plate_nesting = guess_max_plate_nesting(model, guide, probe, kw)
+            obj.data_plate = cfg.data_plate
             shape = structure(model, guide, probe, kw, cfg.data_plate)
             params = discover_params(model, guide, lambda: obj(model, guide, *probe, **kw))
         if not params:
@@ -462,11 +407,13 @@ def train(world: World, spec: dict) -> Run:
         val_fn = BatchLoss(obj, model, guide, **common)
         m = len(train_) // world.size  # rows per rank per epoch
         steps = math.ceil(m / ((cfg.batch_size and cfg.batch_size // world.size) or shape["subsample_size"] or m))
+        before = dict(getattr(obj, "path_counts", {}))
         _epochs(world, run, loss_fn, val_fn, train_, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
                 spec["binarize"], spec["progress"], best, steps)
+        calls = {k: v - before.get(k, 0) for k, v in getattr(obj, "path_counts", {}).items()}
         if best and loop["best_epoch"] != loop["epoch"]:
             run.load_state_tensors(best, {})  # early stopping hands back the best-validation weights
-    extra = {"steps": loop["step"]}
+    extra = {"steps": loop["step"], "estimator_path": _path_name(calls), "estimator_calls": calls}
     if world.size > 1:
         extra["world_size"] = world.size
     run.metrics = finish(run, loop, **extra)

@@ -100,6 +100,15 @@ class Objective:
         :class:`~pyrovi.traces.ScaleLatents` around model and guide.
         """
         args, kwargs = tuple(args), dict(kwargs or {})
+        if type(self).__call__ is not Objective.__call__:
+            # a subclass written against the older API (it overrides __call__): its own estimate, traced
+            self.path_counts["traced"] += 1
+            if beta != 1.0:
+                model, guide = ScaleLatents(beta)(model), ScaleLatents(beta)(guide)
+            return self(model, guide, *args, **kwargs)
+        return self._loss(model, guide, args, kwargs, beta)
+
+    def _loss(self, model, guide, args: tuple, kwargs: dict, beta: float) -> torch.Tensor:
         depth = self._plate_depth(model)  # read before wrapping: a wrapped model hides its attributes
         fast = self.fast and self.has_fast_path and not kwargs and fastpath.supported(model, guide)
         self.path_counts["fast" if fast else "traced"] += 1
@@ -109,7 +118,7 @@ class Objective:
         return -self._bound(model, guide, args, kwargs, fast=fast, beta=beta, depth=depth)
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        return self.loss(model, guide, args, kwargs)
+        return self._loss(model, guide, tuple(args), dict(kwargs), 1.0)
 
     def _bound(self, model, guide, args: tuple, kwargs: dict, *, fast: bool, beta: float,
                depth: Optional[int]) -> torch.Tensor:  # pragma: no cover - abstract

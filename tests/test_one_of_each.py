@@ -1,5 +1,6 @@
 """One of each: one data resolver, one training loop, defaults that agree between the API and the CLI."""
 
+import pyro
 import pytest
 import torch
 
@@ -51,3 +52,33 @@ def test_guide_none_builds_the_models_default_guide(digits):
     assert isinstance(pv.fit(vq, None, small, epochs=1, batch_size=32, progress=False, figures=False).guide, pv.guides.Codebook)
     vae = pv.models.VAE(digits.shape, 2, hidden=(8,))
     assert isinstance(pv.fit(vae, None, small, epochs=1, batch_size=32, progress=False, figures=False).guide, pv.guides.DiagNormal)
+
+
+def test_fast_path_is_taken_under_warmup_and_beta_and_recorded(monkeypatch):
+    from pyrovi import fastpath
+
+    calls = []
+    real = fastpath.fast_log_weights
+
+    def spy(*args, **kw):
+        calls.append(kw.get("beta", 1.0))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fastpath, "fast_log_weights", spy)
+    x = (torch.rand(60, 6, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    model = pv.models.VAE(6, 2, hidden=(8,))
+    run = pv.fit(model, pv.guides.DiagNormal(model, hidden=(8,)), x, epochs=2, batch_size=27, warmup=1, beta=0.5,
+                 progress=False, figures=False)
+    assert run.metrics["estimator_path"] == "fast" and run.metrics["estimator_calls"]["traced"] == 0
+    train_betas = [b for b in calls if b != 1.0]
+    assert train_betas and max(train_betas) == pytest.approx(0.5)  # warm-up ramps beta up to 0.5 on the fast path
+    assert min(train_betas) < 0.5
+    # a user's model goes through Pyro's traces, and the run says so
+    def user_model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", pyro.distributions.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", pyro.distributions.Bernoulli(logits=z.sum(-1, keepdim=True).expand(-1, 6)).to_event(1),
+                        obs=x)
+
+    run = pv.fit(user_model, None, x, epochs=1, batch_size=27, progress=False, figures=False)
+    assert run.metrics["estimator_path"] == "traced"

@@ -80,14 +80,3 @@ def test_scale_latents_and_scale_plate():
     both = traces.ScalePlate("batch", 4.0)(traces.ScaleLatents(0.5)(_model))
     tr = poutine.trace(both).get_trace(X, **kw)
     assert tr.nodes["z"]["scale"] == 2.0 and tr.nodes["mu"]["scale"] == 0.5 and tr.nodes["x"]["scale"] == 4.0
-
-
-@pytest.mark.parametrize("kw, plate", [({}, "data"), ({"plate": "batch", "global_latent": True}, "batch"),
-                                       ({"subsample_size": 2}, "data"), ({"plate": "batch"}, "data")])
-def test_structure_is_trains_structure(kw, plate):
-    """While pyrovi.train keeps its own copy, both give the same answer (skipped once train uses traces)."""
-    import pyrovi.train as train
-
-    if not hasattr(train, "_structure"):
-        pytest.skip("pyrovi.train no longer has its own _structure")
-    assert traces.structure(_model, _guide, (X,), kw, plate) == train._structure(_model, _guide, (X,), kw, plate)

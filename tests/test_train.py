@@ -15,6 +15,7 @@ import torch
 
 import pyrovi as pv
 import pyrovi.loop
+from pyrovi.traces import ScaleLatents
 from pyrovi.checkpoint import load_tensors
 from pyrovi.errors import CheckpointError, ConfigError, DataError, TrainingError
 
@@ -251,7 +252,7 @@ def test_beta_scales_only_the_latent_terms():
     obj = pv.objectives.get("elbo")
     obj.max_plate_nesting = 1  # as fit sets it (the wrapped callables hide the attribute)
     pyro.set_rng_seed(0)
-    zero = obj(pyrovi.loop._ScaleLatents(0.0)(model), pyrovi.loop._ScaleLatents(0.0)(guide), x)
+    zero = obj(ScaleLatents(0.0)(model), ScaleLatents(0.0)(guide), x)
     pyro.set_rng_seed(0)
     tr = pyro.poutine.trace(guide).get_trace(x)
     mt = pyro.poutine.trace(pyro.poutine.replay(model, trace=tr)).get_trace(x)
