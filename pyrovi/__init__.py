@@ -14,26 +14,41 @@ Log-densities are in nats per datapoint unless a name says otherwise
 (``bits_per_dim``).
 """
 
-__version__ = "0.1.0"
+import importlib
 
-from . import data, distributed, guides, models, objectives, uses  # noqa: E402  (distributed: Lightning only when it trains)
-from .errors import CheckpointError, ConfigError, DataError, PyroviError, TrainingError  # noqa: E402
-from .diagnostics import diagnose  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .run import Run, load_run  # noqa: E402
-from .train import TrainConfig, fit  # noqa: E402
+from ._version import __version__
+from . import data, diagnostics, distributed, guides, models, objectives, uses  # distributed: Lightning only when it trains
+from .errors import CheckpointError, ConfigError, DataError, PyroviError, TrainingError
+from .diagnostics import diagnose
+from .evaluate import evaluate
+from .run import Run, load_run
+from .train import TrainConfig, fit
+from .vq_evaluation import vq_metrics
+
+#: public modules imported on first use (PEP 562), so ``import pyrovi`` stays fast:
+#: ``plots`` and ``report`` import matplotlib; the rest are needed by few programs.
+_LAZY_MODULES = ("plots", "report", "priors", "sample_quality", "checkpoint")
 
 __all__ = [
     "__version__",
+    # modules
     "data",
     "models",
     "guides",
     "objectives",
+    "priors",
+    "diagnostics",
+    "plots",
+    "report",
     "distributed",
     "uses",
+    "sample_quality",
+    "checkpoint",
+    # functions and classes
     "fit",
     "evaluate",
     "diagnose",
+    "vq_metrics",
     "load_run",
     "Run",
     "TrainConfig",
@@ -43,3 +58,14 @@ __all__ = [
     "CheckpointError",
     "TrainingError",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        module = importlib.import_module(f".{name}", __name__)  # also sets it as an attribute of the package
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY_MODULES))

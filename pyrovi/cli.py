@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from . import __version__
+from ._version import __version__
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from . import data as data_mod
 from .checkpoint import load_tensors, read_json, save_tensors, write_json
 from .errors import CheckpointError, ConfigError, DataError, check_positive

@@ -21,7 +21,8 @@ import pyro
 import torch
 from pyro import poutine
 
-from . import __version__, inputs
+from . import inputs
+from ._version import __version__
 from .checkpoint import (
     constraint_from_json,
     constraint_to_json,
