@@ -169,7 +169,7 @@ def _train(args) -> int:
         _print_eval(evaluate(run, ds, k=args.evaluate_k))
         from .report import write_report
 
-        write_report(run)
+        write_report(run.directory)  # drawn from the directory: config.json, metrics.json, figures
     return 0
 
 
@@ -215,7 +215,7 @@ def _evaluate(args) -> int:
     run = load_run(args.run, device=args.device)
     ds = _run_data(run, args.data)
     _print_eval(evaluate(run, ds, k=args.k, batch_size=args.batch_size, chunk=args.chunk, seed=args.seed))
-    write_report(run)
+    write_report(run.directory)  # drawn from the directory: config.json, metrics.json, figures
     print(f"updated {os.path.join(args.run, 'metrics.json')}, report.md and report.html")
     return 0
 
@@ -253,7 +253,7 @@ def _diagnose(args) -> int:
     out = args.out or os.path.join(args.run, "diagnostics.nc")
     save_netcdf(idata, out)
     figs = write_diagnostic_figures(run, idata, ds.test)
-    write_report(run)
+    write_report(run.directory)  # drawn from the directory: config.json, metrics.json, figures
     print(summarize(idata).to_markdown())
     print(f"wrote {out}, {', '.join(figs)}; updated report.md and report.html in {args.run}")
     return 0
