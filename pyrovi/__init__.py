@@ -15,6 +15,7 @@ Log-densities are in nats per datapoint unless a name says otherwise
 """
 
 import importlib
+import importlib.util
 
 from ._version import __version__
 from . import data, diagnostics, distributed, guides, models, objectives, uses  # distributed: Lightning only when it trains
@@ -25,9 +26,9 @@ from .run import Run, load_run
 from .train import TrainConfig, fit
 from .vq_evaluation import vq_metrics
 
-#: public modules imported on first use (PEP 562), so ``import pyrovi`` stays fast:
-#: ``plots`` and ``report`` import matplotlib; the rest are needed by few programs.
-_LAZY_MODULES = ("plots", "report", "priors", "sample_quality", "checkpoint")
+#: Every submodule is reachable as ``pv.<name>``. Those not imported above load on first use
+#: (PEP 562 ``__getattr__`` below), so ``import pyrovi`` stays fast: ``plots`` and ``report``
+#: import matplotlib, ``priors``, ``sample_quality`` and ``cli`` are needed by few programs.
 
 __all__ = [
     "__version__",
@@ -61,11 +62,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in _LAZY_MODULES:
-        module = importlib.import_module(f".{name}", __name__)  # also sets it as an attribute of the package
-        return module
+    if name.isidentifier() and not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # also sets it as an attribute of the package
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list:
-    return sorted(set(globals()) | set(_LAZY_MODULES))
+    import pkgutil
+
+    return sorted(set(globals()) | {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")})

@@ -146,7 +146,9 @@ def guide_config(args, model=None) -> dict:
 
 
 def _train(args) -> int:
-    from . import data, evaluate, fit, guides, models
+    from . import data, guides, models
+    from .evaluate import evaluate
+    from .train import fit
 
     from .errors import check_positive
 
@@ -209,7 +211,8 @@ def _run_data(run, name):
 
 
 def _evaluate(args) -> int:
-    from . import evaluate, load_run
+    from .evaluate import evaluate
+    from .run import load_run
     from .report import write_report
 
     run = load_run(args.run, device=args.device)
@@ -241,7 +244,8 @@ def _diagnose_args(p) -> None:
 def _diagnose(args) -> int:
     import warnings
 
-    from . import diagnose, load_run
+    from .diagnostics import diagnose
+    from .run import load_run
     from .diagnostics import DiagnosticWarning, save_netcdf, summarize
     from .report import write_diagnostic_figures, write_report
 
@@ -322,7 +326,8 @@ def _sample_vq(args, run) -> int:
 def _sample(args) -> int:
     import numpy as np
 
-    from . import load_run, plots
+    from . import plots
+    from .run import load_run
     from .errors import ConfigError, check_positive
 
     check_positive("--n", args.n, integer=True)
@@ -369,7 +374,8 @@ def _interpolate_args(p) -> None:
 def _interpolate(args) -> int:
     import torch
 
-    from . import data, load_run, plots, uses
+    from . import data, plots, uses
+    from .run import load_run
     from .errors import ConfigError
 
     run = load_run(args.run, device=args.device)
@@ -428,7 +434,8 @@ def _train_prior_args(p) -> None:
 
 
 def _train_prior(args) -> int:
-    from . import data, load_run, priors
+    from . import data, priors
+    from .run import load_run
 
     run = load_run(args.run, device=args.device)
     ds = data.from_source(run.config.get("data", {}))
