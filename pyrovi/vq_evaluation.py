@@ -1,6 +1,6 @@
 """Held-out metrics of a trained VQ-VAE run: reconstruction, ELBO, bits/dim, codebook usage.
 
-This is evaluation, so it lives beside :mod:`pyrovi.evaluate`, not in the model:
+This is evaluation, so it lives with the evaluation code (:func:`pyrovi.evaluate`), not in the model:
 :mod:`pyrovi.models.vqvae` defines the model and its loss terms
 (:func:`~pyrovi.models.vqvae.vq_terms`, :func:`~pyrovi.models.vqvae.code_usage`),
 and this module reads a run through them. Models never import this module.
