@@ -4,6 +4,9 @@ Each subcommand parses its arguments into the same config dicts and
 keyword arguments the API takes (``models.build``, ``guides.build``,
 ``objectives.get``, ``fit``), calls the API, and prints the result. Errors a
 user can cause (:class:`pyrovi.PyroviError`) are printed as one line, exit 2.
+
+(Over 500 lines on purpose: one section per subcommand, its arguments beside its
+handler; split into files, each command's two halves would live apart.)
 """
 
 from __future__ import annotations
@@ -286,6 +289,25 @@ def _compare(args) -> int:
 
 
 COMMANDS["compare"] = (_compare_args, _compare, "one table of metrics across runs, and overlaid training curves")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _report_args(p) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--device", default="cpu", help="where to load the weights for the figures (default: cpu)")
+
+
+def _report(args) -> int:
+    from .report import write
+
+    figs = write(args.run, device=args.device)
+    print(f"wrote {', '.join(figs + ['report.md', 'report.html'])} in {args.run}")
+    return 0
+
+
+COMMANDS["report"] = (_report_args, _report, "redraw a run directory's figures, report.md and report.html")
 
 
 # --------------------------------------------------------------------------- sample
