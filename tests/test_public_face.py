@@ -155,6 +155,10 @@ def test_report_is_drawn_from_the_run_directory(tmp_path, digits, one_thread):
     text = open(os.path.join(out, "report.md"), encoding="utf-8").read()
     assert "| written_elsewhere | 12.5000 |" in text and "![samples](samples.png)" in text
     assert report.write_training_report(run) == written  # the compatibility wrapper
+    from pyrovi.cli import main
+
+    os.remove(os.path.join(out, "report.html"))
+    assert main(["report", out]) == 0 and os.path.isfile(os.path.join(out, "report.html"))  # pyrovi report RUN
     with pytest.raises(pyrovi.ConfigError, match="run.save"):
         report.write(pyrovi.Run(model, guide, run.objective, run.config))  # in memory: no directory
     with pytest.raises(pyrovi.ConfigError, match="load_run"):
