@@ -20,7 +20,7 @@ import torch
 import pyrovi as pv
 from pyrovi import priors
 from pyrovi.checkpoint import write_json
-from pyrovi.models.vqvae import vq_metrics
+from pyrovi.vq_evaluation import vq_metrics
 
 
 def _params(*mods) -> int:

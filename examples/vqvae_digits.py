@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     guide = pv.guides.Codebook(model)  # k-means initialisation on the first batch, codebook loss, beta = 0.25
     run = pv.fit(model, guide, ds, epochs=2 if args.quick else 20, batch_size=64, lr=2e-3, seed=args.seed,
                  out=os.path.join(args.out, "run"), overwrite=True, progress=False, figures=not args.quick)
-    vq = pv.models.vq_metrics(run, ds)  # test split
+    vq = pv.vq_metrics(run, ds)  # test split
 
     with run.scope(), torch.no_grad():
         x = ds.test.x[:16]

@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     guide = pv.guides.Codebook(model, restart_dead=1.0)
     run = pv.fit(model, guide, ds, epochs=1 if args.quick else 6, batch_size=128, lr=2e-3, seed=args.seed,
                  out=os.path.join(args.out, "run"), overwrite=True, progress=False, figures=not args.quick)
-    vq = pv.models.vq_metrics(run, ds)
+    vq = pv.vq_metrics(run, ds)
     prior = priors.fit_prior(run, ds, epochs=1 if args.quick else 6, d_model=64, heads=4, lr=2e-3,
                              seed=args.seed)
     m = prior.metrics

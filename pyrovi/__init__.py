@@ -14,26 +14,42 @@ Log-densities are in nats per datapoint unless a name says otherwise
 (``bits_per_dim``).
 """
 
-__version__ = "0.1.0"
+import importlib
+import importlib.util
 
-from . import data, distributed, guides, models, objectives, uses  # noqa: E402  (distributed: Lightning only when it trains)
-from .errors import CheckpointError, ConfigError, DataError, PyroviError, TrainingError  # noqa: E402
-from .diagnostics import diagnose  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .run import Run, load_run  # noqa: E402
-from .train import TrainConfig, fit  # noqa: E402
+from ._version import __version__
+from . import data, diagnostics, distributed, guides, models, objectives, uses  # distributed: Lightning only when it trains
+from .errors import CheckpointError, ConfigError, DataError, PyroviError, TrainingError
+from .diagnostics import diagnose
+from .evaluation import evaluate
+from .run import Run, load_run
+from .train import TrainConfig, fit
+from .vq_evaluation import vq_metrics
+
+#: Every submodule is reachable as ``pv.<name>``. Those not imported above load on first use
+#: (PEP 562 ``__getattr__`` below), so ``import pyrovi`` stays fast: ``plots`` and ``report``
+#: import matplotlib, ``priors``, ``sample_quality`` and ``cli`` are needed by few programs.
 
 __all__ = [
     "__version__",
+    # modules
     "data",
     "models",
     "guides",
     "objectives",
+    "priors",
+    "diagnostics",
+    "plots",
+    "report",
     "distributed",
     "uses",
+    "sample_quality",
+    "checkpoint",
+    # functions and classes
     "fit",
     "evaluate",
     "diagnose",
+    "vq_metrics",
     "load_run",
     "Run",
     "TrainConfig",
@@ -43,3 +59,15 @@ __all__ = [
     "CheckpointError",
     "TrainingError",
 ]
+
+
+def __getattr__(name: str):
+    if name.isidentifier() and not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # also sets it as an attribute of the package
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    import pkgutil
+
+    return sorted(set(globals()) | {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")})

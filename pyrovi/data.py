@@ -16,18 +16,13 @@ Names (``pyrovi.data.load(name)``)::
     text:PATH       any UTF-8 text file, as characters
 
 Text datasets hold int64 character indices ``(N, T)`` (chunks of ``T`` characters)
-and their vocabulary (``Dataset.vocab``); see :func:`load_text`.
+and their vocabulary (``Dataset.vocab``); see :func:`load_text`. The file readers
+themselves live in :mod:`pyrovi.readers` (``read_idx`` is re-exported here).
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import math
-import os
-import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -35,6 +30,9 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError, check_seed, lookup
+from .readers import FILE_READERS, MAX_DECOMPRESSED, default_corpus, read_idx, read_text  # noqa: F401 (re-exported)
+
+_default_corpus = default_corpus  # the old private name, still imported by tests
 
 __all__ = ["Dataset", "Split", "load", "load_text", "names", "from_arrays", "from_source", "validate", "read_idx",
            "as_tensor"]
@@ -328,7 +326,7 @@ def load(
         return load_text(path if sep else None, length=text_length, split=split, seed=seed)
     src = {"name": name}
     if sep:
-        reader = lookup(_FILE_READERS, kind, "dataset kind")
+        reader = lookup(FILE_READERS, kind, "dataset kind")
         x, y, image_shape = reader(path)
         default_bin = None
     else:
@@ -363,177 +361,7 @@ def from_source(source: dict) -> Dataset:
     return load(source["name"], split=tuple(split), seed=seed, binarize=binarize)
 
 
-# --- IDX (MNIST format) --------------------------------------------------------------
-
-_IDX_TYPES = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-
-
-MAX_DECOMPRESSED = 1 << 31  # 2 GiB: far above any dataset pyrovi trains on in memory
-
-
-def _read_bytes(path: str) -> bytes:
-    if not os.path.isfile(path):
-        raise DataError(f"file not found: {path!r}")
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
-        try:
-            # read at most MAX_DECOMPRESSED + 1 bytes: a small "gzip bomb" must not exhaust memory
-            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as g:
-                raw = g.read(MAX_DECOMPRESSED + 1)
-        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-            raise DataError(f"{path!r} is a corrupt or truncated gzip file: {e}") from None
-        if len(raw) > MAX_DECOMPRESSED:
-            raise DataError(f"{path!r} decompresses to more than {MAX_DECOMPRESSED} bytes; refusing it")
-    return raw
-
-
-def read_idx(path: str) -> np.ndarray:
-    """Read one MNIST-format IDX file (plain or gzip) into a NumPy array.
-
-    Layout: two zero bytes, a type byte, a rank byte, ``rank`` big-endian
-    uint32 sizes, then the data, big-endian. Any mismatch raises :class:`DataError`.
-    """
-    raw = _read_bytes(path)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DataError(f"{path!r} is not an IDX file (bad magic number {raw[:4]!r})")
-    code, rank = raw[2], raw[3]
-    if code not in _IDX_TYPES:
-        raise DataError(f"{path!r}: unknown IDX data type 0x{code:02x}")
-    if rank == 0:
-        raise DataError(f"{path!r}: IDX file of rank 0 holds no items")
-    head = 4 + 4 * rank
-    if len(raw) < head:
-        raise DataError(f"{path!r} is truncated: header needs {head} bytes, file has {len(raw)}")
-    dims = struct.unpack(">" + "I" * rank, raw[4:head])
-    dtype = _IDX_TYPES[code]
-    need = head + math.prod(dims) * dtype.itemsize
-    if len(raw) != need:
-        what = "truncated" if len(raw) < need else "longer than its header says"
-        raise DataError(f"{path!r} is {what}: dims {dims} need {need} bytes, file has {len(raw)}")
-    return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def _guess_labels(images: str) -> Optional[str]:
-    base = os.path.basename(images)
-    for a, b in (("images", "labels"), ("-idx3-", "-idx1-")):
-        if a in base:
-            cand = os.path.join(os.path.dirname(images), base.replace(a, b))
-            if a == "images":
-                cand = cand.replace("-idx3-", "-idx1-")
-            if os.path.isfile(cand):
-                return cand
-    return None
-
-
-def _read_idx_pair(spec: str):
-    images, _, labels = spec.partition(",")
-    x = read_idx(images)
-    labels = labels or _guess_labels(images)
-    y = None
-    if labels:
-        y = read_idx(labels)
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise DataError(f"labels file {labels!r} has shape {y.shape}; expected ({x.shape[0]},)")
-    image_shape = tuple(x.shape[1:]) if x.ndim == 3 else None
-    return x, y, image_shape
-
-
-# --- npz / npy -------------------------------------------------------------------------
-
-
-def _read_npz(path: str):
-    if not os.path.isfile(path):
-        raise DataError(f"file not found: {path!r}")
-    try:
-        # allow_pickle=False: an .npz/.npy holding object arrays would run code on load.
-        obj = np.load(path, allow_pickle=False)
-        if isinstance(obj, np.ndarray):
-            x, y = obj, None
-        else:
-            with obj:
-                keys = list(obj.keys())
-                xk = next((k for k in ("x", "X", "images", "data") if k in keys), None)
-                if xk is None:
-                    raise DataError(f"{path!r} has arrays {keys}; expected one named 'x' (and optionally 'y')")
-                yk = next((k for k in ("y", "Y", "labels", "targets") if k in keys), None)
-                x, y = obj[xk], (obj[yk] if yk else None)
-    except DataError:
-        raise
-    except Exception as e:  # numpy raises ValueError, OSError, EOFError, BadZipFile, ...
-        raise DataError(f"{path!r} could not be read as .npz/.npy: {e}") from None
-    image_shape = tuple(x.shape[1:]) if x.ndim == 3 else None
-    return x, y, image_shape
-
-
-# --- csv -------------------------------------------------------------------------------
-
-
-def _read_csv(path: str):
-    raw = _read_bytes(path)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path!r} is not UTF-8 text: {e}") from None
-    try:
-        rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
-    except csv.Error as e:  # e.g. a stray carriage return inside a field
-        raise DataError(f"{path!r} is not a well-formed CSV file: {e}") from None
-    if not rows:
-        raise DataError(f"{path!r} has no rows")
-    header = None
-    try:
-        [float(c) for c in rows[0]]
-    except ValueError:
-        header, rows = [c.strip().lower() for c in rows[0]], rows[1:]
-    if not rows:
-        raise DataError(f"{path!r} has a header but no data rows")
-    width = len(rows[0])
-    if header is not None and len(header) != width:
-        raise DataError(f"{path!r}: the header has {len(header)} columns but the rows have {width}")
-    for i, r in enumerate(rows):
-        if len(r) != width:
-            raise DataError(f"{path!r}: row {i + 1} has {len(r)} columns, expected {width}")
-    try:
-        arr = np.array([[float(c) for c in r] for r in rows], dtype=np.float64)
-    except ValueError as e:
-        raise DataError(f"{path!r} has a non-numeric value: {e}") from None
-    y = None
-    if header is not None:
-        lab = next((header.index(k) for k in ("label", "y", "target", "class") if k in header), None)
-        if lab is not None:
-            y = arr[:, lab]
-            arr = np.delete(arr, lab, axis=1)
-    return arr.astype(np.float32), y, None
-
-
-_FILE_READERS: dict[str, Callable] = {"idx": _read_idx_pair, "npz": _read_npz, "npy": _read_npz, "csv": _read_csv}
-
-
 # --- text (characters) -------------------------------------------------------------------
-
-
-def _default_corpus() -> str:
-    # Python's own help topics: ~465 KB of English prose and code that ships with CPython.
-    # Sorted keys, so the corpus does not depend on dict insertion order.
-    from pydoc_data import topics
-
-    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
-
-
-def _read_text(path: str) -> str:
-    raw = _read_bytes(path)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path!r} is not UTF-8 text ({e}); convert it, e.g. with iconv -t utf-8") from None
 
 
 def load_text(
@@ -564,7 +392,7 @@ def load_text(
     from .errors import check_positive
 
     check_positive("length", length, integer=True)
-    text = _default_corpus() if not path else _read_text(path)
+    text = default_corpus() if not path else read_text(path)
     name = "text" if not path else f"text:{path}"
     if vocab is None:
         vocab = "".join(sorted(set(text)))

@@ -46,9 +46,10 @@ import numpy as np
 import torch
 from pyro.poutine.util import site_is_subsample
 
+from . import inputs
 from .checkpoint import write_json
 from .errors import ConfigError, check_positive
-from .evaluate import Tally, _split_of, latent_summary, per_datapoint_weights, seeded
+from .evaluation import Tally, latent_summary, per_datapoint_weights, seeded
 from .traces import data_dim, guess_max_plate_nesting, in_data_plate
 
 __all__ = [
@@ -295,7 +296,7 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
     check_positive("particles", particles, integer=True)
     if particles < 2:
         raise ConfigError(f"particles must be >= 2 for importance diagnostics, got {particles}")
-    split = _split_of(run, data)
+    split = inputs.split(data, run)  # the held-out rows: data's test split, or the run's own
     N = len(split)
     if indices is None:
         idx = torch.arange(min(n, N))

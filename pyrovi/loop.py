@@ -354,7 +354,8 @@ def train(world: World, spec: dict) -> Run:
 
     ``spec`` is what :func:`pyrovi.fit` validated: model, guide, obj (an Objective), cfg (TrainConfig),
     train/val (Splits), ds (Dataset or None), config (``config.json``), dtype, binarize, model_kwargs,
-    out, resume, overwrite, progress, figures. Every rank runs this; only rank 0 writes ``out``.
+    out, resume, overwrite, progress. Every rank runs this; only rank 0 writes ``out``; the figures and
+    report are drawn afterwards from the run directory (:func:`pyrovi.report.write`).
     """
     model, guide, obj, cfg = spec["model"], spec["guide"], spec["obj"], spec["cfg"]
     dev, dt = world.device, spec["dtype"]
@@ -418,13 +419,6 @@ def train(world: World, spec: dict) -> Run:
         extra["world_size"] = world.size
     run.metrics = finish(run, loop, **extra)
     if out is not None:
-        def save():
-            run.save(out)
-            if spec["figures"]:
-                from .report import write_training_report
-
-                write_training_report(run)
-
-        world.on_rank0("saving the run", save)
+        world.on_rank0("saving the run", lambda: run.save(out))
     world.barrier()  # no rank returns before rank 0 has written the run directory
     return run

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from . import data as data_mod
 from . import inputs
 from .checkpoint import load_tensors, read_json, save_tensors, write_json
@@ -224,8 +224,14 @@ def fit_prior(
         run: a VQ-VAE run (``fit`` or ``load_run``).
         data: a Dataset or name (default: the run's own data).
         conditional: condition on class labels; None = when the data has labels.
-        epochs, batch_size, lr, weight_decay: AdamW with a cosine schedule, in nats per code.
-        d_model, layers, heads, dropout: see :class:`PriorConfig`.
+        epochs: passes over the training split's code grids.
+        batch_size: code grids per step.
+        lr: peak learning rate of AdamW, decayed on a cosine schedule (the loss is nats per code).
+        weight_decay: AdamW's weight decay.
+        d_model: width of the Transformer (:class:`PriorConfig`).
+        layers: Transformer blocks.
+        heads: attention heads (must divide ``d_model``).
+        dropout: dropout rate in [0, 1).
         seed: seeds initialisation, dropout and shuffling.
         save: write ``prior.safetensors`` / ``prior.json`` into the run directory (if it has one).
 

@@ -5,6 +5,10 @@ metrics, the test metrics of :func:`pyrovi.evaluate`, the diagnostics summary
 of :func:`pyrovi.diagnose`) and links the figures in the directory;
 ``report.html`` is the same page rendered by Python-Markdown with every
 figure embedded as base64, so it can be mailed or archived as one file.
+
+Reports are drawn from a run directory: :func:`write` takes the directory (or a
+:class:`~pyrovi.Run` saved in one), reads what it holds and writes the figures and
+both report files, so a report can be redrawn at any time without training.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ import torch
 
 from . import plots
 from .checkpoint import atomic_write, read_json
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, PyroviError
 
-__all__ = ["write_training_report", "write_report", "write_html", "write_diagnostic_figures", "compare_runs",
+__all__ = ["write", "write_training_report", "write_report", "write_html", "write_diagnostic_figures", "compare_runs",
            "FIGURES"]
 
 #: figures the report shows, in this order, when present in the run directory
@@ -35,35 +39,106 @@ def _image_shape(run):
     return tuple(shape) if shape else getattr(getattr(run.model, "cfg", None), "image_shape", None)
 
 
-@torch.no_grad()
-def write_training_report(run, x_recon: Optional[torch.Tensor] = None) -> list:
-    """Figures of a fresh run (training curves, reconstructions, prior samples) and the report.
+def write(run, *, data=None, x_recon: Optional[torch.Tensor] = None, **load_kwargs) -> list:
+    """Draw a run directory's figures and write its ``report.md`` / ``report.html``.
 
-    Reconstructions use the validation split (the test split stays unseen).
-    Returns the figure file names written.
+    Everything the report states comes from the directory's files (``config.json``,
+    ``history.csv``, ``metrics.json``), so it shows what is saved, whoever wrote it:
+    :func:`pyrovi.fit`, the CLI, or a run trained elsewhere. The figures that need the
+    trained model (reconstructions, prior samples) use the weights loaded with
+    :func:`pyrovi.load_run`, or the live model and guide of a :class:`~pyrovi.Run`
+    that was just saved there (``fit(..., out=...)`` calls ``write(run)``).
+
+    Writes ``training_curves.png`` (when there is a history), and for image models
+    with ``decode`` and ``sample``: ``reconstructions.png`` (8 validation
+    datapoints; the test split stays unseen) and ``samples.png`` (64 prior draws,
+    seed 0). Then ``report.md`` and ``report.html`` (see :func:`write_report`).
+
+    Args:
+        run: a run directory, or a :class:`~pyrovi.Run` saved in one.
+        data: the dataset whose validation split is reconstructed (a
+            :class:`~pyrovi.data.Dataset` or a dataset name; other data is used as
+            it is). Default: the run's own, reloaded from ``config.json`` when it
+            names one; without it no reconstructions are drawn.
+        x_recon: the datapoints to reconstruct, ``(B, D)``, instead of ``data``'s.
+        **load_kwargs: ``model=``, ``guide=``, ``device=``, ``model_kwargs=`` for
+            :func:`pyrovi.load_run` when ``run`` is a directory (a run of your own
+            Pyro code needs ``model=`` and ``guide=``).
+
+    Returns:
+        The figure file names written.
     """
+    from .run import HISTORY, load_run, read_history
+
+    if isinstance(run, (str, os.PathLike)):
+        run = load_run(os.fspath(run), **load_kwargs)
+    elif load_kwargs:
+        raise ConfigError(f"report.write got {sorted(load_kwargs)}, which are options of load_run for a run "
+                          "directory; it was handed a Run, which is already loaded")
     d = run.directory
+    if d is None or not os.path.isdir(d):
+        raise ConfigError("report.write needs a run directory; this run was trained without out=: save it "
+                          "first with run.save(directory)")
     written = []
-    if run.history:
-        plots.training_curves({"run": run.history}, path=os.path.join(d, "training_curves.png"))
+    history = read_history(os.path.join(d, HISTORY))
+    if history:
+        plots.training_curves({"run": history}, path=os.path.join(d, "training_curves.png"))
         written.append("training_curves.png")
-    model = run.model
-    if hasattr(model, "decode") and hasattr(model, "sample") and not getattr(model, "is_text", False):
-        img = _image_shape(run)
-        if x_recon is None and run.data is not None:
-            x_recon = run.data.val.x[:8]
-        with run.scope():
-            if x_recon is not None and hasattr(run.guide, "encode"):
-                x_recon = x_recon.to(run.device, getattr(run, "dtype", torch.float32))
-                args = (x_recon, run.data.val.y[:8].to(run.device)) if getattr(model, "uses_labels", False) else (x_recon,)
-                loc = run.guide.encode(*args)[model.latent_site][0]
-                dec = model.decode(loc) if not getattr(model, "uses_labels", False) else model.decode(loc, args[1])
-                plots.reconstructions(x_recon, dec, img, path=os.path.join(d, "reconstructions.png"))
-                written.append("reconstructions.png")
-            g = torch.Generator(device="cpu").manual_seed(0)
-            plots.samples(model.sample(64, generator=g), img, path=os.path.join(d, "samples.png"))
-            written.append("samples.png")
-    write_report(run)
+    written += _model_figures(run, data, x_recon)
+    write_report(d)
+    return written
+
+
+def write_training_report(run, x_recon: Optional[torch.Tensor] = None) -> list:
+    """Compatibility wrapper of :func:`write` for a run just saved by :func:`pyrovi.fit`."""
+    return write(run, x_recon=x_recon)
+
+
+def _recon_split(run, data):
+    """The split whose first rows are reconstructed, or None when the run's data cannot be found."""
+    from . import data as data_mod
+    from . import inputs
+
+    if data is None:
+        if run.data is not None:
+            return run.data.val
+        try:
+            data = data_mod.from_source(run.config.get("data", {}))
+        except (PyroviError, OSError):  # in-memory arrays, a file that moved: no reconstructions
+            return None
+    if isinstance(data, str):
+        data = data_mod.load(data, seed=run.config.get("train", {}).get("seed", 0))
+    if isinstance(data, data_mod.Dataset):
+        return data.val
+    return inputs.as_split(data)
+
+
+@torch.no_grad()
+def _model_figures(run, data, x_recon) -> list:
+    """``reconstructions.png`` and ``samples.png`` of image models with ``decode`` and ``sample``."""
+    d, model, written = run.directory, run.model, []
+    if not (hasattr(model, "decode") and hasattr(model, "sample")) or getattr(model, "is_text", False):
+        return written
+    img = _image_shape(run)
+    labels = getattr(model, "uses_labels", False)
+    y = None
+    if x_recon is None:
+        split = _recon_split(run, data) if hasattr(run.guide, "encode") else None
+        if split is not None and len(split) > 0:
+            x_recon, y = split.x[:8], None if split.y is None else split.y[:8]
+    elif labels and run.data is not None:
+        y = run.data.val.y[:len(x_recon)]
+    with run.scope():
+        if x_recon is not None and hasattr(run.guide, "encode") and (y is not None or not labels):
+            x_recon = x_recon.to(run.device, getattr(run, "dtype", torch.float32))
+            args = (x_recon, y.to(run.device)) if labels else (x_recon,)
+            loc = run.guide.encode(*args)[model.latent_site][0]
+            dec = model.decode(loc, args[1]) if labels else model.decode(loc)
+            plots.reconstructions(x_recon, dec, img, path=os.path.join(d, "reconstructions.png"))
+            written.append("reconstructions.png")
+        g = torch.Generator(device="cpu").manual_seed(0)
+        plots.samples(model.sample(64, generator=g), img, path=os.path.join(d, "samples.png"))
+        written.append("samples.png")
     return written
 
 
@@ -146,11 +221,22 @@ def _latent_table(site: str, s: dict) -> list:
 
 
 def write_report(run, extra_sections: Optional[list] = None) -> str:
-    """Write ``report.md`` and ``report.html`` from the run's config, metrics and the figures in its directory."""
-    from .diagnostics import DiagnosticsSummary
+    """Write ``report.md`` and ``report.html`` from a run's config, metrics and the figures in its directory.
 
-    d = run.directory
-    cfg = run.config
+    ``run`` is a run directory (its ``config.json`` and ``metrics.json`` are read) or a
+    :class:`~pyrovi.Run` with a directory (its ``config`` and ``metrics``).
+    Returns the Markdown text.
+    """
+    from .diagnostics import DiagnosticsSummary
+    from .run import CONFIG, METRICS
+
+    if isinstance(run, (str, os.PathLike)):
+        d = os.fspath(run)
+        cfg = read_json(os.path.join(d, CONFIG), "run config")
+        metrics = read_json(os.path.join(d, METRICS), "metrics") if os.path.isfile(os.path.join(d, METRICS)) else {}
+        metrics = metrics if isinstance(metrics, dict) else {}
+    else:
+        d, cfg, metrics = run.directory, run.config, run.metrics
     lines = ["# pyrovi run report", ""]
     lines += ["## Setup", "",
               f"- model: `{json.dumps(cfg.get('model'))}`",
@@ -160,15 +246,15 @@ def write_report(run, extra_sections: Optional[list] = None) -> str:
               f"- training: `{json.dumps(cfg.get('train'))}`", ""]
     lines += ["## Training", "", "All log-densities in nats per datapoint unless stated; loss = -bound.", "",
               "| metric | value |", "| --- | --- |"]
-    for k, v in sorted(run.metrics.items()):
+    for k, v in sorted(metrics.items()):
         if not isinstance(v, (dict, list)):
             lines.append(f"| {k} | {_fmt(v)} |")
     lines.append("")
-    if isinstance(run.metrics.get("test"), dict):
-        lines += _test_section(run.metrics["test"])
-    if isinstance(run.metrics.get("diagnostics"), dict):
+    if isinstance(metrics.get("test"), dict):
+        lines += _test_section(metrics["test"])
+    if isinstance(metrics.get("diagnostics"), dict):
         try:
-            summary = DiagnosticsSummary.from_dict(run.metrics["diagnostics"])
+            summary = DiagnosticsSummary.from_dict(metrics["diagnostics"])
             lines += ["## Posterior diagnostics", "", "PSIS k-hat of the importance weights p(x,z)/q(z|x) "
                       "(Yao et al. 2018; `pyrovi.diagnose`).", "", summary.to_markdown()]
         except TypeError:

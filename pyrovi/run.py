@@ -1,5 +1,9 @@
 """A trained run: model, guide, objective, config and history, and its directory.
 
+(Over 500 lines on purpose: one module owns the run directory, its file names, how it is
+written and how a directory from anyone is checked and loaded; split, the checks would
+drift from the writer they mirror.)
+
 Parameters live in two places in Pyro code: ``nn.Module`` s (``state_dict``)
 and Pyro's param store (``pyro.param``, ``pyro.module`` in plain functions,
 autoguides). Each run keeps its own param-store state and enters it with
@@ -21,7 +25,8 @@ import pyro
 import torch
 from pyro import poutine
 
-from . import __version__, inputs
+from . import inputs
+from ._version import __version__
 from .checkpoint import (
     constraint_from_json,
     constraint_to_json,

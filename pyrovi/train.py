@@ -6,10 +6,11 @@ optimizer over the parameters found the way Pyro's SVI finds them. Each fit
 runs in its own Pyro param-store scope, so the global store neither leaks
 into it nor is clobbered by it.
 
-This module holds the options (:class:`TrainConfig`) and their validation, and
-resolves data, guide and precision once; the training itself is the one loop
-of :mod:`pyrovi.loop`, run in this process or, with ``strategy=``, on every rank
-that :func:`pyrovi.distributed.launch` starts.
+This module is an entry point, like the CLI: it holds the options
+(:class:`TrainConfig`) and their validation, resolves data, guide and precision
+once, runs the one loop of :mod:`pyrovi.loop` in this process or, with
+``strategy=``, on every rank that :func:`pyrovi.distributed.launch` starts, and
+finally has :func:`pyrovi.report.write` draw the report from the run directory.
 """
 
 from __future__ import annotations
@@ -304,10 +305,16 @@ def fit(
     cfg.dtype = str(dt).replace("torch.", "")
     spec = dict(model=model, guide=guide, obj=obj, cfg=cfg, train=train_, val=val, ds=ds, dtype=dt,
                 binarize=binarize, model_kwargs=model_kwargs, out=None if out is None else os.fspath(out),
-                resume=resume, overwrite=overwrite, progress=progress, figures=figures,
+                resume=resume, overwrite=overwrite, progress=progress,
                 config=_run_config(model, guide, obj, cfg, train_, val, ds, data_desc, inputs.takes_y(model),
                                    model_kwargs))
     if distributed:
-        return dist_mod.launch(spec, strategy=strategy, devices=devices, num_nodes=num_nodes,
-                               accelerator=accelerator, device=device)
-    return train(World(resolve_device(device)), spec)
+        run = dist_mod.launch(spec, strategy=strategy, devices=devices, num_nodes=num_nodes,
+                              accelerator=accelerator, device=device)
+    else:
+        run = train(World(resolve_device(device)), spec)
+    if figures and run.directory is not None:  # rank 0 only: the other ranks' runs have no directory
+        from . import report  # matplotlib only when a report is drawn
+
+        report.write(run)  # figures and report.md/html, drawn from what the run directory holds
+    return run

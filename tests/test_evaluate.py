@@ -17,7 +17,7 @@ from pyro.nn import PyroModule
 
 import pyrovi as pv
 from pyrovi.errors import ConfigError
-from pyrovi.evaluate import Tally, iw_log_likelihood
+from pyrovi.evaluation import Tally, iw_log_likelihood
 from pyrovi.weights import log_weights
 
 # Columns 0 and 1 overlap: a correlated posterior (squared correlation 0.20) and a mean-field gap of
@@ -180,7 +180,7 @@ def test_tally_merges_chunks_exactly():
 def test_chunks_bound_memory(monkeypatch):
     import importlib
 
-    ev = importlib.import_module("pyrovi.evaluate")  # the module (pyrovi.evaluate is also the function's name)
+    ev = importlib.import_module("pyrovi.evaluation")  # the module behind pyrovi.evaluate
     model = pv.models.LinearGaussian(W_CORR, sigma=SIGMA)
     guide = MeanFieldOptimum(model)
     seen = []

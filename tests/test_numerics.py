@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pyrovi as pv
-from pyrovi.evaluate import iw_log_likelihood
+from pyrovi.evaluation import iw_log_likelihood
 from pyrovi.objectives import iw_bound
 from pyrovi.weights import LogWeights, log_weights
 

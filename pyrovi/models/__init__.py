@@ -11,10 +11,10 @@ from .autoencoder import Autoencoder
 from .conditional import ConditionalVAE
 from .linear_gaussian import LinearGaussian
 from .vae import VAE, VAEConfig
-from .vqvae import VQVAE, VQVAEConfig, vq_metrics
+from .vqvae import VQVAE, VQVAEConfig
 
-__all__ = ["VAE", "VAEConfig", "ConditionalVAE", "Autoencoder", "LinearGaussian", "VQVAE", "VQVAEConfig", "vq_metrics",
-           "MODELS", "build", "names"]
+__all__ = ["VAE", "VAEConfig", "ConditionalVAE", "Autoencoder", "LinearGaussian", "VQVAE", "VQVAEConfig", "MODELS",
+           "build", "names"]
 
 #: name -> model class; every class has ``from_config(dict)``.
 MODELS: dict = {"vae": VAE, "linear_gaussian": LinearGaussian, "conditional_vae": ConditionalVAE,
@@ -33,3 +33,4 @@ def build(config: dict):
     cls = lookup(MODELS, config["name"], "model")
     with rebuilding("model", config, cls):
         return cls.from_config(config)
+

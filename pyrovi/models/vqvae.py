@@ -49,7 +49,7 @@ from torch import nn
 from ..convnets import ImageDecoder, TextDecoder, grid_shape
 from ..errors import ConfigError, DataError, check_positive, lookup
 
-__all__ = ["VQVAE", "VQVAEConfig", "UniformCodebook", "VQTerms", "vq_terms", "vq_metrics", "code_usage"]
+__all__ = ["VQVAE", "VQVAEConfig", "UniformCodebook", "VQTerms", "vq_terms", "code_usage"]
 
 IMAGE_LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -368,56 +368,3 @@ def code_usage(codes: torch.Tensor, num_codes: int) -> dict:
     return {"perplexity": float(entropy.exp()), "codes_used": used, "dead_codes": num_codes - used,
             "usage": used / num_codes}
 
-
-@torch.no_grad()
-def vq_metrics(run, data=None, *, batch_size: int = 256, save: bool = True) -> dict:
-    """Held-out metrics of a VQ-VAE run on ``data`` (default: the run's test split).
-
-    Returns floats, per datapoint unless named otherwise:
-
-    - ``reconstruction``: :math:`\\log p(x \\mid z_q(x))`, nats;
-    - ``kl`` = :math:`L \\log K` and ``elbo`` = reconstruction - kl, nats (uniform prior);
-    - ``bits_per_dim`` = :math:`-\\mathrm{ELBO} / (D \\ln 2)` (bits/char for text): an upper bound
-      on the code length under the uniform prior;
-    - ``codebook_loss``, ``commitment_loss``, ``vq_loss`` (reported apart from the ELBO);
-    - ``perplexity``, ``codes_used``, ``dead_codes``, ``usage`` (see :func:`code_usage`);
-    - images: ``recon_mse`` (mean squared error per pixel of the decoded mean);
-      text: ``char_accuracy`` (most likely character equals the input).
-
-    Saved into ``metrics.json`` under ``"vq"`` when the run has a directory and ``save`` is true.
-    """
-    import os
-
-    from ..checkpoint import write_json
-    from ..evaluate import _split_of
-
-    check_positive("batch_size", batch_size, integer=True)
-    model, guide = run.model, run.guide
-    if not isinstance(model, VQVAE) or not hasattr(guide, "quantize"):
-        raise ConfigError(f"vq_metrics needs a VQVAE run with a Codebook guide, got {type(model).__name__} / "
-                          f"{type(guide).__name__}")
-    split = _split_of(run, data)
-    sums = dict.fromkeys(("reconstruction", "kl", "elbo", "codebook_loss", "commitment_loss", "vq_loss",
-                          "recon_mse" if not model.is_text else "char_accuracy"), 0.0)
-    all_codes = []
-    with run.scope():
-        for i in range(0, len(split), batch_size):
-            x = split.x[i:i + batch_size].to(run.device)
-            t = vq_terms(model, guide, x)
-            for k in ("reconstruction", "kl", "elbo", "codebook_loss", "commitment_loss", "vq_loss"):
-                sums[k] += float(getattr(t, k).sum())
-            out = model.decode_codes(t.codes)
-            if model.is_text:
-                sums["char_accuracy"] += float((out == x.long()).float().mean(-1).sum())
-            else:
-                sums["recon_mse"] += float(((out - x) ** 2).mean(-1).sum())
-            all_codes.append(t.codes.cpu())
-    n = len(split)
-    res = {k: v / n for k, v in sums.items()}
-    res["bits_per_dim"] = -res["elbo"] / (split.x[0].numel() * math.log(2))
-    res.update(code_usage(torch.cat(all_codes), model.num_codes))
-    res.update(n=n, num_codes=model.num_codes, positions=model.length)
-    if save and run.directory:
-        run.metrics["vq"] = res
-        write_json(os.path.join(run.directory, "metrics.json"), run.metrics)
-    return res

@@ -65,11 +65,6 @@ ACTIVE_THRESHOLD = 0.01
 KL_METHODS = ("analytic", "monte_carlo", "moment_matched", "none")
 
 
-def _split_of(run, data) -> data_mod.Split:
-    """The held-out rows to score: ``data``'s test split, or the run's own (:func:`pyrovi.inputs.split`)."""
-    return inputs.split(data, run, "test")
-
-
 # --------------------------------------------------------------------------- per-site tensors
 
 
@@ -435,7 +430,7 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
         # A point-mass guide (the VQ-VAE's Codebook: one-hot q) draws the same z for every particle, so
         # all k importance weights are equal and the IWAE estimate is the ELBO itself: one draw suffices.
         k = 1
-    split = _split_of(run, data)
+    split = inputs.split(data, run)  # the held-out rows: data's test split, or the run's own
     data_mod.validate(split.x, name="evaluation data")
     if device is not None:
         run.to(device)
