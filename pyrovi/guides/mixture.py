@@ -60,8 +60,6 @@ Evaluation and diagnostics draw from :math:`q` itself, with the sampler above.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Optional
 
 import torch
@@ -70,35 +68,11 @@ from pyro.distributions import MixtureOfDiagNormals
 from torch import nn
 
 from ..errors import ConfigError, check_positive
+from ..stratify import log_stratum, stratified, stratify_rank
 from .amortized import Amortized
 
+# ``stratified`` and ``log_stratum`` live in :mod:`pyrovi.stratify`; re-exported here for older imports.
 __all__ = ["DiagNormalMixture", "Mixture", "MixtureHead", "stratified", "log_stratum"]
-
-# Rank of the particle dim (it is batch dim ``-rank``) while objectives draw stratified particles; None otherwise.
-_STRATIFY: ContextVar[Optional[int]] = ContextVar("pyrovi_stratify", default=None)
-
-
-@contextmanager
-def stratified(rank: int):
-    """Within this context :meth:`DiagNormalMixture.rsample` draws stratified particles (module doc).
-
-    ``rank``: the particle dim is batch dim ``-rank`` of every mixture sampled (Pyro's
-    vectorized particle plate at ``dim=-rank``). Each draw's log weight :math:`\\log \\rho_s`
-    is left on the distribution as ``log_stratum`` (batch shape); read it with :func:`log_stratum`.
-    """
-    token = _STRATIFY.set(int(rank))
-    try:
-        yield
-    finally:
-        _STRATIFY.reset(token)
-
-
-def log_stratum(fn) -> Optional[torch.Tensor]:
-    """``log rho`` of a stratified draw from ``fn`` (through Independent/Transformed/Expanded wrappers), else None."""
-    while not isinstance(fn, DiagNormalMixture) and hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return getattr(fn, "log_stratum", None)
-
 
 class DiagNormalMixture(MixtureOfDiagNormals):
     """Mixture of diagonal Normals with unbiased pathwise gradients for every parameter and any ``D >= 1``.
@@ -111,7 +85,7 @@ class DiagNormalMixture(MixtureOfDiagNormals):
 
     def rsample(self, sample_shape=()) -> torch.Tensor:
         sample_shape = torch.Size(sample_shape)
-        rank = _STRATIFY.get()
+        rank = stratify_rank()
         if rank is not None and not sample_shape and len(self.batch_shape) >= rank:
             return self._stratified_rsample(rank)
         locs = self.locs.expand(sample_shape + self.locs.shape)  # (*S, *batch, K, D)
