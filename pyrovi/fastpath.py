@@ -21,7 +21,7 @@ and every guide on the amortized base (:class:`~pyrovi.guides.DiagNormal`,
 property of the guide's head, whose ``q`` both ``forward`` and ``posterior`` use.
 A guide on a user's Pyro model has no fast path (the model has no ``fast_log_joint``).
 A q with ``rsample_and_log_prob`` (:class:`pyrovi.distributions.DiagonalNormal`) is
-drawn and scored in one pass, through its standard-normal draw; any other q is
+drawn and scored in one pass, through its standard-normal draw; a mixture's q is
 expanded to ``(S, B)`` and drawn with ``rsample()``, as Pyro's particle plate does.
 Mixture guides (``guide.strata > 1``) draw *stratified* ELBO particles
 (``fast_log_weights(..., stratify=True)``, :mod:`pyrovi.stratify`) and return their
@@ -38,6 +38,7 @@ so a test or a benchmark can tell that the fast path, not Pyro's, ran.
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -85,26 +86,28 @@ def _draw(guide, x, y, particles: int, score: bool = True, stratify: bool = Fals
     """``(qs, z, log_q, log_rho)``: ``{site: q}`` (batch ``(B,)``), ``{site: (S, B, *event)}``, ``(S, B)`` or None,
     and the stratification weights ``(S, B)`` (None unless ``stratify`` and a mixture site).
 
-    Draws in the guide's site order, as Pyro's vectorized particle plate does: a distribution
-    with ``rsample_and_log_prob`` (pyrovi's DiagonalNormal) scores its draw in the same pass;
-    any other is expanded to ``(S, B)`` and drawn with ``rsample()`` (the same random numbers
-    Pyro's plate uses), inside :func:`~pyrovi.stratify.stratified` when ``stratify``.
+    Draws in the guide's site order with the random numbers Pyro's vectorized particle plate
+    uses: a distribution with ``rsample_and_log_prob`` (pyrovi's DiagonalNormal) scores its draw
+    in the same pass; a mixture guide's q is expanded to ``(S, B)`` and drawn with ``rsample()``
+    (its sampler draws per batch element), inside :func:`~pyrovi.stratify.stratified` when
+    ``stratify``; any other q is drawn with ``rsample((S,))``.
     """
     qs = guide.posterior(x, y)  # {site: q}, batch shape (B,)
+    expand = stratify or strata(guide) > 1  # a mixture's sampler draws per batch element, as Pyro's plate does
     z, log_q, log_rho = {}, None, None
     for s, q in qs.items():
-        if score and not stratify and hasattr(q, "rsample_and_log_prob"):
+        if score and not expand and hasattr(q, "rsample_and_log_prob"):
             z[s], lq = q.rsample_and_log_prob((particles,))
+        elif not expand:
+            z[s] = q.rsample((particles,))  # (S, B, *event)
+            lq = q.log_prob(z[s]) if score else None
         else:
             qe = q.expand((particles,) + tuple(q.batch_shape))  # (S, B)
-            if stratify:
-                with stratified(len(qe.batch_shape)):
-                    z[s] = qe.rsample()  # (S, B, *event)
-                lr = log_stratum(qe)
-                if lr is not None:
-                    log_rho = lr if log_rho is None else log_rho + lr  # (S, B)
-            else:
+            with stratified(len(qe.batch_shape)) if stratify else nullcontext():
                 z[s] = qe.rsample()  # (S, B, *event)
+            lr = log_stratum(qe) if stratify else None
+            if lr is not None:
+                log_rho = lr if log_rho is None else log_rho + lr  # (S, B)
             lq = qe.log_prob(z[s]) if score else None
         if score:
             log_q = lq if log_q is None else log_q + lq  # (S, B)
