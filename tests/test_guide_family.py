@@ -83,7 +83,7 @@ def test_every_guide_takes_hidden_as_an_int_or_a_sequence(name, hidden, widths):
 
 BAD = [
     ("hidden", 0, "hidden layer width must be > 0, got 0"),
-    ("hidden", (), "hidden must list at least one encoder width"),
+    ("hidden", (), "hidden must list at least one hidden layer width"),
     ("hidden", "wide", "hidden must be"),
     ("activation", "nope", "unknown activation 'nope'; valid activations: elu, gelu, relu, softplus, tanh"),
     ("min_scale", -1, "min_scale must be >= 0, got -1"),

@@ -196,7 +196,7 @@ def common_options(hidden, activation, min_scale=None, data_plate="data") -> tup
     """
     widths = as_widths(hidden)
     if not widths:
-        raise ConfigError("hidden must list at least one encoder width, e.g. hidden=256 or hidden=(512, 256)")
+        raise ConfigError("hidden must list at least one hidden layer width, e.g. hidden=256 or hidden=(512, 256)")
     _activation(activation)  # an unknown name raises, listing the valid ones
     if min_scale is not None:
         check_positive("min_scale", min_scale, allow_zero=True)
