@@ -62,7 +62,7 @@ from ..nets import MLP, activation as _activation, as_widths
 from ..stop_gradient import STOP_GRADIENT_FN
 from .base import encoder_input, input_dim
 
-__all__ = ["Amortized", "NormalHead", "DeltaHead", "SiteSpec", "common_options", "discover_latents", "example_spec"]
+__all__ = ["Amortized", "NormalHead", "DeltaHead", "WrappedHead", "SiteSpec", "common_options", "discover_latents", "example_spec"]
 
 
 class SiteSpec(NamedTuple):
@@ -218,9 +218,7 @@ class NormalHead(nn.Linear):
     """``h (..., H)`` -> diagonal Normal(loc, scale) over the site's shape, ``scale = softplus(raw) + min_scale``.
 
     A linear layer ``H -> 2n`` (``n`` = prod(shape)): ``loc`` is the first half of
-    its output, the raw scale the second. Its parameters are ``weight`` and
-    ``bias``; a state dict saved when this head wrapped the layer as ``linear``
-    (``Auto`` before 0.x) still loads.
+    its output, the raw scale the second; its parameters are ``weight`` and ``bias``.
     """
 
     def __init__(self, context_dim: int, shape, *, min_scale: float = 1e-4):
@@ -247,13 +245,6 @@ class NormalHead(nn.Linear):
         n = len(self.shape)
         return (DiagonalNormal(loc, scale, n, validate_args=False),
                 DiagonalNormal(loc.detach(), scale.detach(), n, validate_args=False))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for key in ("weight", "bias"):  # the older layout: the layer as a child named "linear"
-            old = f"{prefix}linear.{key}"
-            if old in state_dict and prefix + key not in state_dict:
-                state_dict[prefix + key] = state_dict.pop(old)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class DeltaHead(nn.Linear):
@@ -283,6 +274,27 @@ class DeltaHead(nn.Linear):
     def pair(self, h: torch.Tensor) -> tuple:
         p = self.point(h)
         return dist.Delta(p, event_dim=len(self.shape)), dist.Delta(p.detach(), event_dim=len(self.shape))
+
+
+class WrappedHead(nn.Module):
+    """A head held as the child ``linear``: the state-dict layout ``Auto`` saved its Gaussian heads in.
+
+    Same head, same q; only the parameter names differ (``heads.<site>.linear.weight``), so
+    run directories written before the guides shared their heads still load.
+    """
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.linear = head
+
+    def q(self, h):
+        return self.linear.q(h)
+
+    def pair(self, h):
+        return self.linear.pair(h)
+
+    def moments(self, h):
+        return self.linear.moments(h)
 
 
 def _pair(head, h):

@@ -34,7 +34,7 @@ from __future__ import annotations
 from ..errors import ConfigError, check_positive, lookup
 import math
 
-from .amortized import Amortized, DeltaHead, NormalHead
+from .amortized import Amortized, DeltaHead, NormalHead, WrappedHead
 from .flow import FlowHead, flow_options
 from .mixture import MixtureHead
 
@@ -109,7 +109,8 @@ class Auto(Amortized):
             return FlowHead(context_dim, math.prod(shape), min_scale=self.min_scale, **self.options)
         if self.family == "delta":
             return DeltaHead(context_dim, shape)
-        return NormalHead(context_dim, shape, min_scale=self.min_scale)
+        # the same head as DiagNormal's, held as ``linear``: the parameter names Auto's run directories have
+        return WrappedHead(NormalHead(context_dim, shape, min_scale=self.min_scale))
 
     def config(self) -> dict:
         """JSON-able options; with a traced model, the example inputs' shapes (not their values)."""
