@@ -357,3 +357,23 @@ def test_stratification_lives_in_its_own_module_and_mixture_re_exports_it():
     assert mixture.stratified is stratify.stratified and mixture.log_stratum is stratify.log_stratum
     assert stratify.strata(pv.guides.Mixture(_vae(), components=3, hidden=4)) == 3
     assert stratify.strata(pv.guides.DiagNormal(_vae(), hidden=4)) == 1
+
+
+# --------------------------------------------------------------------------- the codebook's probe flag
+
+
+def test_codebook_leaves_its_statistics_alone_inside_a_parameter_probe(digits):
+    from pyrovi.guides.base import in_parameter_probe, parameter_probe
+
+    model = pv.models.VQVAE(digits.shape, 8, code_dim=4, downsample=1, channels=8, image_shape=digits.image_shape)
+    guide = pv.guides.Codebook(model)
+    x = digits.train.x[:64]
+    guide.train()
+    assert not in_parameter_probe()
+    with parameter_probe():
+        assert in_parameter_probe()
+        guide(x)  # a training-mode call with gradients, but only to find parameters
+    assert not in_parameter_probe()
+    assert not bool(guide.initialized) and int(guide.updates) == 0
+    guide(x)
+    assert bool(guide.initialized) and int(guide.updates) == 1
