@@ -47,7 +47,7 @@ from torch.distributions import kl_divergence
 from .stratify import log_stratum, strata, stratified
 from .weights import LogWeights
 
-__all__ = ["supported", "fast_log_weights", "fast_meanfield_bound", "runs"]
+__all__ = ["supported", "fast_log_weights", "fast_elbo_weights", "fast_meanfield_bound", "runs"]
 
 #: how many times each fast computation ran (``"log_weights"``, ``"meanfield"``)
 runs: Counter = Counter()
@@ -141,6 +141,17 @@ def fast_log_weights(model, guide, *args, particles: int = 1, beta: float = 1.0,
     if log_rho is not None:
         log_rho = log_rho.expand_as(log_w)
     return LogWeights(log_w, log_lik + log_prior, log_q, log_lik, 1.0, True, None, None, log_rho)
+
+
+def fast_elbo_weights(model, guide, *args, particles: int = 1, beta: float = 1.0) -> LogWeights:
+    """Log weights for an ELBO estimate, as ``Objective._elbo_weights`` draws them on Pyro's path.
+
+    ``particles`` plain draws, or, for a guide with mixture sites (``guide.strata = C > 1``),
+    ``particles`` per component drawn stratified (``S = particles * C``, with ``log_rho``);
+    ``pyrovi.objectives.iw_bound(lw, alpha=1)`` turns either into the ELBO.
+    """
+    c = strata(guide)
+    return fast_log_weights(model, guide, *args, particles=particles * c, beta=beta, stratify=c > 1)
 
 
 def fast_meanfield_bound(model, guide, *args, particles: int = 1, beta: float = 1.0) -> torch.Tensor:

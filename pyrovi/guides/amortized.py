@@ -472,11 +472,19 @@ class Amortized(PyroModule):
     # ------------------------------------------------------------------ the guide and its fast twin
     def forward(self, *args, **kwargs) -> dict:
         """Sample every latent site from q(z|x) in the data plate; returns ``{site: (S?, B, *event)}``."""
+        args, kwargs = self._positional(args, kwargs)
         self.setup(*args, **kwargs)
         qs = self._qs(args)
         B = self._encoder_input_batch(args)
         with pyro.plate(self.data_plate, B, dim=self.plate_dim):
             return {name: pyro.sample(name, q, infer={STOP_GRADIENT_FN: q_sg}) for name, (q, q_sg) in qs.items()}
+
+    def _positional(self, args: tuple, kwargs: dict) -> tuple:
+        """A pyrovi model's labels given as ``y=`` become the second positional input, as ``(x, y)``."""
+        if self._pyrovi_input and "y" in kwargs and len(args) == 1:
+            kwargs = dict(kwargs)
+            args = (args[0], kwargs.pop("y"))
+        return args, kwargs
 
     def _encoder_input_batch(self, args) -> int:
         a = args[0] if self._pyrovi_input else args[self._inputs[0]]
@@ -491,6 +499,7 @@ class Amortized(PyroModule):
         scales are ``softplus(.) + min_scale``, positive by construction, and a
         non-finite encoder output surfaces as a non-finite loss, which fit reports.
         """
+        args, kwargs = self._positional(args, kwargs)
         self.setup(*args, **kwargs)
         h = self._context(args)
         return {name: self._site_distribution(spec, _q(self.heads[name], h)) for name, spec in self.sites.items()}
@@ -506,6 +515,7 @@ class Amortized(PyroModule):
         moments, a point mass's ``(point, 0)``), else from 256 draws on a fixed seed
         (flows, constrained sites).
         """
+        args, kwargs = self._positional(args, kwargs)
         self.setup(*args, **kwargs)
         h = self.body(self._encoder_input(args))  # (B, H)
         out = {}
