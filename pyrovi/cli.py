@@ -202,10 +202,9 @@ def _evaluate_args(p) -> None:
 
 
 def _run_data(run, name):
-    from . import data
+    from .inputs import dataset
 
-    return data.load(name, seed=run.config.get("train", {}).get("seed", 0)) if name else \
-        data.from_source(run.config.get("data", {}))
+    return dataset(name, run)  # None: the run's own data
 
 
 def _evaluate(args) -> int:
@@ -369,11 +368,11 @@ def _interpolate_args(p) -> None:
 def _interpolate(args) -> int:
     import torch
 
-    from . import data, load_run, plots, uses
+    from . import load_run, plots, uses
     from .errors import ConfigError
 
     run = load_run(args.run, device=args.device)
-    ds = data.load(args.data) if args.data else data.from_source(run.config.get("data", {}))
+    ds = _run_data(run, args.data)
     split = ds.test if len(ds.test) >= 2 else ds.train
     conditional = getattr(run.model, "uses_labels", False)
     if split.y is not None:  # a conditional model keeps its label along the path: pair items of one class
@@ -428,10 +427,10 @@ def _train_prior_args(p) -> None:
 
 
 def _train_prior(args) -> int:
-    from . import data, load_run, priors
+    from . import load_run, priors
 
     run = load_run(args.run, device=args.device)
-    ds = data.from_source(run.config.get("data", {}))
+    ds = _run_data(run, None)
     prior = priors.fit_prior(run, ds, conditional={"auto": None, "yes": True, "no": False}[args.conditional],
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, d_model=args.d_model,
                              layers=args.layers, heads=args.heads, seed=args.seed, progress=not args.no_progress)

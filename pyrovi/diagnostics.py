@@ -49,7 +49,7 @@ from pyro.poutine.util import site_is_subsample
 from .checkpoint import write_json
 from .errors import ConfigError, check_positive
 from .evaluate import Tally, _split_of, latent_summary, per_datapoint_weights, seeded
-from .weights import guess_max_plate_nesting
+from .traces import data_dim, guess_max_plate_nesting, in_data_plate
 
 __all__ = [
     "diagnose",
@@ -247,12 +247,12 @@ def _deterministic_draws(site, rank: int, data_plate: str, s: int, b: int) -> Op
     # pyro.deterministic's default event_dim is the whole value, so the plate layout is read from the
     # value itself: leading dims (particles, ..., data) as the plates put them.
     v = site["value"].detach()
-    data_dim = next((f.dim for f in site["cond_indep_stack"] if f.name == data_plate), None)
+    dd = data_dim(site, data_plate)
     if v.dim() < rank or v.shape[0] != s:
         return None
-    if data_dim is not None and v.shape[rank + data_dim] != b:
+    if dd is not None and v.shape[rank + dd] != b:
         return None
-    return _draws(v, rank, data_dim, tuple(v.shape[rank:]), s)
+    return _draws(v, rank, dd, tuple(v.shape[rank:]), s)
 
 
 @torch.no_grad()
@@ -344,7 +344,7 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
             for name, site in lw.guide_trace.nodes.items():
                 if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
                     continue
-                dd = next((f.dim for f in site["cond_indep_stack"] if f.name == plate), None)
+                dd = data_dim(site, plate)
                 ev = tuple(site["fn"].event_shape)
                 d = _draws(site["value"].detach(), rank, dd, ev, s)
                 if d is not None:
@@ -362,7 +362,7 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
                         determ.pop(name, None)
                         continue
                     determ.setdefault(name, []).append(d.cpu())
-                    per_point[name] = any(f.name == plate for f in site["cond_indep_stack"])
+                    per_point[name] = in_data_plate(site, plate)
                 elif name not in observed:
                     observed[name] = site["value"].detach().cpu()
             done += s

@@ -29,8 +29,9 @@ at K = 5000. From the same draws:
 - ``bits_per_dim`` :math:`= -\\log p(x) / (D \\ln 2)`.
 
 All log-densities are in nats per datapoint unless a name says otherwise.
-Per-datapoint metrics need every sample site inside the ``"data"`` plate; a
-model with a global latent gets a clear error (its weights do not factorize
+Per-datapoint metrics need every sample site inside the data plate (the
+run's ``data_plate``: ``"data"`` unless ``fit(data_plate=...)`` named another;
+found with :mod:`pyrovi.traces`); a model with a global latent gets a clear error (its weights do not factorize
 over datapoints, so there is no per-datapoint log p(x) to estimate).
 """
 
@@ -52,7 +53,8 @@ from . import data as data_mod
 from . import inputs
 from .checkpoint import write_json
 from .errors import ConfigError, DataError, check_positive
-from .weights import LogWeights, guess_max_plate_nesting, log_weights
+from .traces import data_dim, guess_max_plate_nesting, in_data_plate
+from .weights import LogWeights, log_weights
 
 __all__ = ["evaluate", "iw_log_likelihood", "Tally", "site_matrix", "latent_summary", "per_datapoint_weights", "seeded",
            "ACTIVE_THRESHOLD", "KL_METHODS"]
@@ -64,15 +66,8 @@ KL_METHODS = ("analytic", "monte_carlo", "moment_matched", "none")
 
 
 def _split_of(run, data) -> data_mod.Split:
-    if data is None:
-        if run.data is None:
-            raise ConfigError("evaluate needs data= (this run does not carry its dataset)")
-        return run.data.test
-    if isinstance(data, str):
-        return data_mod.load(data, seed=run.config.get("train", {}).get("seed", 0)).test
-    if isinstance(data, data_mod.Dataset):
-        return data.test
-    return inputs.as_split(data)  # tensor, array, (x, y), torch Dataset or DataLoader
+    """The held-out rows to score: ``data``'s test split, or the run's own (:func:`pyrovi.inputs.split`)."""
+    return inputs.split(data, run, "test")
 
 
 # --------------------------------------------------------------------------- per-site tensors
@@ -255,7 +250,7 @@ class Tally:
             self._add_sq_error(lw, rank, s)
 
     def _data_dim(self, site) -> Optional[int]:
-        return next((f.dim for f in site["cond_indep_stack"] if f.name == self.data_plate), None)
+        return data_dim(site, self.data_plate)
 
     def _add_sq_error(self, lw: LogWeights, rank: int, s: int) -> None:
         total, count = None, 0
@@ -304,7 +299,7 @@ def _global_sites(lw: LogWeights, data_plate: str) -> list:
     for tr in (lw.model_trace, lw.guide_trace):
         for name, site in tr.nodes.items():
             if site["type"] == "sample" and not site_is_subsample(site) and not site["infer"].get("_deterministic"):
-                if not any(f.name == data_plate for f in site["cond_indep_stack"]) and name not in names:
+                if not in_data_plate(site, data_plate) and name not in names:
                     names.append(name)
     return names
 

@@ -31,13 +31,11 @@ distributions of :mod:`pyrovi.distributions` keep the rest of the step close to
 hand-written PyTorch (``benchmarks/RESULTS.md``). ``stl`` and ``dreg`` always go
 through Pyro: they score q under detached parameters, which the traces carry.
 
-Every call counts itself in :data:`runs` (``{"log_weights": n, "meanfield": n}``),
-so a test or a benchmark can tell that the fast path, not Pyro's, ran.
+Which path ran is recorded by the caller: ``Objective.path_counts``.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from contextlib import nullcontext
 from typing import Optional
 
@@ -47,10 +45,7 @@ from torch.distributions import kl_divergence
 from .stratify import log_stratum, strata, stratified
 from .weights import LogWeights
 
-__all__ = ["supported", "fast_log_weights", "fast_elbo_weights", "fast_meanfield_bound", "runs"]
-
-#: how many times each fast computation ran (``"log_weights"``, ``"meanfield"``)
-runs: Counter = Counter()
+__all__ = ["supported", "fast_log_weights", "fast_elbo_weights", "fast_meanfield_bound"]
 
 
 def _owner(cls, name: str):
@@ -130,7 +125,6 @@ def fast_log_weights(model, guide, *args, particles: int = 1, beta: float = 1.0,
     component times ``guide.strata``, as for :func:`~pyrovi.weights.log_weights`); their weights
     are returned as ``log_rho``.
     """
-    runs["log_weights"] += 1
     x, y = _split(args)
     qs, z, log_q, log_rho = _draw(guide, x, y, particles, stratify=stratify)  # log_q (S, B)
     log_lik, priors = model.fast_log_joint(x, z, y)  # (S, B), {site: p(z)}
@@ -159,7 +153,6 @@ def fast_meanfield_bound(model, guide, *args, particles: int = 1, beta: float = 
 
     .. math:: \\sum_n \\Big( \\frac1S \\sum_s \\log p(x_n \\mid z_{s,n}) - \\beta\\,\\mathrm{KL}(q(z|x_n) \\,\\|\\, p(z)) \\Big)
     """
-    runs["meanfield"] += 1
     x, y = _split(args)
     qs, z, _, _ = _draw(guide, x, y, particles, score=False)
     log_lik, priors = model.fast_log_joint(x, z, y)

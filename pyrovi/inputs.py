@@ -8,6 +8,12 @@ pyrovi's ``fit``, ``evaluate`` and ``diagnose`` take data as a
 and batches itself, which is much faster than a per-batch Python loader on
 data that fits in memory).
 
+**One resolver.** Every entry point takes its ``data`` argument through this
+module: ``fit`` through :func:`training_data`; ``evaluate``, ``diagnose``, the
+priors, the uses and the CLI through :func:`dataset` / :func:`split`, where
+``data=None`` means "the run's own data" (reloaded from the source its
+``config.json`` records when the run came from disk).
+
 **The calling rule.** Every call of the model and of the guide (Pyro passes
 both the same arguments) is::
 
@@ -33,7 +39,8 @@ import torch
 from . import data as data_mod
 from .errors import ConfigError, DataError
 
-__all__ = ["as_split", "takes_y", "call_args", "check_model_kwargs", "as_targets"]
+__all__ = ["as_split", "takes_y", "call_args", "check_model_kwargs", "as_targets", "training_data", "dataset",
+           "split"]
 
 
 def as_targets(y) -> torch.Tensor:
@@ -152,3 +159,68 @@ def check_model_kwargs(model_kwargs) -> dict:
     if "y" in model_kwargs:
         raise ConfigError("model_kwargs must not hold 'y'; pass the data as an (x, y) pair so y is batched with x")
     return dict(model_kwargs)
+
+
+# --------------------------------------------------------------------------- the one data resolver
+
+
+def training_data(data: Any, *, seed: int = 0, val_fraction: float = 0.1) -> tuple:
+    """``fit``'s data -> ``(train Split, val Split, Dataset or None, JSON description of the source)``.
+
+    A dataset name is loaded (seeded split); a :class:`~pyrovi.data.Dataset` brings its own
+    train/validation splits (its test split is never touched); anything :func:`as_split`
+    takes is split here, ``val_fraction`` of its rows (at least one) held out by a seeded
+    permutation.
+    """
+    ds = None if data is None else dataset(data, seed=seed)  # fit has no run whose data None could mean
+    if ds is not None:
+        if len(ds.val) == 0:
+            raise DataError(f"dataset {ds.name!r} has an empty validation split; load it with split=(0.1, ...)")
+        return ds.train, ds.val, ds, dict(ds.source)
+    whole = as_split(data)
+    data_mod.validate(whole.x, name="data", min_rows=2)
+    check_targets(whole, "data")
+    n = whole.x.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(n * val_fraction)))
+    tr, va = perm[n_val:], perm[:n_val]
+    pick = lambda idx: data_mod.Split(whole.x[idx], None if whole.y is None else whole.y[idx])  # noqa: E731
+    return pick(tr), pick(va), None, {"name": "arrays", "rows": n, "val_fraction": val_fraction}
+
+
+def _run_seed(run) -> int:
+    seed = (getattr(run, "config", None) or {}).get("train", {}).get("seed", 0)
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+
+
+def dataset(data: Any = None, run=None, *, seed: Optional[int] = None) -> Optional[data_mod.Dataset]:
+    """The :class:`~pyrovi.data.Dataset` that ``data`` names, or None for raw arrays.
+
+    ``data`` is a Dataset (returned as is), a dataset name (loaded with the run's seed, so
+    its splits are the run's), or None: the run's own dataset — the object it was trained
+    on, or, for a run loaded from disk, reloaded from the source its ``config.json``
+    records (a :class:`~pyrovi.errors.ConfigError` says so when it was trained on
+    in-memory arrays). Anything else (tensor, array, (x, y), torch Dataset) gives None.
+    """
+    if seed is None:
+        seed = _run_seed(run)
+    if data is None:
+        if run is None:
+            raise ConfigError("no data given: pass data= (a dataset name, a pyrovi Dataset, a tensor or an "
+                              "(x, y) pair)")
+        if getattr(run, "data", None) is not None:
+            return run.data
+        return data_mod.from_source((run.config or {}).get("data", {}))
+    if isinstance(data, str):
+        return data_mod.load(data, seed=seed)
+    if isinstance(data, data_mod.Dataset):
+        return data
+    return None
+
+
+def split(data: Any = None, run=None, which: str = "test") -> data_mod.Split:
+    """The rows an evaluation uses: split ``which`` of :func:`dataset`, or ``data`` itself as one Split."""
+    ds = dataset(data, run)
+    if ds is not None:
+        return getattr(ds, which)
+    return as_split(data)

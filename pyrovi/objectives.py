@@ -1,9 +1,17 @@
 """Objectives by name: variational bounds and their gradient estimators.
 
-An objective is called as ``objective(model, guide, *args, **kwargs)`` and
-returns a differentiable scalar **loss = -bound**, summed over the datapoints
-passed in and averaged over particles, in nats (Pyro's convention for
+An objective is called as ``objective(model, guide, *args, **kwargs)`` (or
+``objective.loss(model, guide, args, kwargs, beta=...)``) and returns a
+differentiable scalar **loss = -bound**, summed over the datapoints passed in
+and averaged over particles, in nats (Pyro's convention for
 ``differentiable_loss``). ``pyrovi.fit`` divides by the batch size.
+
+Per-datapoint bounds (``iwae``, ``renyi``, ``dreg``, and the stratified ELBO of
+mixture guides) log-sum-exp over particles for each datapoint of the plate
+named ``objective.data_plate`` ("data" unless ``fit(data_plate=...)`` says
+otherwise); see :mod:`pyrovi.weights`. ``beta`` (KL warm-up, beta-VAE) weights
+the latent sites' terms, :math:`\\log p(x|z) + \\beta(\\log p(z) - \\log q(z|x))`,
+on the fast path and on Pyro's path alike.
 
 ========== ====================================================== ==================
 name       bound                                                  implementation
@@ -17,7 +25,7 @@ dreg       IWAE; doubly reparameterized encoder gradient          pyrovi (Tucker
 ========== ====================================================== ==================
 
 ``stl`` and ``dreg`` are gradient estimators, not new bounds: each returns
-exactly the value of ``elbo``/``iwae`` for the same draws and changes only
+the value of ``elbo``/``iwae`` for the same draws (to float rounding) and changes only
 the gradient (stop-gradient surrogates, see :mod:`pyrovi.stop_gradient`).
 
 All use ``particles`` vectorized draws. For a guide with mixture sites
@@ -44,7 +52,8 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from . import fastpath
 from .errors import ConfigError, check_positive, lookup
 from .stop_gradient import ScaleLatentGradients, StopGradientScorer
-from .weights import LogWeights, guess_max_plate_nesting, log_weights
+from .traces import ScaleLatents, guess_max_plate_nesting
+from .weights import LogWeights, log_weights
 
 __all__ = ["Objective", "ELBO", "MeanFieldELBO", "IWAE", "Renyi", "STL", "DReG", "get", "names", "OBJECTIVES",
            "iw_bound"]
@@ -62,35 +71,75 @@ class Objective:
     :param int particles: number of vectorized particles S (>= 1).
 
     ``fast`` (default True) evaluates pyrovi's own model/guide pairs through
-    :mod:`pyrovi.fastpath` (same draws and values, no Pyro tracing); other
-    callables always go through Pyro.
+    :mod:`pyrovi.fastpath` (same draws, same values to float rounding, no Pyro
+    tracing); other callables always go through Pyro. ``path_counts`` counts the
+    calls that took each path. Subclasses implement one hook, :meth:`_bound`.
     """
 
     name = "objective"
     fast = True
+    #: whether :meth:`_bound` has a fast-path branch (``stl``/``dreg`` score q through the traces)
+    has_fast_path = True
 
     def __init__(self, particles: int = 1):
         check_positive("particles", particles, integer=True)
         self.particles = particles
         #: plate depth of the model; ``fit`` sets it once, else read from ``model.max_plate_nesting``
         self.max_plate_nesting: Optional[int] = None
+        #: name of the model's plate over datapoints; ``fit`` sets it from ``fit(data_plate=...)``
+        self.data_plate: str = "data"
+        #: calls per path, ``{"fast": n, "traced": n}`` (:mod:`pyrovi.fastpath` or Pyro's traces)
+        self.path_counts: dict = {"fast": 0, "traced": 0}
 
-    def _elbo_weights(self, model, guide, *args, guide_log_prob=None, **kwargs) -> LogWeights:
+    def loss(self, model, guide, args: tuple = (), kwargs: Optional[dict] = None, *, beta: float = 1.0
+             ) -> torch.Tensor:
+        """Differentiable ``-bound`` of ``model``/``guide`` on ``args`` (nats, summed over datapoints).
+
+        ``beta`` weights the latent sites' terms, :math:`\\log p(x|z) + \\beta(\\log p(z) - \\log q(z|x))`
+        (KL warm-up, beta-VAE): passed to the fast path, or applied to Pyro's traces by
+        :class:`~pyrovi.traces.ScaleLatents` around model and guide.
+        """
+        args, kwargs = tuple(args), dict(kwargs or {})
+        if type(self).__call__ is not Objective.__call__:
+            # a subclass written against the older API (it overrides __call__): its own estimate, traced
+            self.path_counts["traced"] += 1
+            if beta != 1.0:
+                model, guide = ScaleLatents(beta)(model), ScaleLatents(beta)(guide)
+            return self(model, guide, *args, **kwargs)
+        return self._loss(model, guide, args, kwargs, beta)
+
+    def _loss(self, model, guide, args: tuple, kwargs: dict, beta: float) -> torch.Tensor:
+        depth = self._plate_depth(model)  # read before wrapping: a wrapped model hides its attributes
+        fast = self.fast and self.has_fast_path and not kwargs and fastpath.supported(model, guide)
+        self.path_counts["fast" if fast else "traced"] += 1
+        if not fast and beta != 1.0:
+            model, guide = ScaleLatents(beta)(model), ScaleLatents(beta)(guide)
+            beta = 1.0  # now in the traces' site scales
+        return -self._bound(model, guide, args, kwargs, fast=fast, beta=beta, depth=depth)
+
+    def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        return self._loss(model, guide, tuple(args), dict(kwargs), 1.0)
+
+    def _bound(self, model, guide, args: tuple, kwargs: dict, *, fast: bool, beta: float,
+               depth: Optional[int]) -> torch.Tensor:  # pragma: no cover - abstract
+        """The bound (summed over datapoints). ``fast``: evaluate through :mod:`pyrovi.fastpath`, weighting
+        latent terms by ``beta``; otherwise through Pyro's traces (``beta`` is then 1: already applied).
+        ``depth``: the model's plate depth, or None to find it."""
+        raise NotImplementedError
+
+    def _elbo_weights(self, model, guide, args, kwargs, depth, guide_log_prob=None) -> LogWeights:
         """Log weights for an ELBO estimate: ``particles`` plain draws, or per component, stratified, for a
         guide with mixture sites (see the module doc); :func:`iw_bound` with ``alpha=1`` turns them into the ELBO.
         """
         strata = _strata(guide)
-        return log_weights(model, guide, *args, particles=self.particles * strata,
-                           max_plate_nesting=self._plate_depth(model), guide_log_prob=guide_log_prob,
-                           stratify=strata > 1, **kwargs)
+        return log_weights(model, guide, *args, particles=self.particles * strata, max_plate_nesting=depth,
+                           data_plate=self.data_plate, guide_log_prob=guide_log_prob, stratify=strata > 1,
+                           **kwargs)
 
     def _plate_depth(self, model) -> Optional[int]:
         if self.max_plate_nesting is not None:
             return self.max_plate_nesting
         return getattr(model, "max_plate_nesting", None)
-
-    def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def config(self) -> dict:
         """JSON-able description that :func:`get` turns back into this objective."""
@@ -115,14 +164,17 @@ class _PyroObjective(Objective):
         kw = {} if max_plate_nesting is None else {"max_plate_nesting": max_plate_nesting}
         return self.pyro_class(num_particles=self.particles, vectorize_particles=True, **kw)
 
-    def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        if self.fast and not kwargs and fastpath.supported(model, guide):
-            return -self._fast_bound(model, guide, *args)
+    def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
+        if fast:
+            return self._fast_bound(model, guide, args, beta)
         if _strata(guide) > 1:  # a mixture guide: the ELBO, stratified (its KL has no closed form anyway)
-            return -iw_bound(self._elbo_weights(model, guide, *args, **kwargs), alpha=1.0)
+            return iw_bound(self._elbo_weights(model, guide, args, kwargs, depth), alpha=1.0)
         if self._elbo is None:
-            self._elbo = self.pyro_elbo(self._plate_depth(model))
-        return self._elbo.differentiable_loss(model, guide, *args, **kwargs)
+            self._elbo = self.pyro_elbo(depth)
+        return -self._elbo.differentiable_loss(model, guide, *args, **kwargs)
+
+    def _fast_bound(self, model, guide, args, beta):  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 class ELBO(_PyroObjective):
@@ -136,8 +188,8 @@ class ELBO(_PyroObjective):
     name = "elbo"
     pyro_class = Trace_ELBO
 
-    def _fast_bound(self, model, guide, *args):
-        return fastpath.fast_log_weights(model, guide, *args, particles=self.particles).log_w.mean(0).sum()
+    def _fast_bound(self, model, guide, args, beta):
+        return fastpath.fast_log_weights(model, guide, *args, particles=self.particles, beta=beta).log_w.mean(0).sum()
 
 
 class MeanFieldELBO(_PyroObjective):
@@ -154,8 +206,8 @@ class MeanFieldELBO(_PyroObjective):
     name = "meanfield"
     pyro_class = TraceMeanField_ELBO
 
-    def _fast_bound(self, model, guide, *args):
-        return fastpath.fast_meanfield_bound(model, guide, *args, particles=self.particles)
+    def _fast_bound(self, model, guide, args, beta):
+        return fastpath.fast_meanfield_bound(model, guide, *args, particles=self.particles, beta=beta)
 
 
 def iw_bound(lw: LogWeights, alpha: float = 0.0) -> torch.Tensor:
@@ -207,13 +259,13 @@ class Renyi(Objective):
         """JSON-able description (name, particles, alpha) that :func:`get` turns back into this objective."""
         return {"name": self.name, "particles": self.particles, "alpha": self.alpha}
 
-    def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        if self.fast and not kwargs and fastpath.supported(model, guide):
-            lw = fastpath.fast_log_weights(model, guide, *args, particles=self.particles)
+    def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
+        if fast:
+            lw = fastpath.fast_log_weights(model, guide, *args, particles=self.particles, beta=beta)
         else:
-            lw = log_weights(model, guide, *args, particles=self.particles,
-                             max_plate_nesting=self._plate_depth(model), **kwargs)
-        return -iw_bound(lw, self.alpha)
+            lw = log_weights(model, guide, *args, particles=self.particles, max_plate_nesting=depth,
+                             data_plate=self.data_plate, **kwargs)
+        return iw_bound(lw, self.alpha)
 
 
 class IWAE(Renyi):
@@ -252,7 +304,7 @@ class STL(Objective):
     the exact posterior (then the path term vanishes and only noise is left).
     STL drops it by scoring ``log q`` with detached variational parameters:
     the estimator stays unbiased, and its variance goes to zero as q
-    approaches the posterior. The value is the ELBO, bit for bit.
+    approaches the posterior. The value is the ELBO's for the same draws, to float rounding.
 
     loss = -ELBO, summed over datapoints, averaged over ``particles``.
 
@@ -260,11 +312,13 @@ class STL(Objective):
     """
 
     name = "stl"
+    has_fast_path = False  # log q under detached parameters is read from the guide's trace
 
-    def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        lw = self._elbo_weights(model, guide, *args, guide_log_prob=StopGradientScorer(), **kwargs)
-        assert lw.log_w.dim() == 2 and lw.log_w.shape[0] == self.particles * _strata(guide)  # (S, B) or (S, 1)
-        return -iw_bound(lw, alpha=1.0)  # = -scale * sum_b mean_s log w_{s,b}
+    def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
+        lw = self._elbo_weights(model, guide, args, kwargs, depth, guide_log_prob=StopGradientScorer())
+        log_w = lw.log_w  # (S, B) or (S, 1)
+        assert log_w.dim() == 2 and log_w.shape[0] == self.particles * _strata(guide)
+        return iw_bound(lw, alpha=1.0)  # = scale * sum_b mean_s log w_{s,b}
 
 
 class DReG(Objective):
@@ -286,7 +340,7 @@ class DReG(Objective):
     gradient is already :math:`\\sum_s \\tilde w_s \\nabla \\log w_s`), with
     the gradient reaching each latent draw multiplied once more by
     :math:`\\tilde w_s` (see :class:`pyrovi.stop_gradient.ScaleLatentGradients`).
-    The value is the IWAE bound, bit for bit. With S = 1 it is :class:`STL`.
+    The value is the IWAE bound's for the same draws, to float rounding. With S = 1 it is :class:`STL`.
 
     loss = -IWAE bound, summed over datapoints (log-sum-exp per datapoint).
 
@@ -294,22 +348,22 @@ class DReG(Objective):
     """
 
     name = "dreg"
+    has_fast_path = False  # log q under detached parameters is read from the guide's trace
 
     def __init__(self, particles: int = 8):
         super().__init__(particles)
 
-    def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        depth = self._plate_depth(model)
+    def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
         if depth is None:
             depth = guess_max_plate_nesting(model, guide, args, kwargs)
-        scale = ScaleLatentGradients(rank=depth + 1)
+        scale = ScaleLatentGradients(rank=depth + 1, data_plate=self.data_plate)
         with scale:  # outermost handler: wraps the latents where the model reads them
             lw = log_weights(model, guide, *args, particles=self.particles, max_plate_nesting=depth,
-                             guide_log_prob=StopGradientScorer(scale), **kwargs)
+                             data_plate=self.data_plate, guide_log_prob=StopGradientScorer(scale), **kwargs)
         log_w = lw.log_w  # (S, B) or (S, 1)
         assert log_w.dim() == 2 and log_w.shape[0] == self.particles
         scale.set_weights(torch.softmax(log_w.detach(), dim=0))  # normalized weights per datapoint, (S, B)
-        return -iw_bound(lw, alpha=0.0)
+        return iw_bound(lw, alpha=0.0)
 
 
 #: name -> objective class

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from . import data as data_mod
+from . import inputs
 from .checkpoint import load_tensors, read_json, save_tensors, write_json
 from .errors import CheckpointError, ConfigError, DataError, check_positive
 
@@ -190,14 +191,11 @@ def encode_codes(run, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
 
 
 def _dataset(run, data) -> data_mod.Dataset:
-    if data is None:
-        data = run.data if run.data is not None else data_mod.from_source(run.config.get("data", {}))
-    if isinstance(data, str):
-        data = data_mod.load(data, seed=run.config.get("train", {}).get("seed", 0))
-    if not isinstance(data, data_mod.Dataset):
+    ds = inputs.dataset(data, run)  # None: the run's own data, reloaded from its config when it came from disk
+    if ds is None:
         raise ConfigError("fit_prior needs a pyrovi Dataset (train/val/test splits), e.g. data.load('digits'); "
                           f"got {type(data).__name__}")
-    return data
+    return ds
 
 
 # --------------------------------------------------------------------------- fitting

@@ -24,9 +24,11 @@ How the detached q is obtained, per guide site:
    ``to_event``/expanded/masked wrappers, parameter-free transforms) and raises a
    :class:`~pyrovi.errors.ConfigError` for anything else.
 
-The reported value is kept bit-for-bit equal to the ordinary ``log q`` by the
+The reported value is the ordinary ``log q`` of the site's value, kept by the
 surrogate ``lp.detach() + (lp_sg - lp_sg.detach())`` (value of the first term,
-gradient of the second).
+gradient of the second). A bound built from it equals the plain one for the
+same draws to float rounding, not bit for bit: under DReG the latent values are
+copies, so a flow recomputes its inverse instead of reading its cache.
 
 DReG additionally weights the pathwise gradient of particle ``s`` by its
 normalized importance weight. The weights are only known after the model has
@@ -46,6 +48,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import transforms as T
 
 from .errors import ConfigError
+from .traces import data_dim
 
 __all__ = ["STOP_GRADIENT_FN", "ScaleLatentGradients", "StopGradientScorer", "detach_distribution"]
 
@@ -139,9 +142,9 @@ class ScaleLatentGradients(Messenger):
     def set_weights(self, w: torch.Tensor) -> None:
         self.weights = w.detach()
 
-    def layout(self, value: torch.Tensor, event_dim: int, frames) -> tuple:
-        data_dim = next((f.dim for f in frames if f.name == self.data_plate), None)
-        return value.dim() - event_dim, event_dim, data_dim
+    def layout(self, value: torch.Tensor, event_dim: int, site) -> tuple:
+        """``(batch dims, event dims, data dim or None)`` of ``value`` at ``site`` (a trace node or message)."""
+        return value.dim() - event_dim, event_dim, data_dim(site, self.data_plate)
 
     def factor(self, layout: tuple, grad: torch.Tensor) -> torch.Tensor:
         if self.weights is None:
@@ -156,16 +159,16 @@ class ScaleLatentGradients(Messenger):
             w = w[:, 0]
         return w.reshape(shape + [1] * event_dim).to(grad.dtype)
 
-    def wrap(self, value: torch.Tensor, event_dim: int, frames) -> torch.Tensor:
+    def wrap(self, value: torch.Tensor, event_dim: int, site) -> torch.Tensor:
         if not value.requires_grad:
             return value
-        return _ScaleGrad.apply(value, self, self.layout(value, event_dim, frames))
+        return _ScaleGrad.apply(value, self, self.layout(value, event_dim, site))
 
     def _process_message(self, msg) -> None:
         # Outermost handler: runs after replay has put the guide's draw into a model site.
         if (msg["type"] == "sample" and msg["done"] and not msg["is_observed"] and not site_is_subsample(msg)
                 and torch.is_tensor(msg["value"])):
-            msg["value"] = self.wrap(msg["value"], msg["fn"].event_dim, msg["cond_indep_stack"])
+            msg["value"] = self.wrap(msg["value"], msg["fn"].event_dim, msg)
 
 
 class StopGradientScorer:
@@ -194,7 +197,7 @@ class _Surrogate:
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         exact = self.site["fn"].log_prob(value).detach()
         if self.scale is not None:
-            value = self.scale.wrap(value, self.site["fn"].event_dim, self.site["cond_indep_stack"])
+            value = self.scale.wrap(value, self.site["fn"].event_dim, self.site)
         lp = self.twin.log_prob(value)  # (S, ..., B): gradient only through value
         lp = lp.expand(exact.shape) if lp.shape != exact.shape else lp
         return exact + (lp - lp.detach())

@@ -26,18 +26,15 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Callable, NamedTuple, Optional
 
-import pyro
 import torch
-from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import site_is_subsample
 
 from .errors import ConfigError
 from .stratify import log_stratum, stratified
+from .traces import PARTICLE_PLATE, data_dim as _data_dim, guess_max_plate_nesting, trace_pair
 
 __all__ = ["LogWeights", "log_weights", "guess_max_plate_nesting", "PARTICLE_PLATE"]
-
-PARTICLE_PLATE = "num_particles_vectorized"  # Pyro's own name, so Pyro code treats it as particles
 
 
 class LogWeights(NamedTuple):
@@ -58,25 +55,6 @@ class LogWeights(NamedTuple):
     guide_trace: object
     #: log of the stratification weights rho_s of stratified mixture draws, ``(S, B|1)``; None: all rho = 1
     log_rho: Optional[torch.Tensor] = None
-
-
-def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
-    """Plate depth of model and guide, read from attributes or found by one trace."""
-    declared = [getattr(m, "max_plate_nesting", None) for m in (model, guide)]
-    declared = [d for d in declared if isinstance(d, int)]
-    if declared:
-        return max(declared)
-    with poutine.block():
-        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
-    depth = 0
-    for tr in (guide_tr, model_tr):
-        for site in tr.nodes.values():
-            if site["type"] == "sample":
-                for f in site["cond_indep_stack"]:
-                    if f.vectorized and f.dim is not None:
-                        depth = max(depth, -f.dim)
-    return depth
 
 
 def _site_log_prob(site, detach_params: Optional[Callable] = None) -> torch.Tensor:
@@ -131,9 +109,9 @@ def log_weights(
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
     rank = max_plate_nesting + 1
-    with pyro.plate(PARTICLE_PLATE, particles, dim=-rank), (stratified(rank) if stratify else nullcontext()):
-        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+    with stratified(rank) if stratify else nullcontext():
+        guide_tr, model_tr = trace_pair(model, guide, args, kwargs, particles=particles,
+                                        max_plate_nesting=max_plate_nesting)
     if is_validation_enabled():
         _check_sites(model_tr, guide_tr)
 
@@ -143,7 +121,7 @@ def log_weights(
         for site in tr.nodes.values():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
-            data_dim = next((f.dim for f in site["cond_indep_stack"] if f.name == data_plate), None)
+            data_dim = _data_dim(site, data_plate)
             use_scorer = scorer if not site["is_observed"] else None
             kind = 2.0 if (sign > 0 and site["is_observed"]) else sign
             sites.append((_site_log_prob(site, use_scorer), site["scale"], data_dim, kind))

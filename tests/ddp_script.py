@@ -18,7 +18,7 @@ import torch
 
 import pyrovi as pv
 import pyrovi.distributed as dist
-import pyrovi.train as train_mod
+import pyrovi.loop as loop_mod
 from pyrovi.checkpoint import save_tensors
 
 #: shared with tests/test_distributed.py and benchmarks/ddp_agreement.py (SETTING there)
@@ -37,7 +37,7 @@ def row_hashes(x: torch.Tensor) -> list:
 
 def main(out: str, record_dir: str) -> None:
     record = {"shards": {}, "batches": [], "rng": []}
-    real_shard, real_step = dist.shard, train_mod.train_step
+    real_shard, real_step = dist.shard, loop_mod.train_step
 
     def shard(n, epoch, rank, world_size, seed):
         idx = real_shard(n, epoch, rank, world_size, seed)
@@ -49,7 +49,7 @@ def main(out: str, record_dir: str) -> None:
         record["rng"].append(hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16])
         return real_step(loss_fn, optimizer, x, *args, **kw)
 
-    dist.shard, train_mod.train_step = shard, train_step  # batch_step looks train_step up in pyrovi.train
+    dist.shard, loop_mod.train_step = shard, train_step  # batch_step looks train_step up in pyrovi.loop
     data = pv.data.load("digits")
     model, guide = build(data)
     run = pv.fit(model, guide, data, out=out, progress=False, figures=False, strategy="ddp", devices=2,

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import pyro
 import torch
 
 import pyrovi as pv
@@ -297,3 +298,38 @@ def test_ddp_spawn_brings_weights_back_and_resumes_the_same_trajectory(digits, t
     resumed = pv.fit(m2, g2, digits, epochs=2, out=str(tmp_path / "b"), resume=True, **kw)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     assert all(torch.equal(v, mine[k]) for k, v in resumed.state_tensors().items())
+
+
+def user_model(x):
+    """A user's plain-function Pyro model (module level, so spawned ranks can unpickle it)."""
+    decoder = pyro.module("decoder", _DECODER)
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", pyro.distributions.Normal(0.0, 1.0).expand([2]).to_event(1))
+        pyro.sample("x", pyro.distributions.Normal(decoder(z), 0.5).to_event(1), obs=x)
+
+
+_DECODER = torch.nn.Linear(2, 3)
+
+
+@needs_lightning
+def test_every_fit_option_behaves_the_same_under_ddp(digits, tmp_path, restore_environ):
+    """One loop for 1 or N processes: guide=None on a user model (Auto traced on the first rows), float64,
+    KL warm-up and a case-insensitive schedule name behave as in single-process fit."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, generator=g) @ torch.tensor([[1.0, 0.5, -1.0], [0.0, 1.0, 2.0]])
+    kw = dict(epochs=2, batch_size=16, lr=1e-2, warmup=2, lr_schedule="Cosine", progress=False, figures=False)
+    ddp = dict(strategy="ddp_spawn", devices=2, accelerator="cpu")
+    single = pv.fit(user_model, None, x, **kw)
+    run = pv.fit(user_model, None, x, out=str(tmp_path / "user"), **ddp, **kw)
+    for r in (single, run):
+        assert isinstance(r.guide, pv.guides.Auto) and r.config["train"]["lr_schedule"] == "cosine"
+        assert [h["beta"] for h in r.history] == [0.5, 1.0]  # KL warm-up over 2 epochs of 4 steps
+        assert r.history[1]["lr"] < r.history[0]["lr"]  # the cosine schedule stepped
+    assert run.config["distributed"]["world_size"] == 2
+    assert isinstance(pv.load_run(str(tmp_path / "user"), model=user_model).guide, pv.guides.Auto)
+
+    model, guide = ddp_script.build(digits)
+    run = pv.fit(model, guide, digits, dtype="Float64", out=str(tmp_path / "f64"), **ddp, **kw)
+    assert run.config["train"]["dtype"] == "float64"
+    assert all(p.dtype == torch.float64 for p in guide.parameters())
+    assert pv.load_run(str(tmp_path / "f64")).dtype == torch.float64

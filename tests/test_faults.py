@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import pyrovi as pv
-from pyrovi import train as train_mod
+from pyrovi import train_state
 from pyrovi.checkpoint import load_tensors
 from pyrovi.errors import ConfigError, TrainingError
 
@@ -208,7 +208,7 @@ def test_read_only_directory_simulated(tmp_path, monkeypatch):
     monkeypatch.undo()
     (tmp_path / "existing").mkdir()
     m, before, go = _small(str(tmp_path / "existing"))
-    monkeypatch.setattr(train_mod, "open", _raiser(errno.EROFS), raising=False)  # train.py's open() only
+    monkeypatch.setattr(train_state, "open", _raiser(errno.EROFS), raising=False)  # train_state.py's open() only
     with pytest.raises(ConfigError, match="cannot write into out=.*Read-only file system"):
         go()
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

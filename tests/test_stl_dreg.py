@@ -10,6 +10,12 @@ from pyrovi.stop_gradient import StopGradientScorer
 from pyrovi.weights import log_weights
 
 W = torch.tensor([[1.0, 0.8], [0.9, 1.0], [1.0, 1.1], [0.8, 0.9]])
+EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7: the relative rounding error of one float32 operation
+
+
+def rounding_rtol(terms: int) -> float:
+    """Relative tolerance for two float32 sums of ``terms`` numbers added in different orders."""
+    return 4 * EPS32 * terms
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,17 +61,20 @@ def test_values_equal_elbo_and_iwae_for_the_same_draws(name):
     elbo = -iw_bound(log_weights(model, guide, x, particles=5 * strata, stratify=strata > 1), alpha=1.0)
     pyro.set_rng_seed(3)
     pyro_elbo = pv.objectives.get("elbo", particles=5)(model, guide, x)
-    assert stl.item() == elbo.item()  # bit for bit: the surrogate keeps the value of log q
-    torch.testing.assert_close(stl, pyro_elbo, rtol=1e-6, atol=1e-5)  # Pyro sums sites in another order
+    # the surrogate keeps the value of log q, to float rounding: log w sums x's 4 and z's 2 (+ a flow's
+    # log-det) numbers per draw and datapoint, over 5 * strata draws and 6 datapoints
+    terms = 5 * strata * 6 * 8
+    torch.testing.assert_close(stl, elbo, rtol=rounding_rtol(terms), atol=0)
+    torch.testing.assert_close(stl, pyro_elbo, rtol=rounding_rtol(terms), atol=0)  # Pyro sums in another order
     pyro.set_rng_seed(4)
     dreg = pv.objectives.get("dreg", particles=7)(model, guide, x)
-    iwae = pv.objectives.get("iwae", particles=7)
-    iwae.fast = False  # dreg always goes through Pyro's traces: compare with the same path, bit for bit
     pyro.set_rng_seed(4)
-    assert dreg.item() == iwae(model, guide, x).item()
-    iwae.fast = True  # the fast path (same draws) agrees to float32 rounding: it sums log p and log q in another order
-    pyro.set_rng_seed(4)
-    torch.testing.assert_close(dreg, iwae(model, guide, x), rtol=1e-6, atol=1e-5)
+    iwae = pv.objectives.get("iwae", particles=7)(model, guide, x)
+    torch.testing.assert_close(dreg, iwae, rtol=rounding_rtol(7 * 6 * 8), atol=0)
+    # the tolerances are far below Monte Carlo noise: other draws are told apart
+    pyro.set_rng_seed(5)
+    other = pv.objectives.get("iwae", particles=7)(model, guide, x)
+    assert abs(other.item() - iwae.item()) > 10 * rounding_rtol(7 * 6 * 8) * abs(iwae.item())
 
 
 @pytest.mark.parametrize("name", ["diag_normal", "mixture", "iaf"])

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import pyrovi as pv
+import pyrovi.loop
+from pyrovi.traces import ScaleLatents
 from pyrovi.checkpoint import load_tensors
 from pyrovi.errors import CheckpointError, ConfigError, DataError, TrainingError
 
@@ -63,7 +65,7 @@ def test_resume_continues_the_same_trajectory(digits, tmp_path, monkeypatch):
     m1, g1 = small(digits)
     straight = pv.fit(m1, g1, digits, out=str(tmp_path / "a"), **kw)
     # interrupt the same run (Ctrl-C) during epoch 3: the checkpoint of epoch 2 stays
-    real, calls = pv.train._mean_loss, []
+    real, calls = pyrovi.loop.mean_loss, []
 
     def interrupt_third(*a, **k):
         calls.append(1)
@@ -71,7 +73,7 @@ def test_resume_continues_the_same_trajectory(digits, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(pv.train, "_mean_loss", interrupt_third)
+    monkeypatch.setattr(pyrovi.loop, "mean_loss", interrupt_third)
     m2, g2 = small(digits)
     with pytest.raises(KeyboardInterrupt):
         pv.fit(m2, g2, digits, out=str(tmp_path / "b"), **kw)
@@ -239,7 +241,7 @@ def test_early_stopping_returns_best_weights(digits, tmp_path):
     if len(run.history) < 40:  # it stopped early: the run holds the best epoch's weights
         assert run.history[-1]["val_loss"] > best
         loss_fn = pv.train.BatchLoss(pv.objectives.get("elbo", particles=1), m, g, global_sites=False)
-        val = pv.train._mean_loss(loss_fn, digits.val, 2000)
+        val = pyrovi.loop.mean_loss(loss_fn, digits.val, 2000)
         assert abs(val - best) < 2.0  # one-particle noise only; the last epoch's weights were worse
 
 
@@ -250,7 +252,7 @@ def test_beta_scales_only_the_latent_terms():
     obj = pv.objectives.get("elbo")
     obj.max_plate_nesting = 1  # as fit sets it (the wrapped callables hide the attribute)
     pyro.set_rng_seed(0)
-    zero = obj(pv.train._ScaleLatents(0.0)(model), pv.train._ScaleLatents(0.0)(guide), x)
+    zero = obj(ScaleLatents(0.0)(model), ScaleLatents(0.0)(guide), x)
     pyro.set_rng_seed(0)
     tr = pyro.poutine.trace(guide).get_trace(x)
     mt = pyro.poutine.trace(pyro.poutine.replay(model, trace=tr)).get_trace(x)

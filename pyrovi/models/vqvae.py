@@ -145,6 +145,7 @@ class VQVAE(PyroModule):
     obs_site = "x"
     max_plate_nesting = 1
     uses_labels = False
+    default_guide = "codebook"  # what fit(guide=None) builds for it: q is the quantized encoder output
 
     def __init__(self, shape, num_codes: int = 512, *, code_dim: int = 16, downsample: int = 1,
                  channels: int = 64, likelihood: Optional[str] = None, sigma: float = 1.0, image_shape=None,

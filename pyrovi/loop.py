@@ -1,0 +1,430 @@
+"""The one training loop of ``fit``, for one process or for N data-parallel ranks.
+
+``pyrovi.fit`` validates its options and data, then hands :func:`train` a
+*world* and a spec. The loop never asks how many processes there are; it asks
+the world:
+
+* which rows this rank trains on in an epoch (:meth:`World.rows`),
+* to reseed at the start of an epoch (:meth:`World.begin_epoch`),
+* to sum numbers over ranks (:meth:`World.sum`),
+* to run a write on rank 0 only, failing on every rank if it fails (:meth:`World.on_rank0`),
+* to wrap the objective so gradients are averaged over ranks (:meth:`World.objective`).
+
+:class:`World` is one process. :class:`pyrovi.distributed.FabricWorld` is the
+same interface over a Lightning Fabric process group, which starts and joins
+the processes (Lightning stays the engine; this module is the loop only).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from .checkpoint import write_json
+from .errors import ConfigError, TrainingError
+from .run import CHECKPOINT, CONFIG, Run, default_device, discover_params, empty_param_state
+from .train_state import best_from_checkpoint, new_loop, prepare_out, restore, save_checkpoint, scheduler, adam
+from .traces import ScalePlate, guess_max_plate_nesting, structure
+
+__all__ = ["World", "BatchLoss", "train", "train_step", "batch_step", "mean_loss", "record_epoch", "finish",
+           "check_structure"]
+
+
+class World:
+    """One process: rank 0 of a world of 1, training on ``device``.
+
+    The interface the loop uses; :class:`pyrovi.distributed.FabricWorld` implements it for N ranks.
+    """
+
+    rank = 0
+    size = 1
+    where = ""  # added to error messages that name a step ("on some rank" under DDP)
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    @property
+    def is_zero(self) -> bool:
+        """Whether this process writes the run directory and shows the progress bar."""
+        return self.rank == 0
+
+    def rows(self, n: int, epoch: int, seed: int, gen: torch.Generator) -> torch.Tensor:
+        """Row indices this rank trains on in ``epoch``, in order: a permutation of ``range(n)`` from ``gen``."""
+        return torch.randperm(n, generator=gen)
+
+    def begin_epoch(self, seed: int, epoch: int) -> None:
+        """Called before every epoch; one process keeps one random stream for the whole run."""
+
+    def sum(self, *values: float) -> list:
+        """``values`` summed over ranks."""
+        return [float(v) for v in values]
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        return obj
+
+    def on_rank0(self, what: str, fn) -> None:
+        """Run ``fn`` (a write named ``what``) on rank 0 only."""
+        fn()
+
+    def barrier(self) -> None:
+        """Wait until every rank has arrived."""
+
+    def own(self, params: list) -> list:
+        """The parameters the optimizer updates (N ranks: turned into ones DDP can watch)."""
+        return params
+
+    def objective(self, obj, model, guide, params: list):
+        """The callable the training steps evaluate: ``obj`` itself (N ranks: through DDP)."""
+        return obj
+
+    def describe(self) -> Optional[dict]:
+        """The ``"distributed"`` section of ``config.json``; None for one process."""
+        return None
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+class BatchLoss:
+    """The loss ``fit`` minimizes and reports: minus the bound of a whole data set, per datapoint.
+
+    .. math::
+
+        \\ell(x_{1:B}) = -\\frac{1}{N}\\,\\hat{\\mathcal L}(x_{1:N}), \\qquad
+        \\hat{\\mathcal L} = \\sum_{\\text{global sites}} (\\cdot)
+            + \\frac{N}{B} \\sum_{\\text{sites in the data plate}} (\\cdot)
+
+    in nats per datapoint, where the bound is the objective's (ELBO, IWAE, ...)
+    and N is the size of the data set the batch of B rows was drawn from.
+    This is Pyro's subsampling estimator (``pyro.plate("data", N,
+    subsample=idx)``), so global latents (outside the data plate) get the
+    right weight against the likelihood. When every site lies in the data
+    plate, N/B is a factor common to all terms and
+    :math:`\\ell = -\\mathcal L(x_{1:B}) / B` exactly; the scaling handler
+    is then skipped (it costs time at every site).
+
+    Full-data mode (``full=True``, ``fit(batch_size=None)``): the batch is the
+    whole data set; pyrovi adds no scaling, the model may subsample itself
+    with ``pyro.plate("data", len(x), subsample_size=B)`` (Pyro then scales
+    by N/B), and :math:`\\ell = -\\hat{\\mathcal L} / N`.
+
+    Args:
+        objective: a :class:`pyrovi.objectives.Objective` (its ``loss`` returns -bound, nats).
+        model, guide: Pyro callables.
+        global_sites: whether model or guide has sample sites outside the data plate.
+        data_plate: name of the plate over datapoints.
+        full: full-data mode.
+        pass_y, model_kwargs: the calling rule of :mod:`pyrovi.inputs`.
+    """
+
+    def __init__(self, objective, model, guide, *, global_sites: bool, data_plate: str = "data",
+                 full: bool = False, pass_y: bool = False, model_kwargs: Optional[dict] = None):
+        self.objective, self.model, self.guide = objective, model, guide
+        self.global_sites, self.data_plate, self.full = global_sites, data_plate, full
+        self.pass_y, self.model_kwargs = pass_y, dict(model_kwargs or {})
+
+    def __call__(self, x, y=None, n: Optional[int] = None, beta: float = 1.0) -> torch.Tensor:
+        """Loss of the batch ``x`` (B rows) drawn from ``n`` rows (default B): a scalar, nats per datapoint."""
+        b = x.shape[0]
+        n = b if n is None else n
+        model, guide = self.model, self.guide
+        scaled = self.global_sites and not self.full and n != b
+        if scaled:
+            model, guide = ScalePlate(self.data_plate, n / b)(model), ScalePlate(self.data_plate, n / b)(guide)
+        args = (x, y) if (self.pass_y and y is not None) else (x,)
+        # beta goes to the objective, which keeps its fast path under KL warm-up
+        loss = self.objective.loss(model, guide, args, self.model_kwargs, beta=beta)
+        return loss / (n if (scaled or self.full) else b)
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def check_structure(shape: dict, guide, cfg, n: int) -> None:
+    """Refuse set-ups that would silently train or validate the wrong objective."""
+    from pyro.infer.autoguide import AutoGuide, AutoGuideList
+
+    if isinstance(guide, AutoGuide) and not isinstance(guide, AutoGuideList) and shape["local_latents"]:
+        raise ConfigError(
+            f"{type(guide).__name__} keeps one set of parameters per training datapoint for the local latent(s) "
+            f"{shape['local_latents']} (inside plate {cfg.data_plate!r}): it cannot be lined up with shuffled "
+            "minibatches nor scored on held-out rows, which fit validates on every epoch. Use an amortized "
+            "guide for the local latents (pyrovi.guides, or an encoder registered with pyro.module) and keep "
+            "the autoguide for the global latents (e.g. AutoNormal(poutine.block(model, hide=[...])) in an "
+            "AutoGuideList)")
+    if cfg.batch_size is None or cfg.batch_size >= n:
+        return
+    if not shape["data_plate"]:
+        raise ConfigError(
+            f"fit(batch_size={cfg.batch_size}) trains on minibatches and weights the per-datapoint terms by N/B, "
+            f"but the model has no plate named {cfg.data_plate!r}. Put the per-datapoint sites inside "
+            f"pyro.plate({cfg.data_plate!r}, len(x)), name your plate with data_plate=..., or pass "
+            "batch_size=None to give the model the whole data set every step")
+
+
+# --------------------------------------------------------------------------- one step, one epoch
+
+
+def train_step(loss_fn, optimizer, x: torch.Tensor, y: Optional[torch.Tensor] = None, n: Optional[int] = None,
+               *, beta: float = 1.0, clip_norm: Optional[float] = None, params: Optional[list] = None) -> float:
+    """One gradient step of ``loss_fn`` (a :class:`BatchLoss`) on the batch ``x`` (``y``) drawn from ``n`` rows.
+
+    Returns the batch's loss in nats per datapoint, before the update. A
+    non-finite loss is returned without touching the parameters, so the caller
+    can stop cleanly.
+    """
+    loss = loss_fn(x, y, n, beta)
+    value = loss.item()
+    if not math.isfinite(value):
+        return value
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params or [p for grp in optimizer.param_groups for p in grp["params"]],
+                                       clip_norm)
+    optimizer.step()
+    return value
+
+
+def batch_step(loss_fn, opt, train, idx: torch.Tensor, n: int, cfg, loop: dict, warm_steps: int,
+               binarize: Optional[str], params: list, ckpt_path: Optional[str], where: str = "") -> tuple:
+    """One optimizer step on rows ``idx`` of ``train``: ``(loss in nats/datapoint, beta used, rows)``.
+
+    Dynamic binarization, the KL warm-up's beta for this step, and a clear stop on a non-finite loss.
+    """
+    xb = train.x[idx]
+    if binarize == "dynamic":
+        xb = torch.bernoulli(xb)
+    yb = None if train.y is None else train.y[idx]
+    beta = cfg.beta * (min(1.0, (loop["step"] + 1) / warm_steps) if warm_steps else 1.0)
+    loss = train_step(loss_fn, opt, xb, yb, n, beta=beta, clip_norm=cfg.clip_norm, params=params)
+    if not math.isfinite(loss):
+        kept = f"the last good checkpoint (epoch {loop['epoch']}) is kept in {ckpt_path!r}" if ckpt_path \
+            else "nothing was saved (no out=)"
+        raise TrainingError(
+            f"loss became {loss} at epoch {loop['epoch'] + 1}, step {loop['step'] + 1}{where}; "
+            f"training stopped; {kept}. Try a lower lr, clip_norm, or check the data.")
+    return loss, beta, xb.shape[0]
+
+
+@torch.no_grad()
+def mean_loss(loss_fn: BatchLoss, split, batch_size: Optional[int], world: Optional[World] = None) -> float:
+    """Loss per datapoint on a whole split, no gradients; N ranks score rows ``rank::size`` and sum.
+
+    Each chunk of ``batch_size`` rows (None: one pass) estimates the split's per-datapoint loss
+    (sites in the data plate scaled by n/b); the chunks are averaged with weights b/n, so global
+    terms count once per split.
+    """
+    world = world or World(split.x.device)
+    for m in (loss_fn.model, loss_fn.guide):
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    n = len(split)
+    if world.size == 1:
+        rows = None  # every row, in order: slices, no gather
+        count = n
+    else:
+        rows = torch.arange(world.rank, n, world.size, device=split.x.device)
+        count = len(rows)
+    step = count if batch_size is None else batch_size
+    total = 0.0
+    for i in range(0, count, step):
+        idx = slice(i, i + step) if rows is None else rows[i:i + step]
+        xb = split.x[idx]
+        yb = None if split.y is None else split.y[idx]
+        total += float(loss_fn(xb, yb, n)) * xb.shape[0]
+    total, count = world.sum(total, count)
+    return total / count
+
+
+def record_epoch(run, loop: dict, cfg, best: dict, *, train_loss: float, val_loss: float, lr: float,
+                 beta: float, secs: float, seen: float) -> None:
+    """End-of-epoch bookkeeping: refuse a non-finite validation loss, append the history row, track the best.
+
+    With early stopping on, ``best`` keeps a copy of the best-validation weights.
+    """
+    if not math.isfinite(val_loss):
+        raise TrainingError(f"validation loss is {val_loss} after epoch {loop['epoch'] + 1}; the last good "
+                            f"checkpoint (epoch {loop['epoch']}) is kept")
+    loop["epoch"] += 1
+    loop["seconds"] += secs
+    run.history.append({"epoch": loop["epoch"], "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
+                        "beta": beta, "seconds": secs, "items_per_second": seen / secs})
+    if val_loss < loop["best"]:
+        loop.update(best=val_loss, best_epoch=loop["epoch"], bad_epochs=0)
+        if cfg.patience is not None:
+            best.clear()
+            best.update({k: v.detach().clone() for k, v in run.state_tensors().items()})
+    else:
+        loop["bad_epochs"] += 1
+
+
+def finish(run, loop: dict, **extra) -> dict:
+    """Put model and guide in eval mode; the ``metrics.json`` of a finished fit (losses in nats/datapoint)."""
+    for m in (run.model, run.guide):
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    last = run.history[-1] if run.history else {}
+    return {
+        "epochs": loop["epoch"],
+        "best_epoch": loop["best_epoch"],
+        "train_loss": last.get("train_loss"),
+        "val_loss": loop["best"] if math.isfinite(loop["best"]) else None,
+        "train_seconds": loop["seconds"],
+        **extra,
+        "units": "nats per datapoint; loss = -bound",
+    }
+
+
+def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
+            binarize, progress, best, steps_per_epoch: int) -> None:
+    """Train until ``cfg.epochs`` (or early stopping), checkpointing after every epoch."""
+    model, guide, obj = run.model, run.guide, run.objective
+    n = len(train)
+    full = cfg.batch_size is None
+    per_rank = None if full else cfg.batch_size // world.size  # rows per rank per step
+    warm_steps = cfg.warmup * steps_per_epoch
+    params = [p for g in opt.param_groups for p in g["params"]]
+    bar = tqdm(total=cfg.epochs, initial=loop["epoch"], disable=not (progress and world.is_zero), unit="epoch",
+               dynamic_ncols=True, desc=obj.name + (f" x{world.size}" if world.size > 1 else ""))
+    try:
+        while loop["epoch"] < cfg.epochs:
+            t0 = time.perf_counter()
+            world.begin_epoch(cfg.seed, loop["epoch"])
+            for m in (model, guide):
+                if isinstance(m, torch.nn.Module):
+                    m.train()
+            order = world.rows(n, loop["epoch"], cfg.seed, shuffle_gen).to(train.x.device)
+            total, seen = 0.0, 0
+            for i in range(steps_per_epoch):
+                idx = order if full else order[i * per_rank:(i + 1) * per_rank]
+                loss, beta, rows = batch_step(loss_fn, opt, train, idx, n, cfg, loop, warm_steps, binarize, params,
+                                              ckpt_path, where=world.where)
+                b = n / steps_per_epoch if full else rows  # datapoints one step stands for
+                total += loss * b
+                seen += b
+                loop["step"] += 1
+            lr_now = opt.param_groups[0]["lr"]
+            sched.step()
+            total, seen = world.sum(total, seen)
+            val_loss = mean_loss(val_fn, val, None if full else max(per_rank, 256), world)
+            secs = time.perf_counter() - t0
+            record_epoch(run, loop, cfg, best, train_loss=total / seen, val_loss=val_loss, lr=lr_now, beta=beta,
+                         secs=secs, seen=seen)
+            if ckpt_path:
+                world.on_rank0("writing the checkpoint",
+                               lambda: save_checkpoint(ckpt_path, run, opt, sched, shuffle_gen, loop, best))
+            bar.set_postfix(loss=f"{total / seen:.3f}", val=f"{val_loss:.3f}", it_s=f"{seen / secs:.0f}")
+            bar.update(1)
+            if cfg.patience is not None and loop["bad_epochs"] >= cfg.patience:
+                if world.is_zero:
+                    bar.write(f"early stopping after epoch {loop['epoch']}: no validation improvement for "
+                              f"{cfg.patience} epochs (best {loop['best']:.4f} at epoch {loop['best_epoch']})")
+                break
+    except KeyboardInterrupt:
+        if world.is_zero:
+            bar.write(f"interrupted; the checkpoint of epoch {loop['epoch']} is kept"
+                      f"{' in ' + repr(ckpt_path) + ' (continue with resume=True)' if ckpt_path else ''}",
+                      file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------- a whole fit
+
+
+def _path_name(calls: dict) -> Optional[str]:
+    """``"fast"``, ``"traced"`` or ``"mixed"``: which estimator path the objective's calls took (None: no calls)."""
+    used = sorted(k for k, v in calls.items() if v)
+    return None if not used else used[0] if len(used) == 1 else "mixed"
+
+
+def train(world: World, spec: dict) -> Run:
+    """Train ``spec["model"]``/``spec["guide"]`` on this rank of ``world``; the :class:`Run` of the fit.
+
+    ``spec`` is what :func:`pyrovi.fit` validated: model, guide, obj (an Objective), cfg (TrainConfig),
+    train/val (Splits), ds (Dataset or None), config (``config.json``), dtype, binarize, model_kwargs,
+    out, resume, overwrite, progress, figures. Every rank runs this; only rank 0 writes ``out``.
+    """
+    model, guide, obj, cfg = spec["model"], spec["guide"], spec["obj"], spec["cfg"]
+    dev, dt = world.device, spec["dtype"]
+    out = world.broadcast(spec["out"])  # every rank uses rank 0's path (a default out may hold the time)
+    ckpt_path = None if out is None else os.path.join(out, CHECKPOINT)
+    if out is not None:
+        world.on_rank0("preparing out", lambda: prepare_out(out, spec["resume"], spec["overwrite"]))
+    for m in (model, guide):
+        if isinstance(m, torch.nn.Module):
+            m.to(dev, dt)
+    train_, val = spec["train"], spec["val"]
+    train_ = data_mod.Split(train_.x.to(dev, dt), None if train_.y is None else train_.y.to(dev))
+    val = data_mod.Split(val.x.to(dev, dt), None if val.y is None else val.y.to(dev))
+    if spec["binarize"] == "dynamic":  # validation is scored on one fixed binarization
+        g = torch.Generator().manual_seed(cfg.seed + 2)
+        val = data_mod.Split((torch.rand(val.x.shape, generator=g).to(dev) < val.x).to(dt), val.y)
+    config = dict(spec["config"])
+    if world.describe() is not None:
+        config["distributed"] = world.describe()
+    run = Run(model, guide, obj, config, directory=out if world.is_zero else None, param_state=empty_param_state(),
+              device=dev, data=spec["ds"], model_kwargs=spec["model_kwargs"])
+
+    pyro.set_rng_seed(cfg.seed)  # the same draws on every rank for anything initialized lazily below
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+    with run.scope():
+        rows = len(train_) if cfg.batch_size is None else min(cfg.batch_size, len(train_))
+        probe, kw = run.call_args(train_.x[:rows], None if train_.y is None else train_.y[:rows])
+        with default_device(dev):  # pyro.param inits and lazy autoguide params land on `dev`
+            obj.max_plate_nesting = guess_max_plate_nesting(model, guide, probe, kw)
+            obj.data_plate = cfg.data_plate
+            shape = structure(model, guide, probe, kw, cfg.data_plate)
+            params = discover_params(model, guide, lambda: obj(model, guide, *probe, **kw))
+        if not params:
+            raise ConfigError("found no trainable parameters in model or guide")
+        check_structure(shape, guide, cfg, len(train_))
+        params = world.own(params)
+        opt = adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = scheduler(opt, cfg)
+        loop = new_loop()
+        resuming = world.broadcast(bool(spec["resume"] and ckpt_path and os.path.isfile(ckpt_path)))
+        if resuming:
+            loop = restore(ckpt_path, run, opt, sched, shuffle_gen, config, dev)
+        step_obj = world.objective(obj, model, guide, params)  # N ranks: DDP broadcasts rank 0's weights here
+        if out is not None:
+            world.on_rank0("writing config.json", lambda: write_json(os.path.join(out, CONFIG), config))
+        best = best_from_checkpoint(ckpt_path, dev) if resuming and cfg.patience is not None else {}
+        common = dict(global_sites=shape["global_sites"], data_plate=cfg.data_plate, full=cfg.batch_size is None,
+                      pass_y=run.pass_y, model_kwargs=spec["model_kwargs"])
+        loss_fn = BatchLoss(step_obj, model, guide, **common)
+        val_fn = BatchLoss(obj, model, guide, **common)
+        m = len(train_) // world.size  # rows per rank per epoch
+        steps = math.ceil(m / ((cfg.batch_size and cfg.batch_size // world.size) or shape["subsample_size"] or m))
+        before = dict(getattr(obj, "path_counts", {}))
+        _epochs(world, run, loss_fn, val_fn, train_, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
+                spec["binarize"], spec["progress"], best, steps)
+        calls = {k: v - before.get(k, 0) for k, v in getattr(obj, "path_counts", {}).items()}
+        if best and loop["best_epoch"] != loop["epoch"]:
+            run.load_state_tensors(best, {})  # early stopping hands back the best-validation weights
+    extra = {"steps": loop["step"], "estimator_path": _path_name(calls), "estimator_calls": calls}
+    if world.size > 1:
+        extra["world_size"] = world.size
+    run.metrics = finish(run, loop, **extra)
+    if out is not None:
+        def save():
+            run.save(out)
+            if spec["figures"]:
+                from .report import write_training_report
+
+                write_training_report(run)
+
+        world.on_rank0("saving the run", save)
+    world.barrier()  # no rank returns before rank 0 has written the run directory
+    return run

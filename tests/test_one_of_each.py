@@ -1,0 +1,84 @@
+"""One of each: one data resolver, one training loop, defaults that agree between the API and the CLI."""
+
+import pyro
+import pytest
+import torch
+
+import pyrovi as pv
+
+
+def test_a_loaded_run_finds_its_own_data(digits, tmp_path):
+    model = pv.models.VAE(digits.shape, 2, hidden=(16,), image_shape=digits.image_shape)
+    pv.fit(model, pv.guides.DiagNormal(model, hidden=(16,)), digits, epochs=1, progress=False, figures=False,
+           out=str(tmp_path / "r"))
+    run = pv.load_run(str(tmp_path / "r"))
+    assert run.data is None  # nothing carried over: the resolver reloads the source config.json names
+    m = pv.evaluate(run, k=2, save=False)
+    assert m["n"] == len(digits.test)
+    assert pv.inputs.split(None, run, "test").x.shape == digits.test.x.shape
+    assert torch.equal(pv.inputs.split(None, run, "test").x, digits.test.x)
+    # a name is loaded with the run's seed, so its test split is the run's
+    assert torch.equal(pv.inputs.split("digits", run).x, digits.test.x)
+
+
+def test_arrays_runs_say_to_pass_data(tmp_path):
+    x = (torch.rand(40, 6) < 0.5).float()
+    model = pv.models.VAE(6, 2, hidden=(8,))
+    pv.fit(model, pv.guides.DiagNormal(model, hidden=(8,)), x, epochs=1, batch_size=16, progress=False,
+           figures=False, out=str(tmp_path / "a"))
+    with pytest.raises(pv.ConfigError, match="in-memory arrays; pass the data explicitly"):
+        pv.evaluate(pv.load_run(str(tmp_path / "a")), k=2, save=False)
+
+
+@pytest.mark.parametrize("name", ["Cosine", "EXPONENTIAL"])
+def test_schedule_names_are_case_insensitive_and_applied(name):
+    x = (torch.rand(60, 6) < 0.5).float()
+    model = pv.models.VAE(6, 2, hidden=(8,))
+    run = pv.fit(model, pv.guides.DiagNormal(model, hidden=(8,)), x, epochs=3, batch_size=27, progress=False,
+                 figures=False)
+    assert run.config["train"]["lr_schedule"] == "constant"
+    run = pv.fit(model, pv.guides.DiagNormal(model, hidden=(8,)), x, epochs=3, batch_size=27, progress=False,
+                 figures=False, lr_schedule=name)
+    lrs = [h["lr"] for h in run.history]
+    assert run.config["train"]["lr_schedule"] == name.lower()
+    assert lrs[0] == pytest.approx(1e-3) and lrs[2] < lrs[1] < lrs[0]
+
+
+def test_guide_none_builds_the_models_default_guide(digits):
+    small = pv.data.Split(digits.train.x[:64], None)
+    ae = pv.models.Autoencoder(digits.shape, 2, hidden=(8,))
+    assert isinstance(pv.fit(ae, None, small, epochs=1, batch_size=32, progress=False, figures=False).guide, pv.guides.Delta)
+    vq = pv.models.VQVAE(digits.shape, 8, code_dim=4, channels=8, image_shape=digits.image_shape)
+    assert isinstance(pv.fit(vq, None, small, epochs=1, batch_size=32, progress=False, figures=False).guide, pv.guides.Codebook)
+    vae = pv.models.VAE(digits.shape, 2, hidden=(8,))
+    assert isinstance(pv.fit(vae, None, small, epochs=1, batch_size=32, progress=False, figures=False).guide, pv.guides.DiagNormal)
+
+
+def test_fast_path_is_taken_under_warmup_and_beta_and_recorded(monkeypatch):
+    from pyrovi import fastpath
+
+    calls = []
+    real = fastpath.fast_log_weights
+
+    def spy(*args, **kw):
+        calls.append(kw.get("beta", 1.0))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fastpath, "fast_log_weights", spy)
+    x = (torch.rand(60, 6, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    model = pv.models.VAE(6, 2, hidden=(8,))
+    run = pv.fit(model, pv.guides.DiagNormal(model, hidden=(8,)), x, epochs=2, batch_size=27, warmup=1, beta=0.5,
+                 progress=False, figures=False)
+    assert run.metrics["estimator_path"] == "fast" and run.metrics["estimator_calls"]["traced"] == 0
+    train_betas = [b for b in calls if b != 1.0]
+    assert train_betas and max(train_betas) == pytest.approx(0.5)  # warm-up ramps beta up to 0.5 on the fast path
+    assert min(train_betas) < 0.5
+    # a user's model goes through Pyro's traces, and the run says so
+    def user_model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", pyro.distributions.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", pyro.distributions.Bernoulli(logits=z.sum(-1, keepdim=True).expand(-1, 6)).to_event(1),
+                        obs=x)
+
+    run = pv.fit(user_model, None, x, epochs=1, batch_size=27, progress=False, figures=False)
+    assert run.metrics["estimator_path"] == "traced"
