@@ -120,6 +120,12 @@ class Objective:
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
         return self._loss(model, guide, tuple(args), dict(kwargs), 1.0)
 
+    def check_guide(self, guide) -> None:
+        """Refuse, with a :class:`~pyrovi.errors.ConfigError` naming the pair, a guide this estimator is wrong for.
+
+        ``fit`` asks before training. The base accepts every guide.
+        """
+
     def _bound(self, model, guide, args: tuple, kwargs: dict, *, fast: bool, beta: float,
                depth: Optional[int]) -> torch.Tensor:  # pragma: no cover - abstract
         """The bound (summed over datapoints). ``fast``: evaluate through :mod:`pyrovi.fastpath`, weighting
@@ -352,6 +358,14 @@ class DReG(Objective):
 
     def __init__(self, particles: int = 8):
         super().__init__(particles)
+
+    def check_guide(self, guide) -> None:
+        """A point-mass guide (``guide.point_mass``: Delta, Codebook) has no density to reparameterize twice:
+        its S draws are equal, and the estimator would scale the encoder's gradient by 1/S."""
+        if getattr(guide, "point_mass", False):
+            raise ConfigError(f"objective 'dreg' does not support the guide {type(guide).__name__}: q is a point mass, "
+                              "so the doubly reparameterized gradient does not apply; use 'elbo' (or 'iwae', which "
+                              "equals it for a point mass)")
 
     def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
         if depth is None:

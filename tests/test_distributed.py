@@ -267,7 +267,7 @@ def test_pyro_params_of_plain_functions_become_parameters_ddp_averages():
         module = dist._ObjectiveModule(obj, model, guide, params)
         assert [id(p) for p in module.parameters()] == [id(p) for p in params]
         assert isinstance(params[0], torch.nn.Parameter) and pyro.param("loc").unconstrained() is params[0]
-        module(model, guide, x).backward()  # loss = sum_i ||x_i - loc||^2 / 2 + const
+        module(model, guide, (x,), {}, 1.0).backward()  # loss = sum_i ||x_i - loc||^2 / 2 + const
         assert torch.allclose(params[0].grad, -x.sum(0))
 
 
