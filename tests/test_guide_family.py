@@ -397,3 +397,12 @@ def test_labels_reach_the_encoder_positionally_or_as_y(name):
         assert guide.posterior(x, y=y)["z"].batch_shape == (5,)
     with pytest.raises(pv.ConfigError, match="pass y"):
         guide.encode(x)
+
+
+@pytest.mark.parametrize("name", GUIDES)
+def test_point_mass_is_a_property_of_the_head(name):
+    guide = GUIDES[name](_vae(), hidden=4)
+    assert guide.point_mass == ("delta" in name)
+    if guide.point_mass:  # dreg has no second reparameterization to make for a point mass
+        with pytest.raises(pv.ConfigError, match="point mass"):
+            pv.objectives.get("dreg").check_guide(guide)

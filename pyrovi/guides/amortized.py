@@ -369,6 +369,11 @@ class Amortized(PyroModule):
         """Whether the latent sites are known (always, for pyrovi's models or with ``example=``)."""
         return self.sites is not None
 
+    @property
+    def point_mass(self) -> bool:
+        """Whether q is a point mass at every site (Delta heads): all particles are the same draw."""
+        return self.sites is not None and all(isinstance(h, DeltaHead) for h in self.heads.values())
+
     def setup(self, *args, **kwargs) -> "Amortized":
         """Find the model's latent sites by tracing ``model(*args, **kwargs)`` once, unless known; returns self.
 
