@@ -29,7 +29,7 @@ def as_widths(hidden, name: str = "hidden") -> tuple:
     if isinstance(hidden, int) and not isinstance(hidden, bool):
         hidden = (hidden,)
     if isinstance(hidden, (str, bytes, dict)) or not hasattr(hidden, "__iter__"):
-        raise ConfigError(f"{name} must be a list of layer widths such as (256,) or (512, 256), got {hidden!r}")
+        raise ConfigError(f"{name} must be a layer width or a list of them, such as 256 or (512, 256), got {hidden!r}")
     widths = tuple(hidden)
     for h in widths:
         check_positive(f"{name} layer width", h, integer=True)

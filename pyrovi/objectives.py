@@ -52,17 +52,12 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from . import fastpath
 from .errors import ConfigError, check_positive, lookup
 from .stop_gradient import ScaleLatentGradients, StopGradientScorer
+from .stratify import strata
 from .traces import ScaleLatents, guess_max_plate_nesting
 from .weights import LogWeights, log_weights
 
 __all__ = ["Objective", "ELBO", "MeanFieldELBO", "IWAE", "Renyi", "STL", "DReG", "get", "names", "OBJECTIVES",
            "iw_bound"]
-
-
-def _strata(guide) -> int:
-    """Mixture components C of a guide whose sites objectives draw stratified (``guide.strata``), else 1."""
-    c = getattr(guide, "strata", 1)
-    return c if isinstance(c, int) and not isinstance(c, bool) and c > 1 else 1
 
 
 class Objective:
@@ -110,7 +105,8 @@ class Objective:
 
     def _loss(self, model, guide, args: tuple, kwargs: dict, beta: float) -> torch.Tensor:
         depth = self._plate_depth(model)  # read before wrapping: a wrapped model hides its attributes
-        fast = self.fast and self.has_fast_path and not kwargs and fastpath.supported(model, guide)
+        # every fast bound handles mixture guides itself (stratified ELBO draws, plain draws for IW bounds)
+        fast = self.fast and self.has_fast_path and not kwargs and fastpath.supported(model, guide, stratify=True)
         self.path_counts["fast" if fast else "traced"] += 1
         if not fast and beta != 1.0:
             model, guide = ScaleLatents(beta)(model), ScaleLatents(beta)(guide)
@@ -137,9 +133,9 @@ class Objective:
         """Log weights for an ELBO estimate: ``particles`` plain draws, or per component, stratified, for a
         guide with mixture sites (see the module doc); :func:`iw_bound` with ``alpha=1`` turns them into the ELBO.
         """
-        strata = _strata(guide)
-        return log_weights(model, guide, *args, particles=self.particles * strata, max_plate_nesting=depth,
-                           data_plate=self.data_plate, guide_log_prob=guide_log_prob, stratify=strata > 1,
+        c = strata(guide)
+        return log_weights(model, guide, *args, particles=self.particles * c, max_plate_nesting=depth,
+                           data_plate=self.data_plate, guide_log_prob=guide_log_prob, stratify=c > 1,
                            **kwargs)
 
     def _plate_depth(self, model) -> Optional[int]:
@@ -173,7 +169,7 @@ class _PyroObjective(Objective):
     def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
         if fast:
             return self._fast_bound(model, guide, args, beta)
-        if _strata(guide) > 1:  # a mixture guide: the ELBO, stratified (its KL has no closed form anyway)
+        if strata(guide) > 1:  # a mixture guide: the ELBO, stratified (its KL has no closed form anyway)
             return iw_bound(self._elbo_weights(model, guide, args, kwargs, depth), alpha=1.0)
         if self._elbo is None:
             self._elbo = self.pyro_elbo(depth)
@@ -195,6 +191,8 @@ class ELBO(_PyroObjective):
     pyro_class = Trace_ELBO
 
     def _fast_bound(self, model, guide, args, beta):
+        if strata(guide) > 1:  # stratified over mixture components, as on the traced path
+            return iw_bound(fastpath.fast_elbo_weights(model, guide, *args, particles=self.particles, beta=beta), 1.0)
         return fastpath.fast_log_weights(model, guide, *args, particles=self.particles, beta=beta).log_w.mean(0).sum()
 
 
@@ -213,6 +211,8 @@ class MeanFieldELBO(_PyroObjective):
     pyro_class = TraceMeanField_ELBO
 
     def _fast_bound(self, model, guide, args, beta):
+        if strata(guide) > 1:  # a mixture's KL has no closed form: the stratified ELBO, as on the traced path
+            return iw_bound(fastpath.fast_elbo_weights(model, guide, *args, particles=self.particles, beta=beta), 1.0)
         return fastpath.fast_meanfield_bound(model, guide, *args, particles=self.particles, beta=beta)
 
 
@@ -323,7 +323,7 @@ class STL(Objective):
     def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
         lw = self._elbo_weights(model, guide, args, kwargs, depth, guide_log_prob=StopGradientScorer())
         log_w = lw.log_w  # (S, B) or (S, 1)
-        assert log_w.dim() == 2 and log_w.shape[0] == self.particles * _strata(guide)
+        assert log_w.dim() == 2 and log_w.shape[0] == self.particles * strata(guide)
         return iw_bound(lw, alpha=1.0)  # = scale * sum_b mean_s log w_{s,b}
 
 

@@ -36,6 +36,7 @@ from .checkpoint import (
     write_json,
 )
 from .errors import CheckpointError, ConfigError, PyroviError
+from .guides.base import parameter_probe
 
 __all__ = ["Run", "load_run", "resolve_device", "default_device", "empty_param_state", "discover_params"]
 
@@ -97,7 +98,7 @@ def discover_params(model, guide, loss_fn) -> list:
     guide when they are ``nn.Module`` s. Call inside the run's param scope.
     """
     seen: dict[int, torch.Tensor] = {}
-    with poutine.trace(param_only=True) as cap:
+    with parameter_probe(), poutine.trace(param_only=True) as cap:  # guides with side effects skip them
         loss_fn()
     for site in cap.trace.nodes.values():
         if site["type"] == "param":

@@ -294,6 +294,8 @@ def fit(
         guide = _default_guide(model, example)
     if not callable(guide):
         raise ConfigError(f"guide must be a Pyro guide (a callable), got {type(guide).__name__}")
+    if callable(getattr(guide, "setup", None)):  # a guide built without example= finds its sites on the first rows
+        guide.setup(*example, **model_kwargs)
     obj.check_guide(guide)
     if cfg.batch_size is not None and cfg.batch_size > len(train_):
         raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(train_)} training rows; "

@@ -31,7 +31,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import site_is_subsample
 
 from .errors import ConfigError
-from .guides.mixture import log_stratum, stratified
+from .stratify import log_stratum, stratified
 from .traces import PARTICLE_PLATE, data_dim as _data_dim, guess_max_plate_nesting, trace_pair
 
 __all__ = ["LogWeights", "log_weights", "guess_max_plate_nesting", "PARTICLE_PLATE"]

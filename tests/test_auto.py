@@ -185,8 +185,9 @@ def test_auto_errors_name_the_problem():
         pv.guides.Auto(nested, example=x)
     with pytest.raises(pv.ConfigError, match="outside the plate"):
         pv.guides.Auto(no_plate, example=x)
-    with pytest.raises(pv.ConfigError, match="pass example="):
-        pv.guides.Auto(factor_model)
+    lazy = pv.guides.Auto(factor_model)  # no example: the sites are found by setup() or the first call
+    with pytest.raises(pv.ConfigError, match="has not found the latent sites.*example=x\\[:2\\]"):
+        lazy.setup()  # ... which needs the model's inputs
     with pytest.raises(pv.ConfigError, match="valid familys|valid family"):
         pv.guides.Auto(factor_model, example=x, family="gaussian")
     with pytest.raises(pv.ConfigError, match="does not take \\['depth'\\]"):

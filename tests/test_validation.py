@@ -90,7 +90,9 @@ GUIDE_CASES = {
     "hidden empty": (lambda m: pv.guides.DiagNormal(m, hidden=()), ConfigError, ["hidden layer"]),
     "hidden dict": (lambda m: pv.guides.DiagNormal(m, hidden={"a": 1}), ConfigError, ["hidden", "{'a': 1}"]),
     "min_scale negative": (lambda m: pv.guides.DiagNormal(m, min_scale=-1), ConfigError, ["min_scale", "-1"]),
-    "no latent sites": (lambda m: pv.guides.DiagNormal(lambda x: None), ConfigError, ["latent_sites"]),
+    # a Pyro model without latent_sites is traced (here on setup(); example= or the first call do the same)
+    "no latent sites": (lambda m: pv.guides.DiagNormal(lambda x: None).setup(torch.zeros(2, 4)), ConfigError,
+                        ["no latent sample sites"]),
     "unknown guide": (lambda m: pv.guides.build(m, "flowz"), ConfigError, ["'flowz'", "diag_normal"]),
     "unknown option": (lambda m: pv.guides.build(m, {"name": "diag_normal", "depth": 3}), ConfigError, ["depth"]),
 }

@@ -1,7 +1,10 @@
 """Guides: ``PyroModule`` s whose ``forward(x, y=None)`` is the Pyro *guide* q(z|x).
 
 Build one for a model with ``Guide(model, **options)``; rebuild from a run's
-config with :func:`build`.
+config with :func:`build`. ``DiagNormal``, ``Delta``, ``Mixture``, ``Flow`` and
+``Auto`` are heads on one amortized base (:mod:`pyrovi.guides.amortized`): each
+serves pyrovi's models and any Pyro model (traced on ``example=`` or on its first
+call) with the same common options. ``Codebook`` is the VQ-VAE's own guide.
 """
 
 from __future__ import annotations

@@ -1,11 +1,21 @@
-"""Shared machinery of the amortized guides Mixture, Flow and Auto.
+"""The one amortized guide base: an encoder body and a *head* per latent site.
 
-An amortized guide here is one encoder body ``x -> h`` (an MLP, ``(B, H)``)
-and, for every latent site of the model, a *head* that turns ``h`` into a
-distribution over a flat unconstrained vector ``u`` (``(B,)`` batch, ``(n,)``
-event). The site's value is ``z = biject_to(support)(reshape(u))``, so
-``log q(z|x)`` follows by change of variables and any real or constrained
-continuous site (positive scales, simplices, ...) of any event shape is served.
+Every pyrovi guide (:class:`~pyrovi.guides.DiagNormal`, :class:`~pyrovi.guides.Delta`,
+:class:`~pyrovi.guides.Mixture`, :class:`~pyrovi.guides.Flow`, :class:`~pyrovi.guides.Auto`)
+is :class:`Amortized` with one kind of head. The base owns the model reference,
+the common options (``hidden``, ``activation``, ``min_scale``, ``example``,
+``data_plate``, validated once by :func:`common_options`), site discovery,
+the encoder, ``forward`` (the Pyro guide), ``posterior`` (the same q without
+Pyro, for :mod:`pyrovi.fastpath`), ``encode`` and the config's common part.
+
+The encoder body maps ``x -> h`` (an MLP, ``(B, H)``); a head maps ``h`` to a
+distribution over the site's unconstrained value ``u`` (``(B,)`` batch; event
+``(n,)`` flat, or the site's own unconstrained shape). The site's value is
+``z = biject_to(support)(reshape(u))``, so ``log q(z|x)`` follows by change of
+variables and any real or constrained continuous site (positive scales,
+simplices, ...) of any event shape is served. A head is an ``nn.Module`` with
+``q(h) -> q``, ``pair(h) -> (q, q_stop_gradient)`` and, where it has them in
+closed form, ``moments(h) -> (mean, std)``.
 
 Where the sites come from:
 
@@ -15,7 +25,10 @@ Where the sites come from:
   (:func:`discover_latents`), which finds every latent sample site, its event
   shape, support and the data plate, and rejects what an amortized guide
   cannot serve (discrete sites, sites outside the data plate, nested plates,
-  subsampled plates) with a :class:`~pyrovi.errors.ConfigError`.
+  subsampled plates) with a :class:`~pyrovi.errors.ConfigError`. The inputs
+  are ``example=`` when given; otherwise discovery waits for
+  :meth:`Amortized.setup` or the guide's first call (as Pyro's autoguides
+  wait for their first call), and the config then records the inputs' shapes.
 
 The encoder reads, for a pyrovi model, ``x`` (and a one-hot ``y`` for
 conditional models); for any other model, every positional tensor argument
@@ -30,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -43,12 +56,13 @@ from torch import nn
 from torch.distributions import biject_to, constraints
 from torch.distributions import transforms as T
 
-from ..errors import ConfigError
-from ..nets import MLP
+from ..distributions import DiagonalNormal
+from ..errors import ConfigError, check_positive
+from ..nets import MLP, activation as _activation, as_widths
 from ..stop_gradient import STOP_GRADIENT_FN
 from .base import encoder_input, input_dim
 
-__all__ = ["Amortized", "NormalHead", "SiteSpec", "discover_latents", "example_spec"]
+__all__ = ["Amortized", "NormalHead", "DeltaHead", "WrappedHead", "SiteSpec", "common_options", "discover_latents", "example_spec"]
 
 
 class SiteSpec(NamedTuple):
@@ -109,8 +123,8 @@ def _as_example(model, example) -> tuple:
                       f"got {type(example).__name__}")
 
 
-def discover_latents(model, example: tuple, data_plate: str = "data") -> tuple:
-    """Trace ``model(*example)`` once; return ``(sites, plate_dim, max_plate_nesting, plate_size)``.
+def discover_latents(model, example: tuple, data_plate: str = "data", kwargs: Optional[dict] = None) -> tuple:
+    """Trace ``model(*example, **kwargs)`` once; return ``(sites, plate_dim, max_plate_nesting, plate_size)``.
 
     ``sites`` is ``{name: SiteSpec}`` in trace order. Nothing leaks: the trace
     runs blocked, without gradients and in a throw-away parameter scope.
@@ -118,7 +132,7 @@ def discover_latents(model, example: tuple, data_plate: str = "data") -> tuple:
     name = getattr(model, "__name__", type(model).__name__)
     with poutine.block(), pyro.get_param_store().scope(), torch.no_grad():
         try:
-            tr = poutine.trace(model).get_trace(*example)
+            tr = poutine.trace(model).get_trace(*example, **(kwargs or {}))
         except ConfigError:
             raise
         except Exception as e:  # the user's model failed on the example: say so, keep the cause
@@ -170,82 +184,256 @@ def discover_latents(model, example: tuple, data_plate: str = "data") -> tuple:
     return sites, plate_dim, depth, size
 
 
+# --------------------------------------------------------------------------- common options
+
+
+def common_options(hidden, activation, min_scale=None, data_plate="data") -> tuple:
+    """Validate the options every amortized guide takes; ``(widths, activation, min_scale, data_plate)``.
+
+    One check for all guides, so a bad value gets the same :class:`~pyrovi.errors.ConfigError`
+    whichever guide it is handed to. ``hidden`` is an int or a sequence of ints (see
+    :func:`pyrovi.nets.as_widths`); ``min_scale`` is None for heads without a scale.
+    """
+    widths = as_widths(hidden)
+    if not widths:
+        raise ConfigError("hidden must list at least one hidden layer width, e.g. hidden=256 or hidden=(512, 256)")
+    _activation(activation)  # an unknown name raises, listing the valid ones
+    if min_scale is not None:
+        check_positive("min_scale", min_scale, allow_zero=True)
+        min_scale = float(min_scale)
+    if not isinstance(data_plate, str) or not data_plate:
+        raise ConfigError(f"data_plate must name the model's per-datapoint plate (a str such as 'data'), "
+                          f"got {data_plate!r}")
+    return widths, activation, min_scale, data_plate
+
+
 # --------------------------------------------------------------------------- heads
 
 
-class NormalHead(nn.Module):
-    """``h (..., H)`` -> Normal(loc, scale) over ``R^n``, ``scale = softplus(raw) + min_scale``."""
+def _shape(shape) -> tuple:
+    return (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
 
-    def __init__(self, context_dim: int, dim: int, *, min_scale: float = 1e-4):
-        super().__init__()
-        self.dim, self.min_scale = dim, float(min_scale)
-        self.linear = nn.Linear(context_dim, 2 * dim)
 
-    def forward(self, h: torch.Tensor) -> tuple:
-        """``(q, q_stop_gradient)``, each with batch ``h.shape[:-1]`` and event ``(n,)``."""
-        loc, raw = self.linear(h).chunk(2, dim=-1)  # (B, n) each
+class NormalHead(nn.Linear):
+    """``h (..., H)`` -> diagonal Normal(loc, scale) over the site's shape, ``scale = softplus(raw) + min_scale``.
+
+    A linear layer ``H -> 2n`` (``n`` = prod(shape)): ``loc`` is the first half of
+    its output, the raw scale the second; its parameters are ``weight`` and ``bias``.
+    """
+
+    def __init__(self, context_dim: int, shape, *, min_scale: float = 1e-4):
+        shape = _shape(shape)
+        super().__init__(context_dim, 2 * math.prod(shape))
+        self.shape, self.min_scale = shape, float(min_scale)
+
+    def moments(self, h: torch.Tensor) -> tuple:
+        """``(loc, scale)``, each ``h.shape[:-1] + shape``."""
+        loc, raw = super().forward(h).chunk(2, dim=-1)  # (..., n) each
         scale = F.softplus(raw) + self.min_scale
-        q = dist.Normal(loc, scale).to_event(1)
-        return q, dist.Normal(loc.detach(), scale.detach()).to_event(1)
+        if len(self.shape) != 1:  # a (B, n) site needs no reshape (a no-op view, but a node in the graph)
+            loc, scale = loc.reshape(h.shape[:-1] + self.shape), scale.reshape(h.shape[:-1] + self.shape)
+        return loc, scale
+
+    def q(self, h: torch.Tensor):
+        """q, batch ``h.shape[:-1]``; not argument-checked (the scale is positive by construction)."""
+        loc, scale = self.moments(h)
+        return DiagonalNormal(loc, scale, len(self.shape), validate_args=False)
+
+    def pair(self, h: torch.Tensor) -> tuple:
+        """``(q, q_stop_gradient)``."""
+        loc, scale = self.moments(h)
+        n = len(self.shape)
+        return (DiagonalNormal(loc, scale, n, validate_args=False),
+                DiagonalNormal(loc.detach(), scale.detach(), n, validate_args=False))
+
+
+class DeltaHead(nn.Linear):
+    """``h (..., H)`` -> a point mass at ``f(h)`` over the site's shape (a linear layer ``H -> n``).
+
+    Pyro's ``Delta`` gives its point log-density 0, so the guide adds nothing to the
+    objective but the model's terms at the point.
+    """
+
+    def __init__(self, context_dim: int, shape, **_):
+        shape = _shape(shape)
+        super().__init__(context_dim, math.prod(shape))
+        self.shape = shape
+
+    def point(self, h: torch.Tensor) -> torch.Tensor:
+        """``h.shape[:-1] + shape``."""
+        return super().forward(h).reshape(h.shape[:-1] + self.shape)
+
+    def moments(self, h: torch.Tensor) -> tuple:
+        """``(point, 0)``: a point mass as (location, scale)."""
+        p = self.point(h)
+        return p, torch.zeros_like(p)
+
+    def q(self, h: torch.Tensor):
+        return dist.Delta(self.point(h), event_dim=len(self.shape))
+
+    def pair(self, h: torch.Tensor) -> tuple:
+        p = self.point(h)
+        return dist.Delta(p, event_dim=len(self.shape)), dist.Delta(p.detach(), event_dim=len(self.shape))
+
+
+class WrappedHead(nn.Module):
+    """A head held as the child ``linear``: the state-dict layout ``Auto`` saved its Gaussian heads in.
+
+    Same head, same q; only the parameter names differ (``heads.<site>.linear.weight``), so
+    run directories written before the guides shared their heads still load.
+    """
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.linear = head
+
+    def q(self, h):
+        return self.linear.q(h)
+
+    def pair(self, h):
+        return self.linear.pair(h)
+
+    def moments(self, h):
+        return self.linear.moments(h)
+
+
+def _pair(head, h):
+    return head.pair(h) if hasattr(head, "pair") else head(h)
+
+
+def _q(head, h):
+    return head.q(h) if hasattr(head, "q") else head(h)[0]
+
+
+def _mc_moments(q, draws: int = 256) -> tuple:
+    """Mean and standard deviation of ``q`` from ``draws`` draws on a fixed seed (the global RNG is left alone)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        z = q.rsample((draws,)) if q.has_rsample else q.sample((draws,))  # (draws, *batch, *event)
+    return z.mean(0), z.std(0)
 
 
 # --------------------------------------------------------------------------- the guide
 
 
 class Amortized(PyroModule):
-    """Base class: encoder body + one head per latent site; ``forward(*args)`` samples every site.
+    """The base of every pyrovi guide: encoder body + one head per latent site.
 
-    Subclasses supply ``make_head(context_dim, n) -> nn.Module`` whose forward
-    maps ``h`` to ``(q, q_stop_gradient)`` over ``R^n``, and ``config()``.
+    ``forward(*args, **kwargs)`` samples every site in the model's data plate;
+    ``posterior(*args)`` returns the same ``{site: q}`` without Pyro;
+    ``encode(*args)`` returns ``{site: (mean, std)}``. Subclasses supply
+    ``_head(context_dim, shape) -> head`` (see the module doc) and ``config()``.
 
     Args:
         model: the model served (pyrovi model with ``latent_sites``, or any Pyro model).
-        hidden: encoder hidden widths; the last is the context width H.
-        activation: encoder activation.
+        make_head: optional head factory ``(context_dim, shape) -> head`` in place of ``_head``.
+        hidden: encoder hidden widths, an int or a sequence; the last is the context width H.
+        activation: encoder activation (``relu``, ``tanh``, ``elu``, ``gelu``, ``softplus``).
+        min_scale: lower bound on the head's scales (None for heads without one).
         example: example inputs for models without ``latent_sites`` (a tensor, a
-            tuple of positional tensors, or the JSON spec stored in a config).
+            tuple of positional tensors, or the JSON spec stored in a config). Without
+            it the sites are found by :meth:`setup` or on the first call.
         data_plate: name of the model's per-datapoint plate.
     """
 
-    def __init__(self, model, make_head: Callable, *, hidden=(256,), activation: str = "relu",
-                 example=None, data_plate: str = "data"):
+    def __init__(self, model, make_head: Optional[Callable] = None, *, hidden=(256,), activation: str = "relu",
+                 min_scale: Optional[float] = None, example=None, data_plate: str = "data"):
         super().__init__()
-        hidden = tuple(hidden)
-        if not hidden:
-            raise ConfigError("hidden must list at least one encoder width, e.g. hidden=(256,)")
-        self.hidden, self.activation, self.data_plate = hidden, activation, data_plate
+        self.hidden, self.activation, min_scale, self.data_plate = common_options(
+            hidden, activation, min_scale, data_plate)
+        if min_scale is not None:
+            self.min_scale = min_scale
+        self._make_head = make_head
         self._model_ref = [model]  # a list so nn.Module does not register the model as a submodule
+        self.sites = None  # {name: SiteSpec}, once known
+        self.plate_dim, self.max_plate_nesting = -1, None
+        self._example_spec, self._inputs = None, None
         declared = getattr(model, "latent_sites", None)
         self._pyrovi_input = hasattr(model, "obs_shape")
         if isinstance(declared, dict) and declared:
-            self.sites = {k: _spec(v, constraints.real) for k, v in declared.items()}
-            self.plate_dim = -1
-            self.max_plate_nesting = int(getattr(model, "max_plate_nesting", 1))
-            self._example_spec, self._inputs = None, None
-            in_dim = input_dim(model)
-        else:
-            ex = _as_example(model, example)
-            self.sites, self.plate_dim, self.max_plate_nesting, size = discover_latents(model, ex, data_plate)
-            self._example_spec = example_spec(ex)
-            # The encoder reads the positional tensors whose first dim runs over the data plate.
-            self._inputs = [i for i, a in enumerate(ex) if torch.is_tensor(a) and a.dim() >= 1 and a.shape[0] == size]
-            if not self._inputs:
-                raise ConfigError(
-                    f"none of the model's positional tensor inputs has the data plate's size {size} as its first "
-                    f"dimension (input shapes: {[tuple(a.shape) if torch.is_tensor(a) else None for a in ex]}); "
-                    "the encoder reads the per-datapoint inputs, so pass the data batch-first")
-            in_dim = self._encoder_input(ex).shape[-1]
-        self.body = MLP(in_dim, hidden, None, act=activation)
+            sites = {k: _spec(v, constraints.real) for k, v in declared.items()}
+            self._build(sites, -1, int(getattr(model, "max_plate_nesting", 1)), input_dim(model))
+        elif example is not None or self._pyrovi_input:
+            self._discover(_as_example(model, example), {})
+        # else: a Pyro model with no example yet; setup() or the first call finds its sites
+
+    # ------------------------------------------------------------------ sites
+    @property
+    def model(self):
+        """The model this guide serves (not a submodule)."""
+        return self._model_ref[0]
+
+    @property
+    def is_setup(self) -> bool:
+        """Whether the latent sites are known (always, for pyrovi's models or with ``example=``)."""
+        return self.sites is not None
+
+    @property
+    def point_mass(self) -> bool:
+        """Whether q is a point mass at every site (Delta heads): all particles are the same draw."""
+        return self.sites is not None and all(isinstance(h, DeltaHead) for h in self.heads.values())
+
+    def setup(self, *args, **kwargs) -> "Amortized":
+        """Find the model's latent sites by tracing ``model(*args, **kwargs)`` once, unless known; returns self.
+
+        Idempotent, and a no-op for pyrovi's models (they declare their sites) and for
+        guides built with ``example=``. ``fit`` calls it with the first batch; a guide's
+        first call does too. The config then records the inputs' shapes as ``example``.
+        """
+        if self.sites is None:
+            if not args:
+                raise ConfigError(self._not_setup_message("setup() was called without the model's inputs"))
+            self._discover(tuple(args), kwargs)
+            device = next((a.device for a in args if torch.is_tensor(a)), None)
+            if device is not None and device.type != "cpu":
+                self.to(device)
+        return self
+
+    def _not_setup_message(self, what: str) -> str:
+        name = getattr(self.model, "__name__", type(self.model).__name__)
+        return (f"{type(self).__name__} has not found the latent sites of {name} yet ({what}): {name} declares no "
+                "latent_sites, so the guide traces it on example inputs. Call guide.setup(*batch) (or the guide "
+                "itself) with a batch of the model's inputs first, or build the guide with example=x[:2]")
+
+    def _require_sites(self, what: str) -> None:
+        if self.sites is None:
+            raise ConfigError(self._not_setup_message(what))
+
+    def _discover(self, ex: tuple, kwargs: dict) -> None:
+        sites, plate_dim, depth, size = discover_latents(self.model, ex, self.data_plate, kwargs)
+        # The encoder reads the positional tensors whose first dim runs over the data plate.
+        self._inputs = [i for i, a in enumerate(ex) if torch.is_tensor(a) and a.dim() >= 1 and a.shape[0] == size]
+        if not self._inputs and not self._pyrovi_input:
+            raise ConfigError(
+                f"none of the model's positional tensor inputs has the data plate's size {size} as its first "
+                f"dimension (input shapes: {[tuple(a.shape) if torch.is_tensor(a) else None for a in ex]}); "
+                "the encoder reads the per-datapoint inputs, so pass the data batch-first")
+        self._example_spec = example_spec(ex)
+        self._build(sites, plate_dim, depth, self._encoder_input(ex).shape[-1])
+
+    def _build(self, sites: dict, plate_dim: int, depth: int, in_dim: int) -> None:
+        make = self._make_head or self._head
+        self.body = MLP(in_dim, self.hidden, None, act=self.activation)
         self.heads = nn.ModuleDict(
-            {n: make_head(self.body.out_features, math.prod(s.unconstrained_shape))
-             for n, s in self.sites.items()})
+            {n: make(self.body.out_features, s.unconstrained_shape) for n, s in sites.items()})
+        self.plate_dim, self.max_plate_nesting = plate_dim, depth
+        self.sites = sites
+
+    def _head(self, context_dim: int, shape: tuple):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must define _head(context_dim, shape)")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.sites is None and any(k.startswith(prefix) for k in state_dict):
+            raise ConfigError(self._not_setup_message("loading weights needs them"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ pieces
     def _encoder_input(self, args) -> torch.Tensor:
         if self._pyrovi_input:
             x = args[0]
             y = args[1] if len(args) > 1 else None
-            return encoder_input(self._model_ref[0], x, y)
+            return encoder_input(self.model, x, y)
         try:
             parts = [args[i] for i in self._inputs]
         except IndexError:
@@ -255,34 +443,98 @@ class Amortized(PyroModule):
         return torch.cat([a.reshape(B, -1).to(torch.get_default_dtype()) for a in parts], dim=-1)  # (B, D)
 
     def _site_distribution(self, spec: SiteSpec, q):
-        """Map a flat ``(n,)``-event q on R^n to the site's event shape and support."""
+        """Map q on the head's space (flat ``(n,)`` or the unconstrained shape) to the site's shape and support."""
+        if isinstance(q, dist.Delta):  # a point mass is mapped pointwise (no Jacobian: log q stays 0)
+            if tuple(q.event_shape) == tuple(spec.event_shape) and spec.support is constraints.real:
+                return q
+            v = q.v.reshape(q.batch_shape + torch.Size(spec.unconstrained_shape))
+            if spec.support is not constraints.real:
+                v = biject_to(spec.support)(v)
+            return dist.Delta(v, event_dim=len(spec.event_shape))
         ts = []
-        flat = (math.prod(spec.unconstrained_shape),) if spec.unconstrained_shape else (1,)
-        if tuple(spec.unconstrained_shape) != flat:
-            ts.append(T.ReshapeTransform(torch.Size(flat), torch.Size(spec.unconstrained_shape)))
+        if tuple(q.event_shape) != tuple(spec.unconstrained_shape):
+            ts.append(T.ReshapeTransform(q.event_shape, torch.Size(spec.unconstrained_shape)))
         if spec.support is not constraints.real:
             ts.append(biject_to(spec.support))
         return dist.TransformedDistribution(q, ts) if ts else q
 
-    def _qs(self, x: torch.Tensor) -> dict:
-        h = self.body(x)  # (B, H)
+    def _context(self, args) -> torch.Tensor:
+        """``h`` with its batch aligned to the data plate's dim: ``(B, [1, ...,] H)``."""
+        h = self.body(self._encoder_input(args))  # (B, H)
+        if self.plate_dim == -1:
+            return h
         B, H = h.shape
-        h = h.reshape((B,) + (1,) * (-self.plate_dim - 1) + (H,))  # batch aligned with the plate's dim
+        return h.reshape((B,) + (1,) * (-self.plate_dim - 1) + (H,))
+
+    def _qs(self, args) -> dict:
+        h = self._context(args)
         out = {}
         for name, spec in self.sites.items():
-            q, q_sg = self.heads[name](h)
+            q, q_sg = _pair(self.heads[name], h)
             out[name] = (self._site_distribution(spec, q), self._site_distribution(spec, q_sg))
         return out
 
-    def distributions(self, *args, **kwargs) -> dict:
-        """``{site: q(z|x)}`` for the model's inputs ``args``; batch ``(B,)`` (aligned to the data plate)."""
-        return {name: q for name, (q, _) in self._qs(self._encoder_input(args)).items()}
-
+    # ------------------------------------------------------------------ the guide and its fast twin
     def forward(self, *args, **kwargs) -> dict:
-        x = self._encoder_input(args)  # (B, D)
-        qs = self._qs(x)
-        with pyro.plate(self.data_plate, x.shape[0], dim=self.plate_dim):
+        """Sample every latent site from q(z|x) in the data plate; returns ``{site: (S?, B, *event)}``."""
+        args, kwargs = self._positional(args, kwargs)
+        self.setup(*args, **kwargs)
+        qs = self._qs(args)
+        B = self._encoder_input_batch(args)
+        with pyro.plate(self.data_plate, B, dim=self.plate_dim):
             return {name: pyro.sample(name, q, infer={STOP_GRADIENT_FN: q_sg}) for name, (q, q_sg) in qs.items()}
+
+    def _positional(self, args: tuple, kwargs: dict) -> tuple:
+        """A pyrovi model's labels given as ``y=`` become the second positional input, as ``(x, y)``."""
+        if self._pyrovi_input and "y" in kwargs and len(args) == 1:
+            kwargs = dict(kwargs)
+            args = (args[0], kwargs.pop("y"))
+        return args, kwargs
+
+    def _encoder_input_batch(self, args) -> int:
+        a = args[0] if self._pyrovi_input else args[self._inputs[0]]
+        return a.shape[0]
+
+    def posterior(self, *args, **kwargs) -> dict:
+        """``{site: q(z|x)}`` for the model's inputs (``x`` and, for conditional models, ``y``).
+
+        The distributions :meth:`forward` samples from, without Pyro (the fast path,
+        :mod:`pyrovi.fastpath`) and without their stop-gradient twins. Batch ``(B,)``,
+        aligned to the data plate's dim; the site's event shape. Not argument-checked:
+        scales are ``softplus(.) + min_scale``, positive by construction, and a
+        non-finite encoder output surfaces as a non-finite loss, which fit reports.
+        """
+        args, kwargs = self._positional(args, kwargs)
+        self.setup(*args, **kwargs)
+        h = self._context(args)
+        return {name: self._site_distribution(spec, _q(self.heads[name], h)) for name, spec in self.sites.items()}
+
+    def distributions(self, *args, **kwargs) -> dict:
+        """Same as :meth:`posterior` (the older name)."""
+        return self.posterior(*args, **kwargs)
+
+    def encode(self, *args, **kwargs) -> dict:
+        """``{site: (mean, std)}`` of q(z|x), each ``(B, *event_shape)``.
+
+        In closed form where the head has it (the Gaussian's ``(loc, scale)``, a mixture's
+        moments, a point mass's ``(point, 0)``), else from 256 draws on a fixed seed
+        (flows, constrained sites).
+        """
+        args, kwargs = self._positional(args, kwargs)
+        self.setup(*args, **kwargs)
+        h = self.body(self._encoder_input(args))  # (B, H)
+        out = {}
+        for name, spec in self.sites.items():
+            head = self.heads[name]
+            if hasattr(head, "moments") and spec.support is constraints.real:
+                loc, scale = head.moments(h)
+            else:
+                loc, scale = _mc_moments(self._site_distribution(spec, _q(head, h)))
+            B = h.shape[0]
+            if tuple(loc.shape[1:]) != spec.event_shape:
+                loc, scale = loc.reshape((B,) + spec.event_shape), scale.reshape((B,) + spec.event_shape)
+            out[name] = (loc, scale)
+        return out
 
     def _base_config(self) -> dict:
         d = {"hidden": list(self.hidden), "activation": self.activation}

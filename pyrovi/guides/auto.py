@@ -13,7 +13,12 @@ family           q per site (on the unconstrained space, then ``biject_to``)
 ``diag_normal``  diagonal Gaussian (default)
 ``mixture``      mixture of diagonal Gaussians (:class:`~pyrovi.guides.Mixture`)
 ``flow``         conditional normalizing flow (:class:`~pyrovi.guides.Flow`)
+``delta``        a point mass (:class:`~pyrovi.guides.Delta`: amortized MAP, no density)
 ================ ========================================================
+
+Each family is the same head the named guide class uses, so ``Auto(model,
+family="flow", ...)`` and ``Flow(model, ..., example=...)`` build the same q;
+``Auto`` differs only in its config (``{"name": "auto", "family": ...}``).
 
 Supported: continuous reparameterizable latents inside one vectorized plate
 (``"data"`` by default) whose size is the batch; several sites; constrained
@@ -27,16 +32,19 @@ See :mod:`pyrovi.guides.amortized` for what the encoder reads.
 from __future__ import annotations
 
 from ..errors import ConfigError, check_positive, lookup
-from .amortized import Amortized, NormalHead
-from .flow import FLOWS, FlowHead
+import math
+
+from .amortized import Amortized, DeltaHead, NormalHead, WrappedHead
+from .flow import FlowHead, flow_options
 from .mixture import MixtureHead
 
 __all__ = ["FAMILIES", "Auto"]
 
-FAMILIES = ("diag_normal", "mixture", "flow")
-_FAMILY_OPTIONS = {"diag_normal": (), "mixture": ("components",),
-                   "flow": ("flow", "depth", "flow_hidden", "count_bins", "bound")}
-_DEFAULTS = {"components": 5, "flow": "iaf", "depth": 4, "flow_hidden": None, "count_bins": 8, "bound": 3.0}
+FAMILIES = ("diag_normal", "mixture", "flow", "delta")
+_FAMILY_OPTIONS = {"diag_normal": (), "mixture": ("components", "learn_weights"),
+                   "flow": ("flow", "depth", "flow_hidden", "count_bins", "bound"), "delta": ()}
+_DEFAULTS = {"components": 5, "learn_weights": True, "flow": "iaf", "depth": 4, "flow_hidden": None,
+             "count_bins": 8, "bound": 3.0}
 
 
 class Auto(Amortized):
@@ -45,15 +53,16 @@ class Auto(Amortized):
     Args:
         model: any Pyro model (a ``PyroModule`` or a function) with its
             per-datapoint latents inside ``pyro.plate(data_plate, B)``.
-        family: ``"diag_normal"`` (default), ``"mixture"`` or ``"flow"``.
+        family: ``"diag_normal"`` (default), ``"mixture"``, ``"flow"`` or ``"delta"``.
         example: example inputs to trace the model with: a tensor (the model's
             first argument, a batch ``(B, ...)``), a tuple of positional tensor
             arguments, or the JSON spec stored in a run's config. Not needed for
-            pyrovi's models (they declare their latent sites).
-        hidden: encoder hidden widths.
+            pyrovi's models (they declare their latent sites); without it a Pyro model
+            is traced on the first call or by :meth:`~pyrovi.guides.amortized.Amortized.setup`.
+        hidden: encoder hidden widths, an int or a sequence.
         activation: encoder activation.
         data_plate: name of the plate over datapoints.
-        **options: the family's own options: ``components`` (``family="mixture"``, see
+        **options: the family's own options: ``components``, ``learn_weights`` (``family="mixture"``, see
             :class:`~pyrovi.guides.Mixture`); ``flow``, ``depth``, ``flow_hidden``,
             ``count_bins``, ``bound`` (``family="flow"``, see :class:`~pyrovi.guides.Flow`).
         min_scale: lower bound on Gaussian scales.
@@ -78,15 +87,14 @@ class Auto(Amortized):
         if wrong:
             raise ConfigError(f"Auto(family={self.family!r}) does not take {wrong}; its options are "
                               f"{list(allowed) or 'none'} (plus hidden, activation, min_scale, example, data_plate)")
-        check_positive("min_scale", min_scale, allow_zero=True)
-        self.min_scale = float(min_scale)
         self.options = {k: options.get(k, _DEFAULTS[k]) for k in allowed}
         if self.family == "mixture":
             check_positive("components", self.options["components"], integer=True)
+            if not isinstance(self.options["learn_weights"], bool):
+                raise ConfigError(f"learn_weights must be True or False, got {self.options['learn_weights']!r}")
         if self.family == "flow":
-            lookup({f: f for f in FLOWS}, self.options["flow"], "flow")
-            check_positive("depth", self.options["depth"], integer=True)
-        super().__init__(model, self._head, hidden=hidden, activation=activation, example=example,
+            self.options = flow_options(**self.options)
+        super().__init__(model, hidden=hidden, activation=activation, min_scale=min_scale, example=example,
                          data_plate=data_plate)
 
     @property
@@ -94,12 +102,15 @@ class Auto(Amortized):
         """Components per site for ``family="mixture"`` (stratified training draws), else 1."""
         return self.options["components"] if self.family == "mixture" else 1
 
-    def _head(self, context_dim: int, dim: int):
+    def _head(self, context_dim: int, shape: tuple):
         if self.family == "mixture":
-            return MixtureHead(context_dim, dim, components=self.options["components"], min_scale=self.min_scale)
+            return MixtureHead(context_dim, math.prod(shape), min_scale=self.min_scale, **self.options)
         if self.family == "flow":
-            return FlowHead(context_dim, dim, min_scale=self.min_scale, **self.options)
-        return NormalHead(context_dim, dim, min_scale=self.min_scale)
+            return FlowHead(context_dim, math.prod(shape), min_scale=self.min_scale, **self.options)
+        if self.family == "delta":
+            return DeltaHead(context_dim, shape)
+        # the same head as DiagNormal's, held as ``linear``: the parameter names Auto's run directories have
+        return WrappedHead(NormalHead(context_dim, shape, min_scale=self.min_scale))
 
     def config(self) -> dict:
         """JSON-able options; with a traced model, the example inputs' shapes (not their values)."""

@@ -1,12 +1,19 @@
-"""What every guide needs to know about a model: its latent sites and its input.
+"""What every guide needs to know about a model (its latent sites and its input), and the probe flag.
 
 Guides know a model only through ``model.latent_sites`` (``{name: event
 shape}``), ``model.obs_shape`` and, for conditional models, ``model.num_classes``.
+
+:func:`parameter_probe` marks a call that only looks for parameters (``fit``
+runs the loss once under a parameter-only trace to find them): guides with
+state updated by training calls (the VQ-VAE's :class:`~pyrovi.guides.Codebook`)
+leave it alone inside it.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Optional
 
 import torch
@@ -14,16 +21,33 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["latent_sites", "input_dim", "encoder_input"]
+__all__ = ["latent_sites", "input_dim", "encoder_input", "parameter_probe", "in_parameter_probe"]
+
+_PROBE: ContextVar[bool] = ContextVar("pyrovi_parameter_probe", default=False)
 
 
-def latent_sites(model) -> dict:
+@contextmanager
+def parameter_probe():
+    """Within this context model and guide calls only serve to find parameters: no training side effects."""
+    token = _PROBE.set(True)
+    try:
+        yield
+    finally:
+        _PROBE.reset(token)
+
+
+def in_parameter_probe() -> bool:
+    """Whether the current call runs inside :func:`parameter_probe`."""
+    return _PROBE.get()
+
+
+def latent_sites(model, guide: str = "this guide") -> dict:
     """``{site: event shape}`` of ``model``; a clear error if it declares none."""
     sites = getattr(model, "latent_sites", None)
     if not isinstance(sites, dict) or not sites:
         raise ConfigError(
-            f"{type(model).__name__} does not declare latent_sites; pyrovi's built-in guides need "
-            "them (use guides.Auto for any Pyro model)"
+            f"{getattr(model, '__name__', type(model).__name__)} does not declare latent_sites, which {guide} "
+            "needs; DiagNormal, Delta, Mixture, Flow and Auto serve any Pyro model (they trace it)"
         )
     return {k: tuple(v) for k, v in sites.items()}
 

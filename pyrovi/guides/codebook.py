@@ -48,12 +48,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
-from pyro.poutine.runtime import _PYRO_STACK
-from pyro.poutine.trace_messenger import TraceMessenger
 
 from ..convnets import ImageEncoder, TextEncoder
 from ..errors import ConfigError, check_positive
-from .base import latent_sites
+from .base import in_parameter_probe, latent_sites
 
 __all__ = ["Codebook", "CodebookConfig", "Quantized"]
 
@@ -111,9 +109,9 @@ class Quantized(NamedTuple):
 
 
 def _param_only_trace() -> bool:
-    # pyrovi.fit finds parameters by running the loss once under poutine.trace(param_only=True)
-    # (run.discover_params); that probe must not move the codebook (no k-means on two rows).
-    return any(isinstance(m, TraceMessenger) and getattr(m, "param_only", False) for m in _PYRO_STACK)
+    """Whether this call only looks for parameters (``run.discover_params`` marks its probe with
+    :func:`~pyrovi.guides.base.parameter_probe`): then it must not move the codebook (no k-means on two rows)."""
+    return in_parameter_probe()
 
 
 class Codebook(PyroModule):
@@ -150,7 +148,7 @@ class Codebook(PyroModule):
             if not hasattr(model, attr):
                 raise ConfigError(f"the Codebook guide needs a VQ model (pyrovi.models.VQVAE); "
                                   f"{type(model).__name__} has no {attr!r}")
-        self.site, shape = next(iter(latent_sites(model).items()))
+        self.site, shape = next(iter(latent_sites(model, "the Codebook guide").items()))
         self._model_ref = [model]  # a list, so the model (and its codebook) is not a submodule: one codebook
         mc = model.cfg
         width = self.cfg.channels or mc.channels

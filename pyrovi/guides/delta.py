@@ -13,67 +13,37 @@ objective. It is not a density over z and gives no bound on log p(x).
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
-import pyro
-import pyro.distributions as dist
-import torch
-from pyro.nn import PyroModule
-from torch import nn
-
-from ..nets import MLP
-from .base import encoder_input, input_dim, latent_sites
+from .amortized import Amortized, DeltaHead
 
 __all__ = ["Delta"]
 
 
-class Delta(PyroModule):
+class Delta(Amortized):
     """Deterministic encoder: every latent site is the point ``f(x)``, shape ``(B, *event_shape)``.
 
     The encoder is the same MLP body as :class:`~pyrovi.guides.DiagNormal`'s
     (``D [+ C] -> hidden``), with one linear head per latent site giving the
-    point itself instead of ``(loc, scale)``.
+    point itself instead of ``(loc, scale)`` (:class:`~pyrovi.guides.amortized.DeltaHead`).
 
     Args:
-        model: the model this guide serves (read: ``latent_sites``, ``obs_shape``).
-        hidden: encoder hidden widths.
+        model: the model served: a pyrovi model (declares ``latent_sites``) or any Pyro model,
+            traced on ``example=`` or, without it, on the first call / :meth:`setup`.
+        hidden: encoder hidden widths, an int or a sequence.
         activation: name of the hidden activation.
+        example: example inputs to trace a Pyro model with (e.g. ``x[:2]``).
+        data_plate: name of the plate over datapoints.
+
+    ``encode(x, y=None)`` gives ``{site: (point, zeros)}``: the zero scale says
+    "point mass", so code that reads ``(loc, scale)`` from any pyrovi guide reads
+    this one too.
     """
 
-    def __init__(self, model, *, hidden=(256,), activation: str = "relu"):
-        super().__init__()
-        self.sites = latent_sites(model)
-        self.hidden = tuple(hidden)
-        self.activation = activation
-        self._model_ref = [model]  # a list so nn.Module does not register the model as a submodule
-        self.body = MLP(input_dim(model), self.hidden, None, act=activation)
-        self.heads = nn.ModuleDict(
-            {name: nn.Linear(self.body.out_features, math.prod(shape)) for name, shape in self.sites.items()}
-        )
+    def __init__(self, model, *, hidden=(256,), activation: str = "relu", example=None, data_plate: str = "data"):
+        super().__init__(model, hidden=hidden, activation=activation, example=example, data_plate=data_plate)
+
+    def _head(self, context_dim: int, shape: tuple) -> DeltaHead:
+        return DeltaHead(context_dim, shape)
 
     def config(self) -> dict:
         """JSON-able options (the model is supplied when rebuilding)."""
-        return {"name": "delta", "hidden": list(self.hidden), "activation": self.activation}
-
-    def encode(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict:
-        """``{site: (point, scale)}`` with ``point`` of shape ``(B, *event_shape)`` and ``scale`` zeros of that shape.
-
-        The zero scale says "point mass", so code that reads ``(loc, scale)``
-        from any pyrovi guide reads this one too.
-        """
-        h = self.body(encoder_input(self._model_ref[0], x, y))  # (B, H)
-        out = {}
-        for name, shape in self.sites.items():
-            point = self.heads[name](h).reshape(-1, *shape)  # (B, *shape)
-            out[name] = (point, torch.zeros_like(point))
-        return out
-
-    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict:
-        """Sample (i.e. place) every latent site at ``f(x)`` inside ``pyro.plate("data", B)``."""
-        params = self.encode(x, y)
-        with pyro.plate("data", x.shape[0]):
-            return {
-                name: pyro.sample(name, dist.Delta(point, event_dim=len(self.sites[name])))
-                for name, (point, _) in params.items()
-            }
+        return {"name": "delta", **self._base_config()}

@@ -12,77 +12,44 @@ plates; with the ``meanfield`` objective its KL to N(0, I) is analytic:
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
-import pyro
-import torch
-import torch.nn.functional as F
-from pyro.nn import PyroModule
-from torch import nn
-
-from ..distributions import DiagonalNormal
-from ..errors import check_positive
-from ..nets import MLP, as_widths
-from .base import encoder_input, input_dim, latent_sites
+from .amortized import Amortized, NormalHead
 
 __all__ = ["DiagNormal"]
 
 
-class DiagNormal(PyroModule):
+class DiagNormal(Amortized):
     """q(z|x) = Normal(mu(x), sigma(x)) independently per latent dimension, for every latent site.
 
     An MLP body ``D -> hidden`` is shared; one linear head per latent site
-    gives ``(loc, scale)`` with ``scale = softplus(raw) + min_scale``.
+    gives ``(loc, scale)`` with ``scale = softplus(raw) + min_scale``
+    (:class:`~pyrovi.guides.amortized.NormalHead`). On a constrained site of a
+    traced model the Gaussian lives on the unconstrained space and is mapped by
+    ``biject_to(support)``.
 
     Args:
-        model: the model this guide serves (read: ``latent_sites``, ``obs_shape``).
-        hidden: encoder hidden widths.
+        model: the model served: a pyrovi model (declares ``latent_sites``) or any Pyro model,
+            traced on ``example=`` or, without it, on the first call / :meth:`setup`.
+        hidden: encoder hidden widths, an int or a sequence (default ``(256,)``).
+        activation: encoder activation.
         min_scale: lower bound on sigma, for numerical safety.
+        example: example inputs to trace a Pyro model with (e.g. ``x[:2]``).
+        data_plate: name of the plate over datapoints.
+
+    ``encode(x, y=None)`` gives ``{site: (loc, scale)}``, ``posterior(x, y=None)``
+    ``{site: q}`` (each a :class:`~pyrovi.distributions.DiagonalNormal` with batch
+    ``(B,)`` and the site's event shape).
     """
 
-    def __init__(self, model, *, hidden=(256,), activation: str = "relu", min_scale: float = 1e-4):
-        super().__init__()
-        check_positive("min_scale", min_scale, allow_zero=True)
-        self.sites = latent_sites(model)
-        self.hidden = as_widths(hidden)
-        self.activation = activation
-        self.min_scale = float(min_scale)
-        self._model_ref = [model]  # a list so nn.Module does not register the model as a submodule
-        self.body = MLP(input_dim(model), self.hidden, None, act=activation)
-        self.heads = nn.ModuleDict(
-            {name: nn.Linear(self.body.out_features, 2 * math.prod(shape)) for name, shape in self.sites.items()}
-        )
+    def __init__(self, model, *, hidden=(256,), activation: str = "relu", min_scale: float = 1e-4,
+                 example=None, data_plate: str = "data"):
+        super().__init__(model, hidden=hidden, activation=activation, min_scale=min_scale, example=example,
+                         data_plate=data_plate)
+
+    def _head(self, context_dim: int, shape: tuple) -> NormalHead:
+        return NormalHead(context_dim, shape, min_scale=self.min_scale)
 
     def config(self) -> dict:
         """JSON-able options (the model is supplied when rebuilding)."""
-        return {"name": "diag_normal", "hidden": list(self.hidden), "activation": self.activation,
-                "min_scale": self.min_scale}
-
-    def encode(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict:
-        """``{site: (loc, scale)}``, each of shape ``(B, *event_shape)``."""
-        h = self.body(encoder_input(self._model_ref[0], x, y))  # (B, H)
-        out = {}
-        for name, shape in self.sites.items():
-            loc, raw = self.heads[name](h).chunk(2, dim=-1)  # (B, prod(shape)) each
-            scale = F.softplus(raw) + self.min_scale
-            if len(shape) != 1:  # a (B, n) site needs no reshape (a no-op view, but a node in the graph)
-                loc, scale = loc.reshape(-1, *shape), scale.reshape(-1, *shape)
-            out[name] = (loc, scale)
-        return out
-
-    def posterior(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict:
-        """``{site: q(z|x)}``, each a :class:`~pyrovi.distributions.DiagonalNormal` with batch shape ``(B,)``
-        and the site's event shape.
-
-        Not argument-checked: ``scale = softplus(.) + min_scale`` is positive by construction, and a
-        non-finite encoder output surfaces as a non-finite loss, which fit reports.
-        """
-        return {name: DiagonalNormal(loc, scale, len(self.sites[name]), validate_args=False)
-                for name, (loc, scale) in self.encode(x, y).items()}
-
-    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict:
-        """Sample each latent site from q(z|x) in ``pyro.plate("data", B)``; returns ``{site: (S?, B, *shape)}``."""
-        qs = self.posterior(x, y)
-        with pyro.plate("data", x.shape[0]):
-            return {name: pyro.sample(name, q) for name, q in qs.items()}
+        d = self._base_config()
+        return {"name": "diag_normal", "hidden": d.pop("hidden"), "activation": d.pop("activation"),
+                "min_scale": self.min_scale, **d}

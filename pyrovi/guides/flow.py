@@ -35,6 +35,7 @@ gradient is the implicit-function one; :class:`InvertibleRadial`: closed form).
 
 from __future__ import annotations
 
+import math
 import warnings
 from functools import partial
 
@@ -53,9 +54,10 @@ from pyro.nn import ConditionalAutoRegressiveNN, DenseNN
 from torch import nn
 
 from ..errors import ConfigError, check_positive, lookup
+from ..nets import as_widths
 from .amortized import Amortized
 
-__all__ = ["FLOWS", "Flow", "FlowHead", "InvertiblePlanar", "InvertibleRadial"]
+__all__ = ["FLOWS", "Flow", "FlowHead", "flow_options", "InvertiblePlanar", "InvertibleRadial"]
 
 FLOWS = ("iaf", "spline", "planar", "radial")
 
@@ -152,6 +154,18 @@ def _twin(t: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- head
 
 
+def flow_options(*, flow="iaf", depth=4, flow_hidden=None, count_bins=8, bound=3.0) -> dict:
+    """The flow head's options, validated (shared by :class:`Flow` and ``Auto(family="flow")``)."""
+    flow = lookup({f: f for f in FLOWS}, flow, "flow")
+    check_positive("depth", depth, integer=True)
+    check_positive("count_bins", count_bins, integer=True)
+    if count_bins < 2:
+        raise ConfigError(f"count_bins must be >= 2, got {count_bins}")
+    check_positive("bound", bound)
+    return {"flow": flow, "depth": depth, "flow_hidden": None if flow_hidden is None else as_widths(
+        flow_hidden, "flow_hidden"), "count_bins": count_bins, "bound": float(bound)}
+
+
 class FlowHead(nn.Module):
     """``h (..., H)`` -> diagonal Gaussian over ``R^n`` pushed through ``depth`` conditional transforms of kind ``flow``."""
 
@@ -184,8 +198,11 @@ class FlowHead(nn.Module):
         self.transforms = nn.ModuleList(layers)
         self._twins = [_twin(t) for t in layers]  # a plain list: the twins own no parameters
 
-    def q(self, h: torch.Tensor, *, validate_args=None):
-        """q alone (no stop-gradient twin), batch ``h.shape[:-1]``, event ``(n,)``."""
+    def q(self, h: torch.Tensor, *, validate_args=False):
+        """q alone (no stop-gradient twin), batch ``h.shape[:-1]``, event ``(n,)``.
+
+        The base Gaussian is not argument-checked by default: its scale is ``softplus(.) + min_scale``.
+        """
         return self._q(h, validate_args)[0]
 
     def _q(self, h: torch.Tensor, validate_args=None) -> tuple:
@@ -203,6 +220,8 @@ class FlowHead(nn.Module):
         q_sg = dist.TransformedDistribution(base_sg, [t.condition(hd) for t in self._twins])
         return q, q_sg
 
+    pair = forward
+
 
 class Flow(Amortized):
     """q(z|x): a diagonal Gaussian pushed through ``depth`` conditional ``flow`` transforms, per latent site.
@@ -219,9 +238,10 @@ class Flow(Amortized):
         flow_hidden: hidden widths of each transform's network (default ``[max(32, 10 n)]``).
         count_bins: spline segments (``flow="spline"``).
         bound: splines act on the box ``[-bound, bound]`` (``flow="spline"``).
-        hidden: encoder hidden widths (see :class:`~pyrovi.guides.amortized.Amortized`).
+        hidden: encoder hidden widths, an int or a sequence (see :class:`~pyrovi.guides.amortized.Amortized`).
         activation: encoder activation.
-        example: example inputs to trace a user's model with.
+        example: example inputs to trace a user's model with (optional: without it, the first call
+            or :meth:`~pyrovi.guides.amortized.Amortized.setup` traces it).
         data_plate: name of the plate over datapoints.
         min_scale: lower bound on the base sigma.
     """
@@ -229,35 +249,15 @@ class Flow(Amortized):
     def __init__(self, model, *, flow: str = "iaf", depth: int = 4, flow_hidden=None, count_bins: int = 8,
                  bound: float = 3.0, hidden=(256,), activation: str = "relu", min_scale: float = 1e-4,
                  example=None, data_plate: str = "data"):
-        self.flow = lookup({f: f for f in FLOWS}, flow, "flow")
-        check_positive("depth", depth, integer=True)
-        check_positive("count_bins", count_bins, integer=True)
-        if count_bins < 2:
-            raise ConfigError(f"count_bins must be >= 2, got {count_bins}")
-        check_positive("bound", bound)
-        check_positive("min_scale", min_scale, allow_zero=True)
-        self.depth, self.count_bins, self.bound, self.min_scale = depth, count_bins, float(bound), float(min_scale)
-        self.flow_hidden = None if flow_hidden is None else tuple(int(h) for h in flow_hidden)
-        for h in self.flow_hidden or ():
-            check_positive("flow_hidden width", h, integer=True)
-        super().__init__(model, self._head, hidden=hidden, activation=activation, example=example,
+        o = flow_options(flow=flow, depth=depth, flow_hidden=flow_hidden, count_bins=count_bins, bound=bound)
+        self.flow, self.depth, self.flow_hidden, self.count_bins, self.bound = (
+            o["flow"], o["depth"], o["flow_hidden"], o["count_bins"], o["bound"])
+        super().__init__(model, hidden=hidden, activation=activation, min_scale=min_scale, example=example,
                          data_plate=data_plate)
 
-    def _head(self, context_dim: int, dim: int) -> FlowHead:
-        return FlowHead(context_dim, dim, flow=self.flow, depth=self.depth, flow_hidden=self.flow_hidden,
+    def _head(self, context_dim: int, shape: tuple) -> FlowHead:
+        return FlowHead(context_dim, math.prod(shape), flow=self.flow, depth=self.depth, flow_hidden=self.flow_hidden,
                         count_bins=self.count_bins, bound=self.bound, min_scale=self.min_scale)
-
-    # -- the fast path (pyrovi.fastpath): the same q as forward samples from, without Pyro's tracing
-    def posterior(self, x: torch.Tensor, y=None) -> dict:
-        """``{site: q(z|x)}`` for a pyrovi model's batch ``x`` ``(B, D)`` (labels ``y`` for conditional models).
-
-        The distributions :meth:`forward` samples from (without their stop-gradient twins, which
-        only ``stl``/``dreg`` read, and those go through Pyro). The base Gaussian is not
-        argument-checked: its scale is ``softplus(.) + min_scale`` by construction.
-        """
-        h = self.body(self._encoder_input((x,) if y is None else (x, y)))  # (B, H)
-        return {name: self._site_distribution(spec, self.heads[name].q(h, validate_args=False))
-                for name, spec in self.sites.items()}
 
     def config(self) -> dict:
         """JSON-able options (the model is supplied when rebuilding)."""

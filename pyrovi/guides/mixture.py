@@ -60,8 +60,6 @@ Evaluation and diagnostics draw from :math:`q` itself, with the sampler above.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Optional
 
 import torch
@@ -70,35 +68,11 @@ from pyro.distributions import MixtureOfDiagNormals
 from torch import nn
 
 from ..errors import ConfigError, check_positive
+from ..stratify import log_stratum, stratified, stratify_rank
 from .amortized import Amortized
 
+# ``stratified`` and ``log_stratum`` live in :mod:`pyrovi.stratify`; re-exported here for older imports.
 __all__ = ["DiagNormalMixture", "Mixture", "MixtureHead", "stratified", "log_stratum"]
-
-# Rank of the particle dim (it is batch dim ``-rank``) while objectives draw stratified particles; None otherwise.
-_STRATIFY: ContextVar[Optional[int]] = ContextVar("pyrovi_stratify", default=None)
-
-
-@contextmanager
-def stratified(rank: int):
-    """Within this context :meth:`DiagNormalMixture.rsample` draws stratified particles (module doc).
-
-    ``rank``: the particle dim is batch dim ``-rank`` of every mixture sampled (Pyro's
-    vectorized particle plate at ``dim=-rank``). Each draw's log weight :math:`\\log \\rho_s`
-    is left on the distribution as ``log_stratum`` (batch shape); read it with :func:`log_stratum`.
-    """
-    token = _STRATIFY.set(int(rank))
-    try:
-        yield
-    finally:
-        _STRATIFY.reset(token)
-
-
-def log_stratum(fn) -> Optional[torch.Tensor]:
-    """``log rho`` of a stratified draw from ``fn`` (through Independent/Transformed/Expanded wrappers), else None."""
-    while not isinstance(fn, DiagNormalMixture) and hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return getattr(fn, "log_stratum", None)
-
 
 class DiagNormalMixture(MixtureOfDiagNormals):
     """Mixture of diagonal Normals with unbiased pathwise gradients for every parameter and any ``D >= 1``.
@@ -111,7 +85,7 @@ class DiagNormalMixture(MixtureOfDiagNormals):
 
     def rsample(self, sample_shape=()) -> torch.Tensor:
         sample_shape = torch.Size(sample_shape)
-        rank = _STRATIFY.get()
+        rank = stratify_rank()
         if rank is not None and not sample_shape and len(self.batch_shape) >= rank:
             return self._stratified_rsample(rank)
         locs = self.locs.expand(sample_shape + self.locs.shape)  # (*S, *batch, K, D)
@@ -171,8 +145,8 @@ class MixtureHead(nn.Module):
             self.linear.weight[2 * components * dim:] = 0.0
             self.linear.bias[2 * components * dim:] = 0.0
 
-    def forward(self, h: torch.Tensor) -> tuple:
-        """``(q, q_stop_gradient)`` with batch ``h.shape[:-1]`` and event ``(n,)``."""
+    def params(self, h: torch.Tensor) -> tuple:
+        """``(locs (..., C, n), scales (..., C, n), logits (..., C))``."""
         C, n = self.components, self.dim
         out = self.linear(h)  # (..., C (2n + 1))
         locs = out[..., : C * n].unflatten(-1, (C, n))  # (..., C, n)
@@ -180,8 +154,27 @@ class MixtureHead(nn.Module):
         logits = out[..., 2 * C * n:]  # (..., C)
         if not self.learn_weights:
             logits = torch.zeros_like(logits)  # equal weights 1/C (the head's logit rows stay unused)
+        return locs, scales, logits
+
+    def q(self, h: torch.Tensor) -> DiagNormalMixture:
+        """q alone, batch ``h.shape[:-1]``, event ``(n,)``."""
+        return DiagNormalMixture(*self.params(h))
+
+    def moments(self, h: torch.Tensor) -> tuple:
+        """The mixture's mean and standard deviation per coordinate, each ``(..., n)``."""
+        locs, scales, logits = self.params(h)
+        w = torch.softmax(logits, -1)[..., None]  # (..., C, 1)
+        mean = (w * locs).sum(-2)  # (..., n)
+        var = (w * (scales ** 2 + locs ** 2)).sum(-2) - mean ** 2
+        return mean, var.clamp_min(0.0).sqrt()
+
+    def forward(self, h: torch.Tensor) -> tuple:
+        """``(q, q_stop_gradient)`` with batch ``h.shape[:-1]`` and event ``(n,)``."""
+        locs, scales, logits = self.params(h)
         q = DiagNormalMixture(locs, scales, logits)
         return q, DiagNormalMixture(locs.detach(), scales.detach(), logits.detach())
+
+    pair = forward
 
 
 class Mixture(Amortized):
@@ -195,9 +188,10 @@ class Mixture(Amortized):
         model: the model served (pyrovi model, or any Pyro model with ``example=``).
         components: C >= 1 (1 is a diagonal Gaussian).
         learn_weights: learn the mixture weights pi_c(x) (default) or keep them equal to 1/C.
-        hidden: encoder hidden widths (see :class:`~pyrovi.guides.amortized.Amortized`).
+        hidden: encoder hidden widths, an int or a sequence (see :class:`~pyrovi.guides.amortized.Amortized`).
         activation: encoder activation.
-        example: example inputs to trace a user's model with.
+        example: example inputs to trace a user's model with (optional: without it, the first call
+            or :meth:`~pyrovi.guides.amortized.Amortized.setup` traces it).
         data_plate: name of the plate over datapoints.
         min_scale: lower bound on every component's sigma.
     """
@@ -205,11 +199,10 @@ class Mixture(Amortized):
     def __init__(self, model, *, components: int = 5, learn_weights: bool = True, hidden=(256,),
                  activation: str = "relu", min_scale: float = 1e-4, example=None, data_plate: str = "data"):
         check_positive("components", components, integer=True)
-        check_positive("min_scale", min_scale, allow_zero=True)
         if not isinstance(learn_weights, bool):
             raise ConfigError(f"learn_weights must be True or False, got {learn_weights!r}")
-        self.components, self.min_scale, self.learn_weights = components, float(min_scale), learn_weights
-        super().__init__(model, self._head, hidden=hidden, activation=activation, example=example,
+        self.components, self.learn_weights = components, learn_weights
+        super().__init__(model, hidden=hidden, activation=activation, min_scale=min_scale, example=example,
                          data_plate=data_plate)
 
     @property
@@ -217,8 +210,8 @@ class Mixture(Amortized):
         """Components C: objectives draw ``particles`` stratified draws per component (module doc)."""
         return self.components
 
-    def _head(self, context_dim: int, dim: int) -> MixtureHead:
-        return MixtureHead(context_dim, dim, components=self.components, min_scale=self.min_scale,
+    def _head(self, context_dim: int, shape: tuple) -> MixtureHead:
+        return MixtureHead(context_dim, math.prod(shape), components=self.components, min_scale=self.min_scale,
                            learn_weights=self.learn_weights)
 
     def config(self) -> dict:
