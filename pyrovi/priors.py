@@ -316,7 +316,7 @@ def evaluate_prior(run, prior: CodeTransformer, data: Any = None, *, batch_size:
     text ``bits_per_dim_unigram``: characters coded independently with
     their training-split frequencies (add-one smoothed), no VQ-VAE at all.
     """
-    from .models.vqvae import vq_terms
+    from .vq_evaluation import vq_terms
 
     _is_vq(run)
     ds = _dataset(run, data)

@@ -37,6 +37,7 @@ from .checkpoint import (
 )
 from .errors import CheckpointError, ConfigError, PyroviError
 from .guides.base import parameter_probe
+from .traces import trace_pair
 
 __all__ = ["Run", "load_run", "resolve_device", "default_device", "empty_param_state", "discover_params"]
 
@@ -293,8 +294,7 @@ def _touch(model, guide, args, kwargs) -> None:
     """Run guide then model once (no gradients) so their params register in the current store."""
     try:
         with torch.no_grad(), poutine.trace(param_only=True):
-            tr = poutine.trace(guide).get_trace(*args, **kwargs)
-            poutine.replay(model, trace=tr)(*args, **kwargs)
+            trace_pair(model, guide, args, kwargs)
     except Exception as e:  # the user's code; say what pyrovi was doing when it failed
         shapes = [tuple(a.shape) for a in args if torch.is_tensor(a)]
         raise CheckpointError(

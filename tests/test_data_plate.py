@@ -167,7 +167,7 @@ def _fit(plate: str, objective: str, x, instance: bool):
 
 
 @pytest.mark.parametrize("instance", [False, True], ids=["name", "instance"])
-@pytest.mark.parametrize("objective", ["elbo", "iwae", "dreg"])
+@pytest.mark.parametrize("objective", ["elbo", "meanfield", "iwae", "renyi", "stl", "dreg"])
 def test_fit_evaluate_and_diagnose_honour_data_plate(objective, instance):
     x = data(100, seed=6)
     runs = {plate: _fit(plate, objective, x, instance) for plate in ("data", "batch")}

@@ -238,7 +238,11 @@ def test_cli_passes_scale_out_flags_and_only_rank0_reports(monkeypatch, tmp_path
         seen.update(kw)
         return pv.Run(model, guide, pv.objectives.get("elbo"), {}, directory=None, metrics={"epochs": 1})
 
-    monkeypatch.setattr(pv, "fit", fake_fit)
+    import pyrovi.train
+
+    monkeypatch.setattr(pyrovi.train, "fit", fake_fit)  # where the CLI looks fit up
+    # never start real ranks from inside the test process (Lightning would re-run pytest itself)
+    monkeypatch.setattr(dist, "launch", lambda *a, **k: pytest.fail("the CLI test must not launch DDP"))
     rc = main(["train", "--strategy", "ddp", "--devices", "4", "--num-nodes", "2", "--device", "cpu",
                "--out", str(tmp_path / "r"), "--epochs", "1"])
     assert rc == 0

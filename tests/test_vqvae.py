@@ -9,9 +9,9 @@ from pyro.infer import Trace_ELBO
 
 import pyrovi as pv
 from pyrovi.guides.codebook import Codebook
-from pyrovi.models.vqvae import VQVAE, code_usage, vq_terms
-from pyrovi.vq_evaluation import vq_metrics
+from pyrovi.models.vqvae import VQVAE
 from pyrovi.run import discover_params
+from pyrovi.vq_evaluation import code_usage, vq_metrics, vq_terms
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

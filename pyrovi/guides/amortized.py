@@ -60,6 +60,7 @@ from ..distributions import DiagonalNormal
 from ..errors import ConfigError, check_positive
 from ..nets import MLP, activation as _activation, as_widths
 from ..stop_gradient import STOP_GRADIENT_FN
+from ..traces import data_frame
 from .base import encoder_input, input_dim
 
 __all__ = ["Amortized", "NormalHead", "DeltaHead", "WrappedHead", "SiteSpec", "common_options", "discover_latents", "example_spec"]
@@ -152,8 +153,8 @@ def discover_latents(model, example: tuple, data_plate: str = "data", kwargs: Op
                 "pyrovi's amortized guides need continuous reparameterized latents: marginalize it out "
                 "(e.g. config_enumerate with TraceEnum_ELBO) or write a guide for it"
             )
-        data = [f for f in frames if f.name == data_plate]
-        if not data:
+        f = data_frame(site, data_plate)
+        if f is None:
             raise ConfigError(
                 f"latent site {n!r} of {name} is outside the plate {data_plate!r}; an amortized guide encodes "
                 "q(z_n | x_n) per datapoint, so global latents are not supported: put the site inside "
@@ -166,7 +167,6 @@ def discover_latents(model, example: tuple, data_plate: str = "data", kwargs: Op
                 f"latent site {n!r} of {name} sits in plate(s) {others} besides {data_plate!r}; declare those "
                 "dims as part of the event with .to_event(...) so one draw per datapoint is one vector"
             )
-        f = data[0]
         if not f.vectorized:
             raise ConfigError(f"plate {data_plate!r} must be vectorized (use `with pyro.plate(...)`, not a loop)")
         if f.full_size is not None and f.full_size != f.size:
@@ -440,7 +440,9 @@ class Amortized(PyroModule):
             raise ConfigError(f"the guide was built for inputs at positions {self._inputs} but got {len(args)} "
                               "positional arguments") from None
         B = parts[0].shape[0]
-        return torch.cat([a.reshape(B, -1).to(torch.get_default_dtype()) for a in parts], dim=-1)  # (B, D)
+        body = self._modules.get("body")  # absent while the sites are being found
+        dt = next(body.parameters()).dtype if body is not None else torch.get_default_dtype()
+        return torch.cat([a.reshape(B, -1).to(dt) for a in parts], dim=-1)  # (B, D), in the encoder's precision
 
     def _site_distribution(self, spec: SiteSpec, q):
         """Map q on the head's space (flat ``(n,)`` or the unconstrained shape) to the site's shape and support."""

@@ -25,7 +25,7 @@ van den Oord et al.'s (2017) eq. 3 up to the constant. In eval mode
 the codebook, the prior :math:`1/K` per position, so the same Pyro trace gives
 the ELBO itself, :math:`\\log p(x|z_q) - L\\log K`, exactly (this is what
 ``fit``'s validation loss, ``pyrovi.evaluate`` and
-:func:`pyrovi.models.vqvae.vq_terms` report; the penalties are reported
+:func:`pyrovi.vq_evaluation.vq_terms` report; the penalties are reported
 separately). Were the penalty kept in eval mode, every reported KL would be
 off by it.
 

@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule
@@ -49,7 +48,7 @@ from torch import nn
 from ..convnets import ImageDecoder, TextDecoder, grid_shape
 from ..errors import ConfigError, DataError, check_positive, lookup
 
-__all__ = ["VQVAE", "VQVAEConfig", "UniformCodebook", "VQTerms", "vq_terms", "code_usage"]
+__all__ = ["VQVAE", "VQVAEConfig", "UniformCodebook"]
 
 IMAGE_LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -293,78 +292,3 @@ class VQVAE(PyroModule):
             raise ConfigError("text() needs a text VQVAE (built with vocab=)")
         vocab = self.cfg.vocab
         return ["".join(vocab[i] for i in row) for row in x.long().tolist()]
-
-
-# --------------------------------------------------------------------------- terms and metrics
-
-
-class VQTerms(NamedTuple):
-    """Per-datapoint terms of a VQ-VAE, shape ``(B,)`` each, in nats (losses in squared code units).
-
-    ``elbo = reconstruction - kl`` with ``kl = L log K``. The training objective
-    is ``elbo - vq_loss`` with ``vq_loss = codebook_weight * codebook_loss +
-    beta * commitment_loss``; the VQ terms are surrogate penalties, not part of
-    any bound, so they are reported apart from it.
-    """
-
-    reconstruction: torch.Tensor  # log p(x | z_q)
-    kl: torch.Tensor  # log q(z|x) - log p(z) = L log K
-    elbo: torch.Tensor  # reconstruction - kl
-    codebook_loss: torch.Tensor  # ||sg(z_e) - e||^2, summed over positions and dims
-    commitment_loss: torch.Tensor  # ||z_e - sg(e)||^2 (before the beta weight)
-    vq_loss: torch.Tensor  # what training adds to -ELBO
-    codes: torch.Tensor  # (B, L) int64 code indices
-
-
-@torch.no_grad()
-def vq_terms(model, guide, x: torch.Tensor) -> VQTerms:
-    """Evaluate the VQ-VAE's terms on a batch ``x`` ``(B, D)`` from Pyro traces (guide, then model replayed).
-
-    Runs model and guide in eval mode (no codebook updates; the guide's Delta
-    then has ``log_density = 0``), restoring their modes afterwards. The ELBO is
-    read off the traces exactly as Pyro's ``Trace_ELBO`` forms it,
-    :math:`\\log p(x|z) + \\log p(z) - \\log q(z|x)`; the VQ penalties come from
-    the guide's :meth:`~pyrovi.guides.Codebook.quantize`.
-    """
-    modes = [(m, m.training) for m in (model, guide) if isinstance(m, nn.Module)]
-    for m, _ in modes:
-        m.eval()
-    try:
-        guide_tr = poutine.trace(guide).get_trace(x)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x)
-        z_site, x_site = model_tr.nodes[model.latent_site], model_tr.nodes[model.obs_site]
-        q_site = guide_tr.nodes[model.latent_site]
-        recon = x_site["fn"].log_prob(x_site["value"])  # (B,)
-        log_p_z = z_site["fn"].log_prob(z_site["value"])  # (B,)  = -L log K
-        log_q_z = q_site["fn"].log_prob(q_site["value"])  # (B,)  = 0 (one-hot q, eval mode)
-        q = guide.quantize(x)
-    finally:
-        for m, mode in modes:
-            m.train(mode)
-    vq = guide.vq_weights
-    return VQTerms(
-        reconstruction=recon,
-        kl=log_q_z - log_p_z,
-        elbo=recon + log_p_z - log_q_z,
-        codebook_loss=q.codebook_loss,
-        commitment_loss=q.commitment_loss,
-        vq_loss=vq[0] * q.codebook_loss + vq[1] * q.commitment_loss,
-        codes=q.codes,
-    )
-
-
-def code_usage(codes: torch.Tensor, num_codes: int) -> dict:
-    """Usage of the codebook by ``codes`` (any shape of indices).
-
-    Returns ``perplexity`` :math:`\\exp(-\\sum_k p_k \\log p_k)` of the code
-    frequencies :math:`p_k` (K when all codes are used equally, 1 when one code
-    takes everything), ``codes_used``, ``dead_codes`` (never chosen) and
-    ``usage`` (share of the K codes in use).
-    """
-    counts = torch.bincount(codes.reshape(-1).long(), minlength=num_codes).double()
-    p = counts / counts.sum().clamp_min(1)
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    used = int((counts > 0).sum())
-    return {"perplexity": float(entropy.exp()), "codes_used": used, "dead_codes": num_codes - used,
-            "usage": used / num_codes}
-
