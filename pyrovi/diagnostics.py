@@ -1,5 +1,8 @@
 """Did variational inference work? Posterior draws as ArviZ ``InferenceData``, PSIS k-hat, ESS, collapse.
 
+(Just over 500 lines: one idea — "can q be trusted?" — from the draws to the InferenceData,
+its summary and its netCDF file; the per-datapoint weights it shares live in evaluation.)
+
 For chosen datapoints :math:`x_n`, :func:`diagnose` draws S particles
 :math:`z_{n,s} \\sim q(z \\mid x_n)` and keeps their log importance weights
 

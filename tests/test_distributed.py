@@ -7,6 +7,7 @@ this process and needs no Lightning, except where it says so.
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -330,10 +331,17 @@ def test_every_fit_option_behaves_the_same_under_ddp(digits, tmp_path, restore_e
         assert [h["beta"] for h in r.history] == [0.5, 1.0]  # KL warm-up over 2 epochs of 4 steps
         assert r.history[1]["lr"] < r.history[0]["lr"]  # the cosine schedule stepped
     assert run.config["distributed"]["world_size"] == 2
-    assert isinstance(pv.load_run(str(tmp_path / "user"), model=user_model).guide, pv.guides.Auto)
+    loaded = pv.load_run(str(tmp_path / "user"), model=user_model)
+    assert isinstance(loaded.guide, pv.guides.Auto)
+    m = pv.evaluate(loaded, x[:16], k=8, save=False)  # through load_run -> evaluate -> diagnose, as one process
+    assert math.isfinite(m["log_likelihood"]) and m["log_likelihood"] >= m["elbo"] - 1e-3
+    pv.diagnose(loaded, x[:4], n=4, particles=16, save=False, warn=False)
 
     model, guide = ddp_script.build(digits)
     run = pv.fit(model, guide, digits, dtype="Float64", out=str(tmp_path / "f64"), **ddp, **kw)
     assert run.config["train"]["dtype"] == "float64"
     assert all(p.dtype == torch.float64 for p in guide.parameters())
-    assert pv.load_run(str(tmp_path / "f64")).dtype == torch.float64
+    loaded = pv.load_run(str(tmp_path / "f64"))
+    assert loaded.dtype == torch.float64
+    assert math.isfinite(pv.evaluate(loaded, k=4, save=False)["elbo"])  # finds its own (test) data
+    pv.diagnose(loaded, n=4, particles=16, save=False, warn=False)

@@ -1,5 +1,9 @@
 """The one amortized guide base: an encoder body and a *head* per latent site.
 
+(Over 500 lines on purpose: it is the whole guide family's common part — discovery by
+tracing, the common options, lazy set-up, the encoder, the heads' plumbing and the fast
+path's ``posterior``/``encode``; each head module is small because this one is whole.)
+
 Every pyrovi guide (:class:`~pyrovi.guides.DiagNormal`, :class:`~pyrovi.guides.Delta`,
 :class:`~pyrovi.guides.Mixture`, :class:`~pyrovi.guides.Flow`, :class:`~pyrovi.guides.Auto`)
 is :class:`Amortized` with one kind of head. The base owns the model reference,
