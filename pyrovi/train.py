@@ -265,7 +265,10 @@ def fit(
 
     Raises:
         ConfigError / DataError: bad arguments or data, before any training.
-        TrainingError: a non-finite loss; the last good checkpoint is kept.
+        TrainingError: a non-finite loss, a diverging one (a step's loss more than
+            ``max(1e3, 100*|best|)`` nats per datapoint above the best so far, see
+            :func:`pyrovi.loop.diverged`) or non-finite optimizer state after an epoch;
+            it names the epoch and step, and the last good checkpoint is kept.
     """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience, beta=beta,
                       warmup=warmup, clip_norm=clip_norm, lr_schedule=lr_schedule, weight_decay=weight_decay,
