@@ -147,3 +147,89 @@ def test_warm_up_steps_are_not_compared():
     assert w.loop["best_train"] == math.inf
     w.step(3.0, 1.0)
     assert w.loop["best_train"] == 3.0
+
+
+# --------------------------------------------------------------------------- seeds (item 4, API side)
+
+import warnings  # noqa: E402
+
+import pyro  # noqa: E402
+import pyro.distributions as dist  # noqa: E402
+
+from pyrovi.errors import SeedWarning  # noqa: E402
+
+
+def _user_model(x):
+    """A user-written Pyro model: z ~ N(0, I_2), x ~ N(W z, 0.5^2), W a pyro.param (drawn lazily, inside fit)."""
+    W = pyro.param("W", lambda: torch.randn(x.shape[1], 2, dtype=x.dtype))
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2, dtype=x.dtype), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ W.T, 0.5).to_event(1), obs=x)
+
+
+def _lg_data(n=200, d=4, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(n, 2, generator=g) @ torch.randn(2, d, generator=g)).to(dtype)
+
+
+def test_seed_fixes_everything_fit_builds(one_thread):
+    """guide=None (Auto, built in fit) on a user model with lazy pyro.params: the global RNG state before fit does
+    not matter, only seed= does."""
+    x = _lg_data()
+    hist = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # a different global random state before each fit
+        torch.rand(noise * 7)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SeedWarning)  # nothing was built before fit: no warning
+            run = pv.fit(_user_model, None, x, epochs=2, batch_size=50, seed=3, progress=False, figures=False)
+        hist.append([h["train_loss"] for h in run.history])
+    assert hist[0] == hist[1]
+    torch.manual_seed(9)
+    other = pv.fit(_user_model, None, x, epochs=2, batch_size=50, seed=4, progress=False, figures=False)
+    assert [h["train_loss"] for h in other.history] != hist[0]
+
+
+def test_lazily_set_up_guide_is_drawn_from_the_seed(one_thread):
+    """A guide built without example= is set up (its nets drawn) inside fit, after fit has seeded."""
+    x = _lg_data()
+    weights = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)
+        guide = pv.guides.Auto(_user_model)  # no nets yet
+        pv.fit(_user_model, guide, x, epochs=1, batch_size=50, seed=3, progress=False, figures=False)
+        weights.append({k: v.clone() for k, v in guide.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_modules_built_outside_the_seed_are_kept_and_warned_about(digits, one_thread):
+    """fit never re-draws weights handed in (they may be pretrained); with seed= it says they are not seeded."""
+    torch.manual_seed(123)
+    model = pv.models.VAE(digits.shape, 2, hidden=(16,))
+    guide = pv.guides.DiagNormal(model, hidden=(16,))
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    with pytest.warns(SeedWarning, match=r"fit\(seed=0\) .*not the weights of VAE and DiagNormal.*last seeded "
+                                         r"with 123.*pyro.set_rng_seed\(0\)"):
+        pv.fit(model, guide, digits, epochs=1, seed=0, progress=False, figures=False, lr=1e-9)
+    after = guide.state_dict()
+    assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)  # kept, not re-drawn
+    # seeded the documented way, or no seed asked for: silent
+    pyro.set_rng_seed(5)
+    model = pv.models.VAE(digits.shape, 2, hidden=(16,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SeedWarning)
+        pv.fit(model, None, digits, epochs=1, seed=5, progress=False, figures=False)
+        torch.manual_seed(77)
+        pv.fit(pv.models.VAE(digits.shape, 2, hidden=(16,)), None, digits, epochs=1, progress=False,
+               figures=False)
+
+
+def test_same_seed_before_building_gives_identical_histories(digits, one_thread):
+    hist = []
+    for _ in range(2):
+        pyro.set_rng_seed(11)
+        model = pv.models.VAE(digits.shape, 2, hidden=(16,))
+        run = pv.fit(model, None, digits, epochs=2, seed=11, progress=False, figures=False)
+        hist.append([(h["train_loss"], h["val_loss"]) for h in run.history])
+    assert hist[0] == hist[1]
