@@ -316,3 +316,56 @@ def test_codebook_trains_in_float64_and_survives_copies(digits):
     assert math.isfinite(run.history[-1]["train_loss"])
     guide.eval()
     _copies_agree(guide, digits.test.x[:5].double())
+
+
+# --------------------------------------------------------------------------- log-likelihood errors (item 6)
+
+import statistics  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from pyrovi.evaluation import Tally  # noqa: E402
+
+
+def test_mc_variance_is_the_delta_method_on_the_weights_whatever_the_chunks():
+    g = torch.Generator().manual_seed(0)
+    log_w = (torch.randn(400, 3, generator=g, dtype=torch.float64) * torch.tensor([0.1, 1.0, 3.0])) - 500.0
+    w = (log_w - log_w.max(0).values).exp()  # scale-free: the formula uses normalized weights
+    K = log_w.shape[0]
+    direct = w.var(0, unbiased=True) / (K * w.mean(0) ** 2)  # Var(w)/(K wbar^2), sample variance over K-1
+    for chunks in (1, 3, 7):
+        t = Tally()
+        t.k = K
+        for part in log_w.chunk(chunks, 0):
+            t.lse2 = torch.logaddexp(t.lse2, torch.logsumexp(2 * part, 0)) if t.lse2 is not None \
+                else torch.logsumexp(2 * part, 0)
+            t.lse = torch.logaddexp(t.lse, torch.logsumexp(part, 0)) if t.lse is not None \
+                else torch.logsumexp(part, 0)
+        torch.testing.assert_close(t.mc_variance(), direct, rtol=1e-9, atol=1e-12)
+    t = Tally()
+    t.k, t.lse, t.lse2 = 1, log_w[0], 2 * log_w[0]
+    assert t.mc_variance() is None  # one draw: no spread to estimate
+
+
+def test_evaluate_names_both_errors_and_the_mc_one_predicts_the_seed_spread(digits, one_thread):
+    """log_likelihood_mc_se matches the spread of log_likelihood over evaluation seeds (to the noise of 8
+    seeds); the spread over datapoints (the former log_likelihood_se) is another, much larger, number."""
+    pyro.set_rng_seed(0)
+    model = pv.models.VAE(digits.shape, 4, hidden=(32,))
+    run = pv.fit(model, None, digits, epochs=3, seed=0, progress=False, figures=False)
+    test = digits.test.x[:100]
+    res = [pv.evaluate(run, test, k=50, seed=s, save=False) for s in range(8)]
+    sd = statistics.stdev(r["log_likelihood"] for r in res)
+    mc = statistics.mean(r["log_likelihood_mc_se"] for r in res)
+    assert 0.4 < mc / sd < 2.5, (mc, sd)
+    r = res[0]
+    assert r["log_likelihood_se"] == r["log_likelihood_se_over_data"]  # former name, same number
+    assert r["log_likelihood_se_over_data"] == pytest.approx(r["log_likelihood_sd_over_data"] / 10)
+    assert r["log_likelihood_se_over_data"] > 5 * r["log_likelihood_mc_se"]
+    assert pv.evaluate(run, test, k=1, seed=0, save=False)["log_likelihood_mc_se"] is None
+
+
+def test_point_mass_guides_have_no_monte_carlo_error(digits, one_thread):
+    model = pv.models.VAE(digits.shape, 2, hidden=(16,))
+    run = pv.fit(model, pv.guides.Delta(model, hidden=(16,)), digits, epochs=1, progress=False, figures=False)
+    r = pv.evaluate(run, digits.test.x[:20], k=10, seed=0, save=False)
+    assert r["log_likelihood_mc_se"] == 0.0 and r["log_likelihood_sd_over_data"] > 0
