@@ -1,5 +1,6 @@
 """Issue 17: a fit that goes wrong says so (divergence, overflowed optimizer state), seeds, precision, copies."""
 
+import importlib.util
 import math
 import os
 
@@ -98,6 +99,23 @@ def test_optimizer_state_finite():
     assert optimizer_state_finite(opt)
     opt.state[p]["exp_avg_sq"][1] = float("inf")
     assert not optimizer_state_finite(opt)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="needs pyrovi[distributed]")
+def test_ddp_ranks_stop_together_on_a_finite_blow_up(digits, tmp_path):
+    """Two spawned ranks on the sigma=1e-6, lr=10 case: every rank raises the TrainingError (no rank left
+    waiting in an all-reduce); ddp_spawn hands it back wrapped in the worker's traceback (about 30 s)."""
+    saved = dict(os.environ)  # Lightning's spawn launcher sets MASTER_PORT here
+    try:
+        model, guide = _small(digits, sigma=1e-6)
+        with pytest.raises(Exception, match=r"TrainingError: training diverged at epoch 1, step \d+ \(this rank; "
+                                            r"\d diverged step\(s\) over all ranks\)"):
+            pv.fit(model, guide, digits, epochs=3, lr=10, progress=False, figures=False, strategy="ddp_spawn",
+                   devices=2, accelerator="cpu", out=str(tmp_path / "r"))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 class _TwoRanks(pv.loop.World):
