@@ -276,12 +276,12 @@ class Tally:
     def mc_variance(self) -> Optional[torch.Tensor]:
         """``(B,)`` delta-method estimate of the Monte-Carlo variance of each datapoint's IWAE estimate.
 
-        With :math:`\hat L = \log \bar w`, :math:`\bar w = \frac1K \sum_k w_k`, the delta method gives
-        :math:`\mathrm{Var}\,\hat L \approx \mathrm{Var}(w) / (K \bar w^2)`; with the sample variance of the
-        weights (denominator K-1) and normalized weights :math:`\tilde w_k = w_k / \sum_j w_j` this is
+        With :math:`\\hat L = \\log \\bar w`, :math:`\\bar w = \\frac1K \\sum_k w_k`, the delta method gives
+        :math:`\\mathrm{Var}\\,\\hat L \\approx \\mathrm{Var}(w) / (K \\bar w^2)`; with the sample variance of the
+        weights (denominator K-1) and normalized weights :math:`\\tilde w_k = w_k / \\sum_j w_j` this is
 
-        .. math:: \widehat{\mathrm{Var}}\,\hat L = \frac{K \sum_k \tilde w_k^2 - 1}{K - 1}
-                  = \frac{K / \mathrm{ESS} - 1}{K - 1},
+        .. math:: \\widehat{\\mathrm{Var}}\\,\\hat L = \\frac{K \\sum_k \\tilde w_k^2 - 1}{K - 1}
+                  = \\frac{K / \\mathrm{ESS} - 1}{K - 1},
 
         computed in log space from the running ``lse`` and ``lse2``. None for K < 2 (no spread to
         estimate from one draw). Like every variance estimated from importance weights, it is too
@@ -437,22 +437,21 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     Returns:
         dict, nats per datapoint: ``elbo`` (mean of log w over k draws),
         ``log_likelihood`` (IWAE-k estimate of log p(x), averaged over the n datapoints)
-        with two uncertainties that answer different questions:
-
-        * ``log_likelihood_mc_se``: the Monte-Carlo standard error of that average, i.e.
-          how much it would move with another ``seed`` (same data, same k), from the
-          delta method on each datapoint's importance weights,
-          :math:`\sqrt{\sum_i \widehat{\mathrm{Var}}\,\hat L_i} / n` (:meth:`Tally.mc_variance`;
-          0 for point-mass guides, None for k=1). It does not include the IWAE bias
-          (the estimate is below log p(x) in expectation, by less as k grows), and it is
-          too small when the weights are heavy-tailed (check k-hat with ``diagnose``).
-        * ``log_likelihood_sd_over_data``: the standard deviation of the per-datapoint
-          estimates over the n datapoints (how much log p(x) varies from one input to
-          another); ``log_likelihood_se_over_data`` = that / sqrt(n), the standard error
-          of the average as an estimate of the mean over the data distribution (other
-          test sets of size n). ``log_likelihood_se`` is its former name, kept for
-          compatibility: it is *not* the Monte-Carlo error.
-
+        with two uncertainties that answer different questions.
+        ``log_likelihood_mc_se`` is the Monte-Carlo standard error of that average: how
+        much it would move with another ``seed`` (same data, same k), from the delta
+        method on each datapoint's importance weights, sqrt(sum_i Var_i) / n with
+        Var_i = (k / ESS_i - 1) / (k - 1) (:meth:`Tally.mc_variance`; 0 for point-mass
+        guides, None for k=1); it leaves out the IWAE bias (the estimate is below
+        log p(x) in expectation, by less as k grows) and is too small when the weights
+        are heavy-tailed (check k-hat with ``diagnose``).
+        ``log_likelihood_sd_over_data`` is the standard deviation of the per-datapoint
+        estimates over the n datapoints (how much log p(x) varies from one input to
+        another), and ``log_likelihood_se_over_data`` that over sqrt(n): the standard
+        error of the average as an estimate of the mean over the data distribution
+        (another test set of size n). ``log_likelihood_se`` is the former name of
+        ``log_likelihood_se_over_data``, kept for compatibility; it is not the
+        Monte-Carlo error.
         ``reconstruction`` (E_q log p(x|z)),
         ``kl`` (E_q[log q(z|x) - log p(z)], Monte Carlo), ``mse`` (squared error of
         the likelihood's mean, per data dimension; None without a mean),
