@@ -313,6 +313,8 @@ def test_every_guide_trains_in_float64_on_a_user_model_and_survives_copies(name,
                  progress=False, figures=False)
     assert {p.dtype for p in guide.parameters()} == {torch.float64}
     assert math.isfinite(run.history[-1]["train_loss"]) and run.config["train"]["dtype"] == "float64"
+    r = pv.evaluate(run, x[:20], k=10, seed=0, save=False)  # float32 rows in, scored in the run's float64
+    assert math.isfinite(r["log_likelihood"]) and r["log_likelihood_mc_se"] is not None
     _copies_agree(guide, x[:5].double())
 
 
