@@ -21,6 +21,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+import numpy as np
 import pyro
 import torch
 
@@ -148,7 +149,7 @@ def _warn_unseeded(seed: int, model, guide) -> None:
     reproduce), so ``seed=`` cannot make them reproducible. torch records the last seed
     given to its generator (``torch.initial_seed()``): when that is ``seed``, the nets
     were built after ``pyro.set_rng_seed(seed)``/``torch.manual_seed(seed)``, as the docs
-    and the CLI do, and there is nothing to say.
+    recommend, and there is nothing to say.
     """
     built = [type(m).__name__ for m in (model, guide)
              if isinstance(m, torch.nn.Module) and next(iter(m.parameters()), None) is not None]
@@ -326,7 +327,9 @@ def fit(
     example, _ = inputs.call_args(model, train_.x[:2], None if train_.y is None else train_.y[:2], model_kwargs)
     if seed_given:
         _warn_unseeded(cfg.seed, model, guide)
-    pyro.set_rng_seed(cfg.seed)  # whatever fit builds below (default guide, lazy set-up) is drawn from the seed
+    # Whatever fit builds below (default guide, lazy set-up) is drawn from the seed, on a stream of its own: not
+    # torch's stream restarted at `seed`, which a model built right after pyro.set_rng_seed(seed) already used.
+    pyro.set_rng_seed(int(np.random.SeedSequence([cfg.seed, 1]).generate_state(1)[0]))
     if guide is None:
         guide = _default_guide(model, example)
     if not callable(guide):
