@@ -31,6 +31,10 @@ class TrainingError(PyroviError):
     """Training could not go on (e.g. a non-finite loss); saved work is kept."""
 
 
+class SeedWarning(UserWarning):
+    """``fit(seed=s)`` was asked for but nets handed in were built from another random state."""
+
+
 def lookup(table: Mapping[str, Any], name: str, what: str) -> Any:
     """Resolve ``name`` in ``table``; unknown names list the valid ones.
 

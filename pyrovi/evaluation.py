@@ -218,6 +218,7 @@ class Tally:
         self.data_plate = data_plate
         self.k = 0
         self.lse = self.sum_w = self.sum_lik = self.sum_kl = self.sum_sq = None  # (B,)
+        self.lse2 = None  # (B,) log sum_k w_k^2, for the Monte-Carlo variance of the IWAE estimate
         self.n_obs = 0  # observed numbers per datapoint, for the MSE
         self.k_sq = 0  # draws the MSE is estimated from (the first chunk's)
         self.mse_ok = True
@@ -228,6 +229,7 @@ class Tally:
         s = lw.log_w.shape[0]
         self.k += s
         self.lse = _logaddexp(self.lse, torch.logsumexp(lw.log_w, 0))  # (B,)
+        self.lse2 = _logaddexp(self.lse2, torch.logsumexp(2.0 * lw.log_w, 0))  # (B,)
         self.sum_w = _acc(self.sum_w, lw.log_w.sum(0))
         self.sum_lik = _acc(self.sum_lik, lw.log_lik.sum(0))
         self.sum_kl = _acc(self.sum_kl, (lw.log_q - (lw.log_p - lw.log_lik)).sum(0))  # log q(z|x) - log p(z)
@@ -271,12 +273,35 @@ class Tally:
         self.sum_sq = total
         self.k_sq = s
 
+    def mc_variance(self) -> Optional[torch.Tensor]:
+        """``(B,)`` delta-method estimate of the Monte-Carlo variance of each datapoint's IWAE estimate.
+
+        With :math:`\\hat L = \\log \\bar w`, :math:`\\bar w = \\frac1K \\sum_k w_k`, the delta method gives
+        :math:`\\mathrm{Var}\\,\\hat L \\approx \\mathrm{Var}(w) / (K \\bar w^2)`; with the sample variance of the
+        weights (denominator K-1) and normalized weights :math:`\\tilde w_k = w_k / \\sum_j w_j` this is
+
+        .. math:: \\widehat{\\mathrm{Var}}\\,\\hat L = \\frac{K \\sum_k \\tilde w_k^2 - 1}{K - 1}
+                  = \\frac{K / \\mathrm{ESS} - 1}{K - 1},
+
+        computed in log space from the running ``lse`` and ``lse2``. None for K < 2 (no spread to
+        estimate from one draw). Like every variance estimated from importance weights, it is too
+        small when the weights are heavy-tailed (large PSIS k-hat): the draws then miss the mass
+        that would show the spread.
+        """
+        k = self.k
+        if k < 2:
+            return None
+        sum_sq_norm = torch.exp(self.lse2 - 2.0 * self.lse)  # sum_k w~_k^2 = 1/ESS, in [1/K, 1]
+        return ((k * sum_sq_norm - 1.0) / (k - 1)).clamp(min=0.0)
+
     def result(self) -> dict:
         """Per-datapoint estimates (nats): ``log_likelihood``, ``elbo``, ``reconstruction``, ``kl``
-        ``(B,)``; ``mse`` ``(B,)`` or None; ``latents``: ``{site: {"mean", "kl_per_dim", "method"}}``."""
+        ``(B,)``; ``log_likelihood_mc_var`` ``(B,)`` or None (:meth:`mc_variance`); ``mse`` ``(B,)``
+        or None; ``latents``: ``{site: {"mean", "kl_per_dim", "method"}}``."""
         k = self.k
         return {
             "log_likelihood": self.lse - math.log(k),
+            "log_likelihood_mc_var": self.mc_variance(),
             "elbo": self.sum_w / k,
             "reconstruction": self.sum_lik / k,
             "kl": self.sum_kl / k,
@@ -411,8 +436,23 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
 
     Returns:
         dict, nats per datapoint: ``elbo`` (mean of log w over k draws),
-        ``log_likelihood`` (IWAE-k estimate of log p(x)) and its standard error
-        over datapoints ``log_likelihood_se``, ``reconstruction`` (E_q log p(x|z)),
+        ``log_likelihood`` (IWAE-k estimate of log p(x), averaged over the n datapoints)
+        with two uncertainties that answer different questions.
+        ``log_likelihood_mc_se`` is the Monte-Carlo standard error of that average: how
+        much it would move with another ``seed`` (same data, same k), from the delta
+        method on each datapoint's importance weights, sqrt(sum_i Var_i) / n with
+        Var_i = (k / ESS_i - 1) / (k - 1) (:meth:`Tally.mc_variance`; 0 for point-mass
+        guides, None for k=1); it leaves out the IWAE bias (the estimate is below
+        log p(x) in expectation, by less as k grows) and is too small when the weights
+        are heavy-tailed (check k-hat with ``diagnose``).
+        ``log_likelihood_sd_over_data`` is the standard deviation of the per-datapoint
+        estimates over the n datapoints (how much log p(x) varies from one input to
+        another), and ``log_likelihood_se_over_data`` that over sqrt(n): the standard
+        error of the average as an estimate of the mean over the data distribution
+        (another test set of size n). ``log_likelihood_se`` is the former name of
+        ``log_likelihood_se_over_data``, kept for compatibility; it is not the
+        Monte-Carlo error.
+        ``reconstruction`` (E_q log p(x|z)),
         ``kl`` (E_q[log q(z|x) - log p(z)], Monte Carlo), ``mse`` (squared error of
         the likelihood's mean, per data dimension; None without a mean),
         ``bits_per_dim``, ``active_units`` / ``latent_units`` (counts over all
@@ -447,7 +487,8 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):
             m.eval()
-    per_point = {key: [] for key in ("log_likelihood", "elbo", "reconstruction", "kl", "mse")}
+    per_point = {key: [] for key in ("log_likelihood", "elbo", "reconstruction", "kl", "mse",
+                                     "log_likelihood_mc_var")}
     means: dict = {}
     noise: dict = {}
     kls: dict = {}
@@ -473,7 +514,17 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     cat = {key: (None if any(v is None for v in vals) else torch.cat(vals)) for key, vals in per_point.items()}
     ll = cat["log_likelihood"]
     out = {key: float(cat[key].mean()) for key in ("log_likelihood", "elbo", "reconstruction", "kl")}
-    out["log_likelihood_se"] = float(ll.std() / math.sqrt(n)) if n > 1 else 0.0
+    # Two different uncertainties of the reported mean log_likelihood (see the docstring):
+    # the spread of log p(x) over datapoints, and the Monte-Carlo error of the importance sampling.
+    sd = float(ll.std()) if n > 1 else 0.0
+    out["log_likelihood_sd_over_data"] = sd
+    out["log_likelihood_se_over_data"] = sd / math.sqrt(n)
+    out["log_likelihood_se"] = out["log_likelihood_se_over_data"]  # former name, kept for compatibility
+    var = cat["log_likelihood_mc_var"]
+    if getattr(run.guide, "point_mass", False):
+        out["log_likelihood_mc_se"] = 0.0  # every draw is the same z: the estimate is exact for this guide
+    else:
+        out["log_likelihood_mc_se"] = None if var is None else float(var.double().sum().sqrt() / n)
     out["mse"] = None if cat["mse"] is None else float(cat["mse"].mean())
     out["bits_per_dim"] = -out["log_likelihood"] / (D * math.log(2))
     latents = latent_summary(

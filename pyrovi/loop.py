@@ -35,7 +35,8 @@ from .train_state import best_from_checkpoint, new_loop, prepare_out, restore, s
 from .traces import ScalePlate, guess_max_plate_nesting, structure
 
 __all__ = ["World", "BatchLoss", "train", "train_step", "batch_step", "mean_loss", "record_epoch", "finish",
-           "check_structure"]
+           "check_structure", "diverged", "optimizer_state_finite", "DivergenceWatch", "DIVERGENCE_MARGIN",
+           "DIVERGENCE_FACTOR"]
 
 
 class World:
@@ -216,6 +217,126 @@ def batch_step(loss_fn, opt, train, idx: torch.Tensor, n: int, cfg, loop: dict, 
     return loss, beta, xb.shape[0]
 
 
+# --------------------------------------------------------------------------- divergence
+
+#: A step's training loss counts as diverged when it exceeds the best step loss seen so far by more
+#: than ``max(DIVERGENCE_MARGIN, DIVERGENCE_FACTOR * |best|)`` nats per datapoint (see :func:`diverged`).
+DIVERGENCE_MARGIN = 1e3
+DIVERGENCE_FACTOR = 100.0
+
+
+def diverged(loss: float, best: float) -> bool:
+    """Whether a finite training ``loss`` (nats per datapoint) has run away from the ``best`` one seen so far.
+
+    The rule is ``loss > best + max(1e3, 100 * |best|)``. Why these numbers:
+
+    * The loss is a per-datapoint negative bound, so 1000 nats above the best means the
+      model now gives each datapoint e^-1000 of the probability it gave before: no
+      minibatch noise, learning-rate spike or bad batch does that while training works
+      (minibatch losses of the digits/MNIST VAEs vary by a few nats, a few percent).
+    * Losses come in any scale (a Gaussian likelihood with sigma=1e-6 starts near 1e13
+      nats per datapoint and is still learning), so the margin also grows with the
+      loss itself: a loss 100 times the size of its best is a blow-up at any scale.
+    * No absolute cap (such as "any loss > 1e10") is applied: such a cap would stop
+      models that legitimately start there (the sigma=1e-6 case above). What a finite
+      loss cannot hide is overflow in the optimizer, which :func:`optimizer_state_finite`
+      checks after every epoch.
+
+    ``best`` is infinite before the first step: nothing has diverged then.
+    """
+    if not math.isfinite(best):
+        return False
+    return loss > best + max(DIVERGENCE_MARGIN, DIVERGENCE_FACTOR * abs(best))
+
+
+@torch.no_grad()
+def optimizer_state_finite(opt: torch.optim.Optimizer) -> bool:
+    """Whether every floating-point tensor of ``opt``'s state (Adam's ``exp_avg``, ``exp_avg_sq``) is finite.
+
+    One reduction per tensor and one host sync in all; ``fit`` calls it once per epoch.
+    Infinite second moments come from gradients whose square overflows (|g| > 1.8e19 in
+    float32); the loss can stay finite while the weights stop moving (Adam divides by inf).
+    """
+    bad = None
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0:
+                b = ~torch.isfinite(v).all()
+                bad = b if bad is None else bad | b.to(bad.device)
+    return bad is None or not bool(bad)
+
+
+class DivergenceWatch:
+    """Stops a fit whose loss runs away (:func:`diverged`) or whose optimizer state overflows.
+
+    One process stops at the diverging step itself. Under N ranks each rank's step
+    losses differ (different rows), so a rank only remembers its first diverging step
+    and :meth:`end_epoch` decides from numbers summed over ranks (:meth:`World.sum`):
+    every rank makes the same decision and they stop together, not one rank alone
+    while the others wait in DDP's gradient all-reduce.
+
+    The best step loss is tracked only at full ``beta``: during KL warm-up the loss is a
+    different function each step. It lives in ``loop["best_train"]``, so a resumed fit
+    keeps it.
+    """
+
+    def __init__(self, world: World, cfg, loop: dict, ckpt_path: Optional[str]):
+        self.world, self.cfg, self.loop, self.ckpt_path = world, cfg, loop, ckpt_path
+        self.first = None  # (step, loss, best) of this rank's first diverging step in this epoch
+        try:
+            self.loop["best_train"] = float(loop.get("best_train", math.inf))
+        except (TypeError, ValueError):
+            self.loop["best_train"] = math.inf
+
+    def _kept(self) -> str:
+        ep = self.loop["epoch"]
+        if not self.ckpt_path:
+            return "nothing was saved (no out=)"
+        if ep == 0:
+            return f"no checkpoint was written yet (it stopped in epoch 1); {self.ckpt_path!r} holds none"
+        return f"the last good checkpoint (epoch {ep}) is kept in {self.ckpt_path!r}"
+
+    def _advice(self) -> str:
+        clip = "a smaller clip_norm" if self.cfg.clip_norm is not None else "clip_norm=10 (gradient clipping)"
+        return (f"Try a lower lr (now {self.cfg.lr:g}), {clip}, or another estimator (e.g. objective='elbo' or "
+                "'iwae' instead of 'stl'/'dreg'); check the likelihood's scale (a tiny fixed sigma makes huge "
+                "gradients)")
+
+    def step(self, loss: float, beta: float) -> None:
+        """After step ``loop["step"] + 1`` of epoch ``loop["epoch"] + 1`` returned ``loss`` (finite)."""
+        if beta != self.cfg.beta:
+            return
+        best = self.loop["best_train"]
+        if diverged(loss, best):
+            if self.first is None:
+                self.first = (self.loop["step"] + 1, loss, best)
+            if self.world.size == 1:
+                self.raise_diverged(1)
+        self.loop["best_train"] = min(best, loss)
+
+    def raise_diverged(self, count: float) -> None:
+        step, loss, best = self.first if self.first is not None else (self.loop["step"], math.nan, math.nan)
+        where = "" if self.world.size == 1 else f" (this rank; {int(count)} diverged step(s) over all ranks)"
+        raise TrainingError(
+            f"training diverged at epoch {self.loop['epoch'] + 1}, step {step}{where}: the training loss rose to "
+            f"{loss:.4g} nats per datapoint, far above its best {best:.4g} (more than max({DIVERGENCE_MARGIN:g}, "
+            f"{DIVERGENCE_FACTOR:g}*|best|) above; rule: pyrovi.loop.diverged); training stopped; {self._kept()}. "
+            + self._advice())
+
+    def end_epoch(self, opt: torch.optim.Optimizer) -> None:
+        """Before the epoch's checkpoint: stop (on every rank alike) on a diverged step or non-finite Adam state."""
+        count, state_bad = self.world.sum(0.0 if self.first is None else 1.0,
+                                          0.0 if optimizer_state_finite(opt) else 1.0)
+        if count:
+            self.raise_diverged(count)
+        if state_bad:
+            raise TrainingError(
+                f"the optimizer's state (Adam's moment estimates) became non-finite during epoch "
+                f"{self.loop['epoch'] + 1} (by step {self.loop['step']}){self.world.where}: a gradient overflowed, "
+                f"so the weights no longer train although the loss may look finite; training stopped; "
+                f"{self._kept()}. " + self._advice())
+
+
 @torch.no_grad()
 def mean_loss(loss_fn: BatchLoss, split, batch_size: Optional[int], world: Optional[World] = None) -> float:
     """Loss per datapoint on a whole split, no gradients; N ranks score rows ``rank::size`` and sum.
@@ -294,6 +415,7 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
     per_rank = None if full else cfg.batch_size // world.size  # rows per rank per step
     warm_steps = cfg.warmup * steps_per_epoch
     params = [p for g in opt.param_groups for p in g["params"]]
+    watch = DivergenceWatch(world, cfg, loop, ckpt_path)
     bar = tqdm(total=cfg.epochs, initial=loop["epoch"], disable=not (progress and world.is_zero), unit="epoch",
                dynamic_ncols=True, desc=obj.name + (f" x{world.size}" if world.size > 1 else ""))
     try:
@@ -309,6 +431,7 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
                 idx = order if full else order[i * per_rank:(i + 1) * per_rank]
                 loss, beta, rows = batch_step(loss_fn, opt, train, idx, n, cfg, loop, warm_steps, binarize, params,
                                               ckpt_path, where=world.where)
+                watch.step(loss, beta)
                 b = n / steps_per_epoch if full else rows  # datapoints one step stands for
                 total += loss * b
                 seen += b
@@ -316,6 +439,8 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
             lr_now = opt.param_groups[0]["lr"]
             sched.step()
             total, seen = world.sum(total, seen)
+            watch.end_epoch(opt)  # before this epoch's checkpoint: a diverged epoch is never saved
+            watch.first = None
             val_loss = mean_loss(val_fn, val, None if full else max(per_rank, 256), world)
             secs = time.perf_counter() - t0
             record_epoch(run, loop, cfg, best, train_loss=total / seen, val_loss=val_loss, lr=lr_now, beta=beta,

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+import numpy as np
+import pyro
 import torch
 
 from . import data as data_mod
@@ -27,7 +30,7 @@ from . import guides as guides_mod
 from . import inputs
 from . import objectives as objectives_mod
 from ._version import __version__
-from .errors import ConfigError, DataError, check_positive, check_seed, lookup
+from .errors import ConfigError, DataError, SeedWarning, check_positive, check_seed, lookup
 from .loop import BatchLoss, World, train, train_step
 from .run import Run, resolve_device
 from .train_state import adam
@@ -137,6 +140,27 @@ def _default_guide(model, example: tuple = ()):
     return guides_mod.Auto(model, example=example or None)
 
 
+def _warn_unseeded(seed: int, model, guide) -> None:
+    """Warn (:class:`~pyrovi.errors.SeedWarning`) when ``fit(seed=seed)`` gets nets built outside that seed.
+
+    Modules handed to ``fit`` already hold weights, drawn when they were built. ``fit``
+    keeps them (it never re-draws weights: they may be pretrained, loaded from a run,
+    or initialised by the user's own scheme, none of which a re-initialisation could
+    reproduce), so ``seed=`` cannot make them reproducible. torch records the last seed
+    given to its generator (``torch.initial_seed()``): when that is ``seed``, the nets
+    were built after ``pyro.set_rng_seed(seed)``/``torch.manual_seed(seed)``, as the docs
+    recommend, and there is nothing to say.
+    """
+    built = [type(m).__name__ for m in (model, guide)
+             if isinstance(m, torch.nn.Module) and next(iter(m.parameters()), None) is not None]
+    if built and torch.initial_seed() != seed:
+        warnings.warn(
+            f"fit(seed={seed}) seeds particles, shuffling, pyro.param initial values and the nets fit builds "
+            f"itself (guide=None, a guide built without example=), not the weights of {' and '.join(built)}, "
+            f"which were drawn when built (torch's generator was last seeded with {torch.initial_seed()}). "
+            f"For identical runs call pyro.set_rng_seed({seed}) before building them", SeedWarning, stacklevel=3)
+
+
 def _run_config(model, guide, obj, cfg: TrainConfig, train, val, ds, data_desc: dict, pass_y: bool,
                 model_kwargs: dict) -> dict:
     """The JSON form of a run's ``config.json`` (also stored in checkpoints)."""
@@ -173,7 +197,7 @@ def fit(
     epochs: int = 20,
     batch_size: Optional[int] = 128,
     lr: float = 1e-3,
-    seed: int = 0,
+    seed: Optional[int] = None,
     out: Optional[str] = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -224,8 +248,14 @@ def fit(
             themselves with ``pyro.plate("data", len(x), subsample_size=B)`` (then an epoch is
             N/B steps) or full-batch training.
         lr: Adam learning rate.
-        seed: seeds particles, shuffling and the validation hold-out (not the
-            nets' initial weights, which are drawn when they are built).
+        seed: seeds particles, shuffling, the validation hold-out and every weight
+            ``fit`` draws itself: ``pyro.param`` initial values, a default guide
+            (``guide=None``) and a guide built without ``example=`` (set up on the first
+            rows here). Modules handed in already built keep their weights: ``fit`` never
+            re-draws them (they may be pretrained, loaded, or initialised by your own
+            scheme), so for identical runs build them after ``pyro.set_rng_seed(seed)``;
+            when a seed is given and they were not (``torch.initial_seed() != seed``),
+            a :class:`~pyrovi.errors.SeedWarning` says so. None (default): seed 0, no warning.
         patience: early stopping after this many epochs without a better
             validation loss (None: off); the best weights are handed back.
         beta: weight of the latent sites' log-density terms (the KL; beta-VAE when != 1).
@@ -265,9 +295,14 @@ def fit(
 
     Raises:
         ConfigError / DataError: bad arguments or data, before any training.
-        TrainingError: a non-finite loss; the last good checkpoint is kept.
+        TrainingError: a non-finite loss, a diverging one (a step's loss more than
+            ``max(1e3, 100*|best|)`` nats per datapoint above the best so far, see
+            :func:`pyrovi.loop.diverged`) or non-finite optimizer state after an epoch;
+            it names the epoch and step, and the last good checkpoint is kept.
     """
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience, beta=beta,
+    seed_given = seed is not None
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=0 if seed is None else seed,
+                      patience=patience, beta=beta,
                       warmup=warmup, clip_norm=clip_norm, lr_schedule=lr_schedule, weight_decay=weight_decay,
                       val_fraction=val_fraction, data_plate=data_plate, dtype=_dtype_name(dtype))
     cfg.validate()
@@ -290,6 +325,11 @@ def fit(
     _check_data(model, train_, "training data", cfg, binarize)
     _check_data(model, val, "validation data", cfg, binarize)
     example, _ = inputs.call_args(model, train_.x[:2], None if train_.y is None else train_.y[:2], model_kwargs)
+    if seed_given:
+        _warn_unseeded(cfg.seed, model, guide)
+    # Whatever fit builds below (default guide, lazy set-up) is drawn from the seed, on a stream of its own: not
+    # torch's stream restarted at `seed`, which a model built right after pyro.set_rng_seed(seed) already used.
+    pyro.set_rng_seed(int(np.random.SeedSequence([cfg.seed, 1]).generate_state(1)[0]))
     if guide is None:
         guide = _default_guide(model, example)
     if not callable(guide):

@@ -135,7 +135,13 @@ class _Detached:
         return torch.func.functional_call(self.module, params, args, kwargs)
 
     def __getattr__(self, name):  # permutation, get_permutation, ... of autoregressive nets
-        return getattr(self.__dict__["module"], name)
+        # Only called for names not found normally. copy/pickle build an empty instance and ask it for
+        # __setstate__, __deepcopy__, ... before "module" is set: those must be AttributeErrors (not
+        # KeyErrors) for copy.deepcopy, pickle and spawn-based launchers to work.
+        module = self.__dict__.get("module")
+        if module is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(module, name)
 
 
 def _twin(t: nn.Module) -> nn.Module:

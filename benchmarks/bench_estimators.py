@@ -1,0 +1,90 @@
+"""Cost of the stl and dreg gradient estimators against elbo and iwae, per guide (issue 17, item 1).
+
+The objectives' docs promise that ``stl``/``dreg`` cost "the same plus one evaluation" of the
+guide's log-density; issue 17 measured 10-25x on IAF flows, where the stop-gradient twin
+*inverts* the flow. This script times one training step exactly as ``fit`` makes it
+(:class:`pyrovi.loop.BatchLoss` + :func:`pyrovi.loop.train_step` + ``pyrovi.train.adam``)
+for every guide with ``elbo``, ``stl`` (1 particle) and ``iwae``, ``dreg`` (K particles),
+steps interleaved round-robin so load changes hit all objectives alike, and prints the
+medians and the ratios ``stl/elbo`` and ``dreg/iwae`` (target of issue 17: at most 1.3).
+
+    PYTHONPATH=. python benchmarks/bench_estimators.py [--steps 30] [--k 8] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pyro
+import torch
+
+import pyrovi as pv
+from pyrovi.loop import BatchLoss, train_step
+from pyrovi.train import adam
+
+GUIDES = {
+    "diag_normal": {"name": "diag_normal"},
+    "mixture": {"name": "mixture"},
+    "flow_iaf": {"name": "flow", "flow": "iaf", "depth": 4},
+    "flow_planar": {"name": "flow", "flow": "planar", "depth": 4},
+    "flow_radial": {"name": "flow", "flow": "radial", "depth": 4},
+    "flow_spline": {"name": "flow", "flow": "spline", "depth": 2},
+    "auto_flow": {"name": "auto", "family": "flow"},
+}
+OBJECTIVES = ("elbo", "stl", "iwae", "dreg")
+
+
+def _steppers(gname: str, data, k: int, batch: int):
+    """One (model, guide, optimizer, loss) per objective, all from the same seeded initial weights."""
+    out = {}
+    for oname in OBJECTIVES:
+        pyro.set_rng_seed(0)
+        model = pv.models.VAE(data.shape, 8, hidden=(128,))
+        guide = pv.guides.build(model, {**GUIDES[gname], "hidden": [128]})
+        obj = pv.objectives.get(oname, particles=k if oname in ("iwae", "dreg") else 1)
+        obj.max_plate_nesting, obj.data_plate = 1, "data"
+        obj.check_guide(guide)
+        loss = BatchLoss(obj, model, guide, global_sites=False)
+        params = list(model.parameters()) + list(guide.parameters())
+        out[oname] = (loss, adam(params, lr=1e-3))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--guides", default=",".join(GUIDES))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    data = pv.data.load("digits")
+    x = data.train.x
+    print(f"digits VAE (8 latents, 128 hidden), batch {a.batch}, K={a.k} for iwae/dreg, {a.steps} steps, "
+          f"{a.threads} thread(s); median ms per step")
+    print("| guide | elbo | stl | iwae | dreg | stl/elbo | dreg/iwae |")
+    print("|---|---|---|---|---|---|---|")
+    for gname in a.guides.split(","):
+        steppers = _steppers(gname, data, a.k, a.batch)
+        times = {o: [] for o in OBJECTIVES}
+        g = torch.Generator().manual_seed(0)
+        for i in range(a.warmup + a.steps):
+            idx = torch.randint(len(x), (a.batch,), generator=g)
+            order = OBJECTIVES[i % 4:] + OBJECTIVES[:i % 4]  # rotate: no objective always runs first
+            for o in order:
+                loss, opt = steppers[o]
+                t0 = time.perf_counter()
+                train_step(loss, opt, x[idx])
+                if i >= a.warmup:
+                    times[o].append(time.perf_counter() - t0)
+        ms = {o: 1e3 * statistics.median(v) for o, v in times.items()}
+        print(f"| {gname} | {ms['elbo']:.1f} | {ms['stl']:.1f} | {ms['iwae']:.1f} | {ms['dreg']:.1f} | "
+              f"{ms['stl'] / ms['elbo']:.2f} | {ms['dreg'] / ms['iwae']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
