@@ -284,7 +284,10 @@ def launch(spec: dict, *, strategy: str, devices: int, num_nodes: int, accelerat
     if strategy != "ddp_spawn":
         return fabric.launch(_worker, spec, describe)
     # Spawned ranks train copies; rank 0 hands its learned tensors back to this process.
-    result = fabric.launch(_worker, spec, describe)
+    try:
+        result = fabric.launch(_worker, spec, describe)
+    except Exception as e:  # torch's ProcessRaisedException carries a rank's pyrovi error as text
+        raise _rank_error(e) from None
     model, guide, tr = spec["model"], spec["guide"], spec["train"]
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):
@@ -298,6 +301,14 @@ def launch(spec: dict, *, strategy: str, devices: int, num_nodes: int, accelerat
         if isinstance(m, torch.nn.Module):
             m.eval()
     return run
+
+
+def _rank_error(e: Exception) -> Exception:
+    """The pyrovi error a spawned rank raised (torch hands it back as text in its traceback), else ``e``."""
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+    classes = {f"pyrovi.errors.{c.__name__}": c for c in (ConfigError, DataError, TrainingError, CheckpointError)}
+    name, _, message = last.partition(": ")
+    return classes[name](message) if name in classes else e
 
 
 def _accelerator(accelerator: str, device: Any) -> str:
