@@ -196,6 +196,16 @@ def train_step(loss_fn, optimizer, x: torch.Tensor, y: Optional[torch.Tensor] = 
     return value
 
 
+def kept(loop: dict, ckpt_path: Optional[str]) -> str:
+    """What a stopped fit leaves behind, for its error message: the last checkpoint, or that there is none."""
+    ep = loop["epoch"]
+    if not ckpt_path:
+        return "nothing was saved (no out=)"
+    if ep == 0:
+        return f"no checkpoint was written yet (it stopped in epoch 1); {ckpt_path!r} holds none"
+    return f"the last good checkpoint (epoch {ep}) is kept in {ckpt_path!r}"
+
+
 def batch_step(loss_fn, opt, train, idx: torch.Tensor, n: int, cfg, loop: dict, warm_steps: int,
                binarize: Optional[str], params: list, ckpt_path: Optional[str], where: str = "") -> tuple:
     """One optimizer step on rows ``idx`` of ``train``: ``(loss in nats/datapoint, beta used, rows)``.
@@ -209,11 +219,9 @@ def batch_step(loss_fn, opt, train, idx: torch.Tensor, n: int, cfg, loop: dict, 
     beta = cfg.beta * (min(1.0, (loop["step"] + 1) / warm_steps) if warm_steps else 1.0)
     loss = train_step(loss_fn, opt, xb, yb, n, beta=beta, clip_norm=cfg.clip_norm, params=params)
     if not math.isfinite(loss):
-        kept = f"the last good checkpoint (epoch {loop['epoch']}) is kept in {ckpt_path!r}" if ckpt_path \
-            else "nothing was saved (no out=)"
         raise TrainingError(
             f"loss became {loss} at epoch {loop['epoch'] + 1}, step {loop['step'] + 1}{where}; "
-            f"training stopped; {kept}. Try a lower lr, clip_norm, or check the data.")
+            f"training stopped; {kept(loop, ckpt_path)}. Try a lower lr, clip_norm, or check the data.")
     return loss, beta, xb.shape[0]
 
 
@@ -289,12 +297,7 @@ class DivergenceWatch:
             self.loop["best_train"] = math.inf
 
     def _kept(self) -> str:
-        ep = self.loop["epoch"]
-        if not self.ckpt_path:
-            return "nothing was saved (no out=)"
-        if ep == 0:
-            return f"no checkpoint was written yet (it stopped in epoch 1); {self.ckpt_path!r} holds none"
-        return f"the last good checkpoint (epoch {ep}) is kept in {self.ckpt_path!r}"
+        return kept(self.loop, self.ckpt_path)
 
     def _advice(self) -> str:
         clip = "a smaller clip_norm" if self.cfg.clip_norm is not None else "clip_norm=10 (gradient clipping)"
@@ -368,14 +371,14 @@ def mean_loss(loss_fn: BatchLoss, split, batch_size: Optional[int], world: Optio
 
 
 def record_epoch(run, loop: dict, cfg, best: dict, *, train_loss: float, val_loss: float, lr: float,
-                 beta: float, secs: float, seen: float) -> None:
+                 beta: float, secs: float, seen: float, ckpt_path: Optional[str] = None) -> None:
     """End-of-epoch bookkeeping: refuse a non-finite validation loss, append the history row, track the best.
 
     With early stopping on, ``best`` keeps a copy of the best-validation weights.
     """
     if not math.isfinite(val_loss):
-        raise TrainingError(f"validation loss is {val_loss} after epoch {loop['epoch'] + 1}; the last good "
-                            f"checkpoint (epoch {loop['epoch']}) is kept")
+        raise TrainingError(f"validation loss is {val_loss} after epoch {loop['epoch'] + 1}; training stopped; "
+                            f"{kept(loop, ckpt_path)}")
     loop["epoch"] += 1
     loop["seconds"] += secs
     run.history.append({"epoch": loop["epoch"], "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
@@ -444,7 +447,7 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
             val_loss = mean_loss(val_fn, val, None if full else max(per_rank, 256), world)
             secs = time.perf_counter() - t0
             record_epoch(run, loop, cfg, best, train_loss=total / seen, val_loss=val_loss, lr=lr_now, beta=beta,
-                         secs=secs, seen=seen)
+                         secs=secs, seen=seen, ckpt_path=ckpt_path)
             if ckpt_path:
                 world.on_rank0("writing the checkpoint",
                                lambda: save_checkpoint(ckpt_path, run, opt, sched, shuffle_gen, loop, best))

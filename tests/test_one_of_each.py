@@ -82,3 +82,23 @@ def test_fast_path_is_taken_under_warmup_and_beta_and_recorded(monkeypatch):
 
     run = pv.fit(user_model, None, x, epochs=1, batch_size=27, progress=False, figures=False)
     assert run.metrics["estimator_path"] == "traced"
+
+
+def test_a_stop_in_the_first_epoch_says_no_checkpoint_exists(tmp_path):
+    class NaNFromStep2(pv.objectives.ELBO):
+        calls = 0
+
+        def _bound(self, *a, **k):
+            b = super()._bound(*a, **k)
+            if torch.is_grad_enabled():
+                NaNFromStep2.calls += 1
+                if NaNFromStep2.calls > 2:  # the parameter probe, then one good step
+                    return b * float("nan")
+            return b
+
+    x = (torch.rand(60, 6, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    model = pv.models.VAE(6, 2, hidden=(8,))
+    with pytest.raises(pv.TrainingError, match="no checkpoint was written yet") as err:
+        pv.fit(model, pv.guides.DiagNormal(model, hidden=(8,)), x, objective=NaNFromStep2(), epochs=2, batch_size=27,
+               progress=False, figures=False, out=str(tmp_path / "r"))
+    assert "epoch 1, step 2" in str(err.value) and "last good checkpoint" not in str(err.value)
