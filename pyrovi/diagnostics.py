@@ -52,6 +52,7 @@ from pyro.poutine.util import site_is_subsample
 from . import inputs
 from .checkpoint import write_json
 from .errors import ConfigError, check_positive
+from .progress import bar
 from .evaluation import Tally, latent_summary, per_datapoint_weights, seeded
 from .traces import data_dim, guess_max_plate_nesting, in_data_plate
 
@@ -262,7 +263,7 @@ def _deterministic_draws(site, rank: int, data_plate: str, s: int, b: int) -> Op
 @torch.no_grad()
 def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indices: Optional[Sequence[int]] = None,
              chunk: Optional[int] = None, seed: int = 0, save: bool = True, warn: bool = True,
-             max_deterministic: int = 10_000_000):
+             max_deterministic: int = 10_000_000, progress: bool = False):
     """Posterior draws of ``run``'s guide for chosen datapoints, as ``arviz.InferenceData``, with PSIS k-hat.
 
     Args:
@@ -277,6 +278,8 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
         save: store the summary under ``"diagnostics"`` in the run's ``metrics.json``.
         warn: issue :class:`PosteriorCollapseWarning` / :class:`FewParticlesWarning`.
         max_deterministic: deterministic sites with more numbers than this are left out.
+        progress: show progress over the chunks of particles (:func:`pyrovi.progress.bar`:
+            a tqdm bar on a terminal, whole lines in a log).
 
     Returns:
         ``arviz.InferenceData`` with groups
@@ -336,6 +339,7 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
             mpn = guess_max_plate_nesting(model, guide, args, kw)
         rank = mpn + 1
         done = 0
+        counter = bar(particles, "diagnose", enabled=progress, unit="draw")
         while done < particles:
             s = min(chunk, particles - done)
             lw = per_datapoint_weights(model, guide, *args, particles=s, max_plate_nesting=mpn, data_plate=plate,
@@ -370,6 +374,8 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
                 elif name not in observed:
                     observed[name] = site["value"].detach().cpu()
             done += s
+            counter.update(s)
+        counter.close()
 
     st = {k: torch.cat(v).T.contiguous().double().numpy() for k, v in stats.items()}  # (B, S)
     log_w = st["log_weight"]

@@ -1,0 +1,152 @@
+"""Every CLI command on every run kind, and the CLI's manners (issue 20, items 1 and 5).
+
+One tiny run of each kind (VAE, conditional VAE, autoencoder, flow, mixture,
+auto, VQ-VAE on images) is trained once per module; every command then runs on
+it in-process: exit 0, the files it promises, no traceback.
+"""
+
+import argparse
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pyrovi.cli import build_parser, cli_spelling, main, _subparser
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--epochs", "1", "--latent-dim", "2", "--hidden", "16", "--batch-size", "512", "--no-progress"]
+KINDS = {
+    "vae": [],
+    "cvae": ["--model", "conditional_vae"],
+    "ae": ["--model", "autoencoder"],
+    "flow": ["--guide", "flow", "--depth", "1"],
+    "mixture": ["--guide", "mixture", "--components", "2"],
+    "auto": ["--guide", "auto"],
+    "vq": ["--model", "vqvae", "--codebook", "8", "--code-dim", "2", "--channels", "4"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for kind, flags in KINDS.items():
+        d = str(root / kind)
+        assert main(["train", *TINY, *flags, "--out", d]) == 0, kind
+        out[kind] = d
+    return out
+
+
+def _ok(capsys, argv):
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, (argv, captured.err[-2000:])
+    assert "Traceback" not in captured.err
+    return captured
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_command_on_every_run_kind(runs, kind, capsys, tmp_path):
+    d = runs[kind]
+    out = _ok(capsys, ["evaluate", d, "--k", "4", "--batch-size", "200"]).out
+    assert ("log_likelihood" in out) == (kind != "ae")  # an autoencoder has no likelihood bound to report
+    _ok(capsys, ["diagnose", d, "--n", "8", "--particles", "8"])
+    for f in ("diagnostics.nc", "khat.png", "latents.png"):
+        assert os.path.isfile(os.path.join(d, f)), f
+    _ok(capsys, ["sample", d, "--n", "4"])
+    assert os.path.isfile(os.path.join(d, "samples.png"))
+    _ok(capsys, ["sample", d, "--n", "4", "--out", str(tmp_path / "s.npy")])
+    s = np.load(tmp_path / "s.npy")  # a real .npy, not PNG bytes
+    assert s.shape == (4, 64)
+    _ok(capsys, ["interpolate", d, "--pairs", "2", "--steps", "3"])
+    assert os.path.isfile(os.path.join(d, "interpolations.png"))
+    if kind not in ("cvae",):  # diagnose's own paths: unconditional models
+        assert os.path.isfile(os.path.join(d, "diagnose_interpolations.png"))
+    _ok(capsys, ["compare", d, runs["vae"], "--out", str(tmp_path / "cmp")])
+    assert os.path.isfile(tmp_path / "cmp" / "compare.md")
+    _ok(capsys, ["report", d])
+    for f in ("report.md", "report.html", "reconstructions.png"):
+        assert os.path.isfile(os.path.join(d, f)), f
+    if kind == "vq":
+        _ok(capsys, ["train-prior", d, "--epochs", "1", "--d-model", "8", "--layers", "1", "--heads", "2",
+                     "--batch-size", "512", "--no-progress"])
+        _ok(capsys, ["sample", d, "--n", "4"])  # a class-conditional prior, no --label: classes in turn
+
+
+# --------------------------------------------------------------------------- item 5: manners
+
+
+def test_python_m_pyrovi():
+    r = subprocess.run([sys.executable, "-m", "pyrovi", "--version"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0 and r.stdout.startswith("pyrovi ")
+
+
+def test_every_option_has_help_with_its_default():
+    parser = build_parser()
+    for name, sp in next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.items():
+        for action in sp._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.option_strings)
+            assert "default" in sp.formatter_class("x")._get_help_string(action).lower(), (name, action.dest)
+    train = _subparser(parser, "train").format_help()
+    for flag, default in (("--epochs", "20"), ("--lr", "0.001"), ("--seed", "0"), ("--batch-size", "128")):
+        after = train.split(flag + " ", 2)[-1]
+        assert f"(default: {default})" in " ".join(after.split()[:40]), flag
+
+
+def test_no_progress_on_every_command_that_shows_progress():
+    parser = build_parser()
+    for name in ("train", "evaluate", "diagnose", "train-prior"):
+        assert "--no-progress" in _subparser(parser, name).format_help(), name
+
+
+def test_progress_in_a_log_is_whole_lines():
+    from pyrovi.progress import bar
+
+    buf = io.StringIO()  # not a terminal
+    with bar(8, "evaluate", file=buf) as b:
+        for _ in range(8):
+            b.update(1)
+    text = buf.getvalue()
+    assert "\r" not in text and text.count("\n") == 4 and "8/8" in text
+    off = io.StringIO()
+    bar(8, "x", enabled=False, file=off).update(8)
+    assert off.getvalue() == ""
+
+
+def test_errors_in_cli_spelling(tmp_path, capsys):
+    train = _subparser(build_parser(), "train")
+    assert cli_spelling("pass resume=True to continue it or overwrite=True", train) == \
+        "pass --resume to continue it or --overwrite"
+    assert cli_spelling("config {'name': 'x'} and lr=0.5", train) == "config {'name': 'x'} and --lr 0.5"
+    d = str(tmp_path / "r")
+    assert main(["train", *TINY, "--out", d]) == 0
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", d]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "resume=True" not in err
+
+
+def test_linear_gaussian_trains_and_evaluates(tmp_path, capsys):
+    d = str(tmp_path / "lg")
+    _ok(capsys, ["train", *TINY, "--model", "linear_gaussian", "--likelihood", "gaussian", "--out", d])
+    assert "log_likelihood" in _ok(capsys, ["evaluate", d, "--k", "4"]).out
+
+
+def test_same_seed_same_history(tmp_path):
+    hist = []
+    for name in ("a", "b"):
+        d = str(tmp_path / name)
+        assert main(["train", "--epochs", "2", "--latent-dim", "2", "--hidden", "16", "--batch-size", "256",
+                     "--seed", "3", "--no-progress", "--out", d]) == 0
+        with open(os.path.join(d, "history.csv")) as fh:
+            rows = [line.rstrip("\n").split(",") for line in fh]
+        keep = [i for i, h in enumerate(rows[0]) if h not in ("seconds", "items_per_second")]
+        hist.append([[r[i] for i in keep] for r in rows])
+    assert hist[0] == hist[1] and len(hist[0]) == 3
