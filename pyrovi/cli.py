@@ -217,7 +217,7 @@ def _print_eval(metrics: dict, cfg: Optional[dict] = None) -> None:
     from .report import has_density, is_density, shown_metrics
 
     cfg = cfg or {}
-    note = "" if has_density(cfg) else f"; a {cfg['model']['name']} has no log p(x), ELBO or bits/dim"
+    note = "" if has_density(cfg) else f"; the {cfg['model']['name']} has no log p(x), ELBO or bits/dim"
     if has_density(cfg) and is_density(cfg):
         note = "; Gaussian likelihood: log p(x) is a log-density"
     print(f"test metrics (nats per datapoint{note}):")

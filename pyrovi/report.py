@@ -156,8 +156,9 @@ def write_diagnostic_figures(run, idata, split, *, n_scatter: int = 1000, pairs:
     d = run.directory
     written = []
     ss = idata.sample_stats
-    plots.khat(ss["pareto_k"].values, particles=int(ss.sizes["draw"]), path=os.path.join(d, "khat.png"))
-    written.append("khat.png")
+    if not getattr(run.guide, "point_mass", False):  # a point mass has equal weights: no k-hat to plot
+        plots.khat(ss["pareto_k"].values, particles=int(ss.sizes["draw"]), path=os.path.join(d, "khat.png"))
+        written.append("khat.png")
     m = min(n_scatter, len(split))
     x = split.x[:m]
     y = None if split.y is None else split.y[:m]
@@ -223,7 +224,7 @@ def bound_name(cfg: dict) -> str:
     obj = cfg.get("objective") or {}
     name, s = obj.get("name", "?"), obj.get("particles")
     if not has_density(cfg):
-        return "reconstruction log p(x|g(f(x))), not a bound"
+        return "reconstruction log-likelihood, not a bound"
     if name in ("elbo", "meanfield", "stl"):
         return "ELBO" + (f" (mean of {s} draws)" if s and s > 1 else "")
     if name in ("iwae", "dreg"):
@@ -250,7 +251,7 @@ def _test_section(test: dict, cfg: Optional[dict] = None) -> list:
             intro += (" The likelihood is continuous (Gaussian): log p(x) is a log-*density*, so it and "
                       "bits/dim depend on the data's scale and bits/dim can be negative.")
     else:
-        intro = (f"Held-out data (`pyrovi.evaluate`). A {model_name(cfg)} defines no density over x, so there "
+        intro = (f"Held-out data (`pyrovi.evaluate`). The {model_name(cfg)} defines no density over x, so there "
                  "is no log p(x), ELBO or bits/dim to report: only how well it reconstructs.")
     test = shown_metrics(test, cfg)
     lines = ["## Test metrics", "", intro, "", "| metric | value |", "| --- | --- |"]
@@ -375,7 +376,7 @@ def _run_row(directory: str) -> tuple:
         metrics = read_json(os.path.join(directory, "metrics.json"), "metrics")
     test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
     diag = metrics.get("diagnostics") if isinstance(metrics.get("diagnostics"), dict) else {}
-    bands = diag.get("khat_bands") or {}
+    bands = {} if diag.get("point_mass") else (diag.get("khat_bands") or {})  # a point mass has no k-hat
     name = lambda sec: (cfg.get(sec) or {}).get("name", "?")  # noqa: E731
     test = shown_metrics(test, cfg)  # an autoencoder has no log p(x), ELBO or bits/dim
     row = {

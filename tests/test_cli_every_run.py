@@ -55,8 +55,9 @@ def test_every_command_on_every_run_kind(runs, kind, capsys, tmp_path):
     out = _ok(capsys, ["evaluate", d, "--k", "4", "--batch-size", "200"]).out
     assert ("log_likelihood" in out) == (kind != "ae")  # an autoencoder has no likelihood bound to report
     _ok(capsys, ["diagnose", d, "--n", "8", "--particles", "8"])
-    for f in ("diagnostics.nc", "khat.png", "latents.png"):
+    for f in ("diagnostics.nc", "latents.png") + (() if kind in ("ae", "vq") else ("khat.png",)):
         assert os.path.isfile(os.path.join(d, f)), f
+    assert os.path.isfile(os.path.join(d, "khat.png")) == (kind not in ("ae", "vq"))  # point masses: no k-hat
     _ok(capsys, ["sample", d, "--n", "4"])
     assert os.path.isfile(os.path.join(d, "samples.png"))
     _ok(capsys, ["sample", d, "--n", "4", "--out", str(tmp_path / "s.npy")])
@@ -150,3 +151,46 @@ def test_same_seed_same_history(tmp_path):
         keep = [i for i, h in enumerate(rows[0]) if h not in ("seconds", "items_per_second")]
         hist.append([[r[i] for i in keep] for r in rows])
     assert hist[0] == hist[1] and len(hist[0]) == 3
+
+
+# --------------------------------------------------------------------------- item 3: honest numbers
+
+
+def _fake_summary(kl_per_unit, point_mass=False, units=16):
+    import torch
+
+    from pyrovi.diagnostics import _summary
+
+    lat = {"z": {"dims": units, "mean_variance": [0.5] * units, "active": units,
+                 "kl_per_dim": None if point_mass else [kl_per_unit] * units}}
+    r = {"log_likelihood": torch.full((8,), -40.0), "elbo": torch.full((8,), -41.0),
+         "kl": torch.full((8,), kl_per_unit * units)}
+    summary, _ = _summary(np.full(8, 0.2), np.full(8, 2000.0), r, lat, 2500, [], point_mass=point_mass)
+    return summary
+
+
+def test_collapse_check_catches_a_near_zero_total_kl():
+    # the flow run: 16 units whose means vary (Monte Carlo noise) but 0.56 nats of KL in all
+    s = _fake_summary(0.56 / 16)
+    assert any("nearly) collapsed" in w for w in s.warnings)
+    assert not any("collapsed" in w for w in _fake_summary(0.3).warnings)  # a healthy run
+
+
+def test_point_mass_summary_has_no_khat_and_no_spurious_collapse():
+    s = _fake_summary(0.0, point_mass=True)
+    assert s.khat_bands == {"good": 0, "fair": 0, "bad": 0} and s.warnings == []
+    md = s.to_markdown()
+    assert "point mass" in md and "k-hat median" not in md
+
+
+def test_autoencoder_report_and_compare_show_no_log_likelihood(runs, capsys, tmp_path):
+    d = runs["ae"]
+    _ok(capsys, ["evaluate", d, "--k", "4"])
+    with open(os.path.join(d, "report.md")) as fh:
+        report = fh.read()
+    test_part = report.split("## Test metrics", 1)[1].split("##", 1)[0]
+    assert "log p(x)" not in test_part.replace("no log p(x)", "") and "bits/dim" not in test_part.split("|", 1)[1]
+    out = _ok(capsys, ["compare", d, runs["vae"]]).out
+    assert "val loss is minus" in out and "ELBO" in out and "not a bound" in out
+    ae_row = next(line for line in out.splitlines() if line.startswith(f"| {os.path.basename(d)} "))
+    assert "-4" not in ae_row.split("|")[9]  # test log p(x): "—" for the autoencoder
