@@ -274,6 +274,19 @@ def _evaluate_with_progress(evaluate, args, run, ds, **kw) -> dict:
         counter.close()
 
 
+def _print_vq(run, ds, batch_size: int) -> None:
+    from .vq_evaluation import vq_metrics
+
+    vq = vq_metrics(run, ds, batch_size=batch_size)  # saved under "vq" in metrics.json
+    unit = "bits/char" if run.model.is_text else "bits/dim"
+    print(f"codebook: {vq['codes_used']} of {vq['num_codes']} codes used, {vq['dead_codes']} dead, "
+          f"perplexity {vq['perplexity']:.2f}; {unit} under the uniform prior {vq['bits_per_dim']:.4f}")
+    prior = run.metrics.get("prior") or {}
+    if "bits_per_dim_learned" in prior:
+        print(f"{unit} with the Transformer prior (pyrovi train-prior): {prior['bits_per_dim_learned']:.4f} "
+              f"(uniform prior: {prior['bits_per_dim_uniform']:.4f}; held-out split of train-prior)")
+
+
 def _run_data(run, name):
     from .inputs import dataset
 
@@ -287,8 +300,13 @@ def _evaluate(args) -> int:
 
     run = load_run(args.run, device=args.device)
     ds = _run_data(run, args.data)
+    if getattr(run.guide, "point_mass", False) and args.k > 1:
+        print(f"q(z|x) is a point mass ({type(run.guide).__name__}): every draw is the same z, so one draw is "
+              f"exact and --k {args.k} is not needed; evaluating with K = 1")
     _print_eval(_evaluate_with_progress(evaluate, args, run, ds, k=args.k, batch_size=args.batch_size,
                                         chunk=args.chunk, seed=args.seed), run.config)
+    if run.config.get("model", {}).get("name") == "vqvae":  # codebook use and the prior: the same command
+        _print_vq(run, ds, args.batch_size)
     write_report(run.directory)  # drawn from the directory: config.json, metrics.json, figures
     print(f"updated {os.path.join(args.run, 'metrics.json')}, report.md and report.html")
     return 0

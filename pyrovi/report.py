@@ -262,6 +262,23 @@ def _test_section(test: dict, cfg: Optional[dict] = None) -> list:
     return lines
 
 
+def _vq_section(vq: dict, prior: dict) -> list:
+    """Codebook use (``pyrovi evaluate`` on a VQ-VAE run) and the learned prior (``pyrovi train-prior``)."""
+    lines = ["## Codebook and prior", ""]
+    rows = [("codes_used", "codes used"), ("dead_codes", "dead codes"), ("num_codes", "codebook size K"),
+            ("perplexity", "perplexity of code use"), ("bits_per_dim", "bits/dim, uniform prior over codes"),
+            ("recon_mse", "squared error per pixel"), ("char_accuracy", "character accuracy")]
+    if vq:
+        lines += ["Held-out data (`pyrovi evaluate`).", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {label} | {_fmt(vq.get(key))} |" for key, label in rows if key in vq]
+        lines.append("")
+    if "bits_per_dim_learned" in prior:
+        lines += ["Causal Transformer prior over the codes (`pyrovi train-prior`): held-out bits/dim "
+                  "(minus the ELBO with that prior over the codes) " + _fmt(prior["bits_per_dim_learned"])
+                  + ", against " + _fmt(prior.get("bits_per_dim_uniform")) + " with the uniform prior.", ""]
+    return lines
+
+
 def _latent_table(site: str, s: dict) -> list:
     kl = s.get("kl_per_dim")
     lines = [f"Latent site `{site}`: {s.get('active')} of {s.get('dims')} units active "
@@ -308,6 +325,8 @@ def write_report(run, extra_sections: Optional[list] = None) -> str:
     lines.append("")
     if isinstance(metrics.get("test"), dict):
         lines += _test_section(metrics["test"], cfg)
+    if isinstance(metrics.get("vq"), dict) or isinstance(metrics.get("prior"), dict):
+        lines += _vq_section(metrics.get("vq") or {}, metrics.get("prior") or {})
     if isinstance(metrics.get("diagnostics"), dict):
         try:
             summary = DiagnosticsSummary.from_dict(metrics["diagnostics"])

@@ -76,6 +76,10 @@ def test_every_command_on_every_run_kind(runs, kind, capsys, tmp_path):
         _ok(capsys, ["train-prior", d, "--epochs", "1", "--d-model", "8", "--layers", "1", "--heads", "2",
                      "--batch-size", "512", "--no-progress"])
         _ok(capsys, ["sample", d, "--n", "4"])  # a class-conditional prior, no --label: classes in turn
+        out = _ok(capsys, ["evaluate", d, "--k", "50"]).out  # VQ metrics and the prior through evaluate
+        assert "evaluating with K = 1" in out and "perplexity" in out and "Transformer prior" in out
+        with open(os.path.join(d, "report.md")) as fh:
+            assert "## Codebook and prior" in fh.read()
 
 
 # --------------------------------------------------------------------------- item 5: manners
