@@ -503,7 +503,8 @@ def _interpolate_args(p) -> None:
     p.add_argument("--method", default="both", choices=["linear", "slerp", "both"],
                    help="linear z = a z1 + (1-a) z2, spherical slerp, or both side by side (default)")
     p.add_argument("--data", default=None, help="dataset (default: the run's own data, test split)")
-    p.add_argument("--out", default=None, help="output PNG (default: RUN/interpolations.png)")
+    p.add_argument("--out", default=None,
+                   help="output PNG (default: RUN/interpolations.png; a text run: RUN/interpolations.txt)")
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of pairs (default: 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
 
@@ -528,6 +529,8 @@ def _interpolate(args) -> int:
         i1, i2 = perm[:args.pairs], perm[args.pairs:2 * args.pairs]
     labels = (split.y[i1], split.y[i2]) if conditional else (None, None)
     methods = ["linear", "slerp"] if args.method == "both" else [args.method]
+    if getattr(run.model, "is_text", False):
+        return _interpolate_text(args, run, split, i1, i2, methods)
     panels = {}
     for m in methods:
         path = uses.interpolate(run, split.x[i1], split.x[i2], steps=args.steps, method=m,
@@ -544,6 +547,29 @@ def _interpolate(args) -> int:
                        col_labels=[f"$\\alpha$={a:.2f}" for a in alpha],
                        title=r"Decoded interpolations between posterior means; $\alpha$ = weight of the left item",
                        path=out)
+    print(f"wrote {len(i1)} x {args.steps} interpolations ({', '.join(methods)}) to {out}")
+    return 0
+
+
+def _interpolate_text(args, run, split, i1, i2, methods) -> int:
+    """A text VQ-VAE: each path as lines of text (the most likely character per position)."""
+    from . import uses
+    from .errors import ConfigError
+
+    out = args.out or os.path.join(args.run, "interpolations.txt")
+    if os.path.splitext(out)[1].lower() != ".txt":
+        raise ConfigError(f"--out must end in .txt for a text run, got {out!r}")
+    alpha = uses.interpolation_weights(args.steps)
+    lines = [f"Decoded interpolations between posterior means; alpha = weight of the first item ({args.run})"]
+    for m in methods:
+        path = uses.interpolate(run, split.x[i1], split.x[i2], steps=args.steps, method=m)  # (P, A, T, V)
+        chars = path.argmax(-1).cpu()  # (P, A, T)
+        for p in range(chars.shape[0]):
+            lines += ["", f"{m}, pair {p + 1}"]
+            lines += [f"alpha={a:.2f} | {t!r}" for a, t in zip(alpha.tolist(), run.model.text(chars[p]))]
+    with open(out, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
     print(f"wrote {len(i1)} x {args.steps} interpolations ({', '.join(methods)}) to {out}")
     return 0
 
@@ -660,6 +686,9 @@ def cli_spelling(message: str, parser: Optional[argparse.ArgumentParser] = None)
         return f"{opt} {value.strip(chr(39) + chr(34))}"
 
     message = re.sub(r"(?<![\w.-])([a-z_]+)=('[^']*'|\"[^\"]*\"|[^\s,;)]+)", fix, message)
+    # bare API argument names with an underscore ("use batch_size <= 250") are options too
+    message = re.sub(r"(?<![\w.-])([a-z]+_[a-z_]+)\b(?!=)",
+                     lambda m: flags[m.group(1)][0] if m.group(1) in flags else m.group(0), message)
     return message.replace("fit(..., out=..., resume=True)", "pyrovi train --out ... --resume")
 
 

@@ -170,7 +170,7 @@ def write_diagnostic_figures(run, idata, split, *, n_scatter: int = 1000, pairs:
         written.append("latents.png")
         model = run.model
         if hasattr(model, "decode") and hasattr(run.guide, "encode") and m >= 2 * pairs \
-                and not getattr(model, "uses_labels", False):
+                and not getattr(model, "uses_labels", False) and not getattr(model, "is_text", False):
             from . import uses
 
             x1, x2 = x[0:2 * pairs:2], x[1:2 * pairs:2]  # (R, D)

@@ -130,6 +130,8 @@ def test_errors_in_cli_spelling(tmp_path, capsys):
     assert cli_spelling("pass resume=True to continue it or overwrite=True", train) == \
         "pass --resume to continue it or --overwrite"
     assert cli_spelling("config {'name': 'x'} and lr=0.5", train) == "config {'name': 'x'} and --lr 0.5"
+    assert cli_spelling("use batch_size <= 250; image_shape (8, 8)", train) == \
+        "use --batch-size <= 250; image_shape (8, 8)"
     d = str(tmp_path / "r")
     assert main(["train", *TINY, "--out", d]) == 0
     capsys.readouterr()
@@ -198,3 +200,23 @@ def test_autoencoder_report_and_compare_show_no_log_likelihood(runs, capsys, tmp
     assert "val loss is minus" in out and "ELBO" in out and "not a bound" in out
     ae_row = next(line for line in out.splitlines() if line.startswith(f"| {os.path.basename(d)} "))
     assert "-4" not in ae_row.split("|")[9]  # test log p(x): "—" for the autoencoder
+
+
+def test_every_command_on_a_text_vq_run(tmp_path, capsys):
+    import pydoc_data.topics
+
+    src = tmp_path / "small.txt"
+    src.write_text("".join(pydoc_data.topics.topics.values())[:20000], encoding="utf-8")
+    d = str(tmp_path / "vqt")
+    _ok(capsys, ["train", "--data", f"text:{src}", "--model", "vqvae", "--codebook", "8", "--code-dim", "2",
+                 "--channels", "4", "--epochs", "1", "--batch-size", "128", "--no-progress", "--out", d])
+    _ok(capsys, ["evaluate", d, "--k", "2"])
+    _ok(capsys, ["diagnose", d, "--n", "4", "--particles", "4"])
+    _ok(capsys, ["interpolate", d, "--pairs", "1", "--steps", "3"])
+    assert os.path.isfile(os.path.join(d, "interpolations.txt"))
+    _ok(capsys, ["sample", d, "--n", "2", "--out", str(tmp_path / "s.txt")])
+    assert (tmp_path / "s.txt").read_text(encoding="utf-8").count("-" * 20) == 1  # two samples, one separator
+    _ok(capsys, ["report", d])
+    _ok(capsys, ["train-prior", d, "--epochs", "1", "--d-model", "8", "--layers", "1", "--heads", "2",
+                 "--no-progress"])
+    assert _ok(capsys, ["sample", d, "--n", "2"]).out.strip()  # printed to the terminal
