@@ -132,10 +132,9 @@ def _model_figures(run, data, x_recon) -> list:
         y = run.data.val.y[:len(x_recon)]
     with run.scope():
         if x_recon is not None and hasattr(run.guide, "encode") and (y is not None or not labels):
-            x_recon = x_recon.to(run.device, getattr(run, "dtype", torch.float32))
-            args = (x_recon, y.to(run.device)) if labels else (x_recon,)
-            loc = run.guide.encode(*args)[model.latent_site][0]
-            dec = model.decode(loc, args[1]) if labels else model.decode(loc)
+            from . import uses
+
+            dec = uses.reconstruct(run, x_recon, y if labels else None)  # decode(E_q[z|x]), every guide
             plots.reconstructions(x_recon, dec, img, path=os.path.join(d, "reconstructions.png"))
             written.append("reconstructions.png")
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -169,12 +168,15 @@ def write_diagnostic_figures(run, idata, split, *, n_scatter: int = 1000, pairs:
                              path=os.path.join(d, "latents.png"))
         written.append("latents.png")
         model = run.model
+        conditional = getattr(model, "uses_labels", False)
         if hasattr(model, "decode") and hasattr(run.guide, "encode") and m >= 2 * pairs \
-                and not getattr(model, "uses_labels", False) and not getattr(model, "is_text", False):
+                and (y is not None or not conditional) and not getattr(model, "is_text", False):
             from . import uses
 
             x1, x2 = x[0:2 * pairs:2], x[1:2 * pairs:2]  # (R, D)
-            imgs = uses.interpolate(run, x1, x2, steps=steps, method="linear").cpu()  # (R, T, D)
+            # a conditional model decodes every point of a path with the first item's label
+            y1, y2 = (y[0:2 * pairs:2], y[1:2 * pairs:2]) if conditional else (None, None)
+            imgs = uses.interpolate(run, x1, x2, steps=steps, method="linear", y1=y1, y2=y2).cpu()  # (R, T, D)
             plots.interpolations(imgs, _image_shape(run), alphas=uses.interpolation_weights(steps).tolist(),
                                  ends=torch.stack([x1, x2], 1),
                                  title="Linear interpolation between posterior means: "

@@ -65,8 +65,7 @@ def test_every_command_on_every_run_kind(runs, kind, capsys, tmp_path):
     assert s.shape == (4, 64)
     _ok(capsys, ["interpolate", d, "--pairs", "2", "--steps", "3"])
     assert os.path.isfile(os.path.join(d, "interpolations.png"))
-    if kind not in ("cvae",):  # diagnose's own paths: unconditional models
-        assert os.path.isfile(os.path.join(d, "diagnose_interpolations.png"))
+    assert os.path.isfile(os.path.join(d, "diagnose_interpolations.png"))  # diagnose's own paths
     _ok(capsys, ["compare", d, runs["vae"], "--out", str(tmp_path / "cmp")])
     assert os.path.isfile(tmp_path / "cmp" / "compare.md")
     _ok(capsys, ["report", d])
