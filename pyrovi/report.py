@@ -294,6 +294,42 @@ def _latent_table(site: str, s: dict) -> list:
     return lines
 
 
+def _option(v) -> str:
+    if isinstance(v, (list, tuple)) and v and isinstance(v[0], (list, tuple)):
+        return f"({len(v)} x {len(v[0])} array)"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_option(x) for x in v[:8]) + (f", … ({len(v)} in all)" if len(v) > 8 else "") + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_option(x)}" for k, x in list(v.items())[:8]) + "}"
+    return _fmt(v)
+
+
+def _setup_row(label: str, section) -> str:
+    """One row of the Setup table: the section's name and its options as ``key = value`` (long lists cut)."""
+    if not isinstance(section, dict):
+        return f"| {label} | {_fmt(section)} | |"
+    opts = "; ".join(f"{k} = {_option(v)}" for k, v in section.items() if k != "name" and v is not None)
+    return f"| {label} | {section.get('name', '—')} | {opts.replace('|', '/')} |"
+
+
+#: one caption per figure: what is drawn and how to read it
+CAPTIONS = {
+    "training_curves.png": "Training and validation loss per epoch (loss = minus the training bound, nats).",
+    "reconstructions.png": "Validation items (top) and the decoder's mean at the posterior mean code (bottom).",
+    "samples.png": "Decoder means for codes drawn from the prior p(z).",
+    "khat.png": "PSIS k-hat per diagnosed datapoint: below 0.5 good, 0.5-0.7 fair, above 0.7 q(z|x) is not "
+                "trustworthy there.",
+    "latents.png": "Posterior means of held-out items, coloured by label (first two principal components when "
+                   "there are more than two latent dimensions).",
+    "diagnose_interpolations.png": "Linear paths between the posterior means of pairs of test items "
+                                   "(`pyrovi diagnose`); a = weight of the left item.",
+    "interpolations.png": "Linear and spherical paths between pairs of items (`pyrovi interpolate`); "
+                          "alpha = weight of the left item.",
+}
+
+
 def write_report(run, extra_sections: Optional[list] = None) -> str:
     """Write ``report.md`` and ``report.html`` from a run's config, metrics and the figures in its directory.
 
@@ -312,12 +348,11 @@ def write_report(run, extra_sections: Optional[list] = None) -> str:
     else:
         d, cfg, metrics = run.directory, run.config, run.metrics
     lines = ["# pyrovi run report", ""]
-    lines += ["## Setup", "",
-              f"- model: `{json.dumps(cfg.get('model'))}`",
-              f"- guide: `{json.dumps(cfg.get('guide'))}`",
-              f"- objective: `{json.dumps(cfg.get('objective'))}`",
-              f"- data: `{json.dumps(cfg.get('data'))}`",
-              f"- training: `{json.dumps(cfg.get('train'))}`", ""]
+    lines += ["## Setup", "", "| part | name | options |", "| --- | --- | --- |"]
+    lines += [_setup_row(label, cfg.get(key)) for key, label in
+              (("model", "model"), ("guide", "guide"), ("objective", "objective"), ("data", "data"),
+               ("train", "training"))]
+    lines += ["", "Everything needed to rebuild the run is in `config.json`.", ""]
     lines += ["## Training", "", "All log-densities in nats per datapoint unless stated; "
               f"loss = -({bound_name(cfg)}).", "",
               "| metric | value |", "| --- | --- |"]
@@ -342,7 +377,8 @@ def write_report(run, extra_sections: Optional[list] = None) -> str:
     if figs:
         lines += ["## Figures", ""]
         for f in figs:
-            lines += [f"![{f[:-4]}]({f})", ""]
+            lines += [f"### {f[:-4].replace('_', ' ')}", "", f"![{f[:-4]}]({f})", "",
+                      f"*{CAPTIONS.get(f, f)}*", ""]
     text = "\n".join(lines)
     atomic_write(os.path.join(d, "report.md"), text)
     write_html(text, os.path.join(d, "report.html"), base_dir=d)

@@ -219,3 +219,13 @@ def test_every_command_on_a_text_vq_run(tmp_path, capsys):
     _ok(capsys, ["train-prior", d, "--epochs", "1", "--d-model", "8", "--layers", "1", "--heads", "2",
                  "--no-progress"])
     assert _ok(capsys, ["sample", d, "--n", "2"]).out.strip()  # printed to the terminal
+
+
+def test_report_setup_is_a_table_and_figures_have_captions(runs, capsys):
+    d = runs["vae"]
+    _ok(capsys, ["report", d])
+    with open(os.path.join(d, "report.md")) as fh:
+        text = fh.read()
+    setup = text.split("## Setup", 1)[1].split("## Training", 1)[0]
+    assert "| model | vae |" in setup and "{" not in setup.split("| --- |")[-1].split("\n")[1]
+    assert "*Training and validation loss per epoch" in text and "*Decoder means for codes drawn" in text
