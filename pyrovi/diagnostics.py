@@ -501,7 +501,8 @@ def _summary(khat, ess, r, lat, particles, skipped, point_mass: bool = False) ->
     if not n_col and kl_total is not None and math.isfinite(kl_total) and total \
             and kl_total < KL_TOTAL_COLLAPSE * total:
         warns.append(f"posterior (nearly) collapsed: the total KL(q(z|x) || p(z)) is {kl_total:.3f} nats per "
-                     f"datapoint, under {KL_TOTAL_COLLAPSE} per latent unit ({total} units), so the codes carry almost nothing about x and decodes of "
+                     f"datapoint, under {KL_TOTAL_COLLAPSE} per latent unit ({total} units), so the codes carry "
+                     "almost nothing about x and decodes of "
                      "different items look alike. Lower beta, use KL warm-up, or a weaker decoder")
         cats.append(PosteriorCollapseWarning)
     if skipped:

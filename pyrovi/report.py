@@ -14,7 +14,6 @@ both report files, so a report can be redrawn at any time without training.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import os
 import re
@@ -417,7 +416,8 @@ def write_html(markdown_text: str, path: str, *, base_dir: str, title: str = "py
 _COMPARE_COLS = [
     ("run", "run"), ("model", "model"), ("guide", "guide"), ("objective", "objective"), ("epochs", "epochs"),
     ("val_loss", "val loss"), ("bound", "val loss is minus"), ("test_elbo", "test ELBO"),
-    ("test_log_likelihood", "test log p(x), IWAE-K"), ("test_k", "K"), ("bits_per_dim", "bits/dim"), ("active_units", "active units"), ("khat_good", "k<0.5"),
+    ("test_log_likelihood", "test log p(x), IWAE-K"), ("test_k", "K"), ("bits_per_dim", "bits/dim"),
+    ("active_units", "active units"), ("khat_good", "k<0.5"),
     ("khat_fair", "0.5-0.7"), ("khat_bad", "k>0.7"),
 ]
 
