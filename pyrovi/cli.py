@@ -51,12 +51,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--binarize", default="default", choices=["default", "static", "dynamic", "none"],
                    help="binarization of [0,1] data (default: static for built-in image sets, none for files)")
     g = p.add_argument_group("model and guide")
-    g.add_argument("--model", default="vae", help="model name (default: vae)")
+    g.add_argument("--model", default="vae",
+                   help="model name (default: vae; linear_gaussian: probabilistic PCA, W and b learned)")
     g.add_argument("--latent-dim", type=int, default=16, help="latent dimension L (default: 16)")
     g.add_argument("--hidden", type=_ints, default=(256,), help="hidden widths, e.g. 400 or 512,256 (default: 256)")
     g.add_argument("--likelihood", default="bernoulli", help="bernoulli | gaussian (default: bernoulli)")
     g.add_argument("--sigma", type=float, default=1.0, help="Gaussian observation std delta (default: 1.0)")
-    g.add_argument("--learn-sigma", action="store_true", help="learn the Gaussian std per pixel")
+    g.add_argument("--learn-sigma", action="store_true", help="learn the Gaussian std per pixel (default: fixed)")
     g.add_argument("--guide", default=None,
                    help="guide name (default: diag_normal; delta for --model autoencoder)")
     g.add_argument("--components", type=int, default=None, help="mixture components C (--guide mixture; default 5)")
@@ -65,17 +66,21 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _vq_train_args(p)
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default="elbo", help="objective name (default: elbo)")
-    g.add_argument("--particles", type=int, default=None, help="vectorized particles S (objective's default)")
-    g.add_argument("--alpha", type=float, default=None, help="Renyi order for --objective renyi")
+    g.add_argument("--particles", type=int, default=None,
+                   help="vectorized particles S (default: the objective's own: 1 for elbo, meanfield, stl; "
+                        "2 for renyi; 8 for iwae, dreg)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="Renyi order for --objective renyi (default: 0, the IWAE bound)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=20)
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--epochs", type=int, default=20, help="passes over the training split")
+    g.add_argument("--batch-size", type=int, default=128, help="datapoints per optimizer step")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the data split, the initial weights and every draw: equal seeds, equal runs")
     g.add_argument("--patience", type=int, default=None, help="early stopping patience in epochs (default: off)")
     g.add_argument("--beta", type=float, default=1.0, help="weight of the KL terms (beta-VAE)")
     g.add_argument("--warmup", type=int, default=0, help="epochs of linear KL warm-up")
-    g.add_argument("--clip-norm", type=float, default=None, help="gradient-norm clipping")
+    g.add_argument("--clip-norm", type=float, default=None, help="gradient-norm clipping (default: off)")
     g.add_argument("--lr-schedule", default="constant", help="constant | cosine | exponential")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g = p.add_argument_group("scale-out (PyTorch Lightning; pip install \"pyrovi[distributed]\")")
@@ -84,11 +89,28 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-nodes", type=int, default=1, help="nodes with --strategy (default: 1)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run directory (default: runs/<time>)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (default: start a new run)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run in --out (default: refuse to)")
     g.add_argument("--evaluate-k", type=int, default=0,
                    help="after training, evaluate on the test split with K importance samples (0: skip)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _progress_arg(p)
+
+
+def _progress_arg(p) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (default: a bar on a terminal, whole lines in a log file)")
+
+
+def _progress(args) -> bool:
+    """Show progress: not --no-progress. Where stderr is no terminal, our own counters print whole lines."""
+    return not getattr(args, "no_progress", False)
+
+
+def _tty_progress(args) -> bool:
+    """For tqdm bars drawn by the API (training): only on a terminal, so a log gets no carriage-return line."""
+    return _progress(args) and sys.stderr.isatty()
 
 
 def _vq_train_args(p: argparse.ArgumentParser) -> None:
@@ -100,7 +122,7 @@ def _vq_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--commitment", type=float, default=0.25, help="commitment weight beta (default: 0.25)")
     g.add_argument("--ema-decay", type=float, default=None, help="EMA codebook updates, e.g. 0.99 (default: off)")
     g.add_argument("--no-kmeans-init", action="store_true",
-                   help="keep the initial codebook instead of k-means on the first batch")
+                   help="keep the initial codebook instead of k-means on the first batch (default: k-means)")
     g.add_argument("--restart-dead", type=float, default=None,
                    help="restart codes used less than this many times per batch on average (default: off)")
 
@@ -120,6 +142,9 @@ def model_config(args, dataset) -> dict:
 
     if args.model.strip().lower() == "vqvae":
         return _vq_model_config(args, dataset)
+    if args.model.strip().lower() == "linear_gaussian":  # probabilistic PCA: W and b learned, sigma fixed
+        return models.LinearGaussian(input_dim=dataset.shape[0], latent_dim=args.latent_dim, sigma=args.sigma,
+                                     learn=True, seed=args.seed).config()
     cfg = {"name": args.model, "input_dim": dataset.shape[0], "latent_dim": args.latent_dim,
            "hidden": list(args.hidden), "likelihood": args.likelihood, "sigma": args.sigma,
            "learn_sigma": args.learn_sigma, "image_shape": dataset.image_shape}
@@ -158,6 +183,9 @@ def _train(args) -> int:
     check_positive("--evaluate-k", args.evaluate_k, integer=True, allow_zero=True)  # before hours of training
     binarize = None if args.binarize == "none" else args.binarize
     ds = data.load(args.data, seed=args.seed, binarize=binarize)
+    import pyro
+
+    pyro.set_rng_seed(args.seed)  # torch, numpy, random: the initial weights of model and guide follow --seed
     model = models.build(model_config(args, ds))
     guide = guides.build(model, guide_config(args, model))
     out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
@@ -165,13 +193,13 @@ def _train(args) -> int:
               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=out,
               resume=args.resume, overwrite=args.overwrite, patience=args.patience, beta=args.beta,
               warmup=args.warmup, clip_norm=args.clip_norm, lr_schedule=args.lr_schedule, device=args.device,
-              progress=not args.no_progress, strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes)
+              progress=_tty_progress(args), strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes)
     if run.directory is None and args.strategy:  # a DDP rank other than 0: rank 0 reports and evaluates
         return 0
     print(f"run directory: {out}")
     print(json.dumps({k: v for k, v in run.metrics.items() if not isinstance(v, dict)}, indent=2))
     if args.evaluate_k:
-        _print_eval(evaluate(run, ds, k=args.evaluate_k))
+        _print_eval(_evaluate_with_progress(evaluate, args, run, ds, k=args.evaluate_k), run.config)
         from .report import write_report
 
         write_report(run.directory)  # drawn from the directory: config.json, metrics.json, figures
@@ -184,9 +212,16 @@ COMMANDS["train"] = (_train_args, _train, "train a model and guide; writes a run
 # --------------------------------------------------------------------------- evaluate
 
 
-def _print_eval(metrics: dict) -> None:
-    print("test metrics (nats per datapoint):")
-    for k, v in metrics.items():
+def _print_eval(metrics: dict, cfg: Optional[dict] = None) -> None:
+    """Print the test metrics the run's model kind has (an autoencoder: no log p(x), ELBO or bits/dim)."""
+    from .report import has_density, is_density, shown_metrics
+
+    cfg = cfg or {}
+    note = "" if has_density(cfg) else f"; the {cfg['model']['name']} has no log p(x), ELBO or bits/dim"
+    if has_density(cfg) and is_density(cfg):
+        note = "; Gaussian likelihood: log p(x) is a log-density"
+    print(f"test metrics (nats per datapoint{note}):")
+    for k, v in shown_metrics(metrics, cfg).items():
         if k == "latents":
             continue
         print(f"  {k:18s} {v:.4f}" if isinstance(v, float) else f"  {k:18s} {v}")
@@ -200,10 +235,56 @@ def _evaluate_args(p) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--k", type=int, default=5000, help="importance samples per datapoint (default: 5000)")
     p.add_argument("--data", default=None, help="dataset (default: the run's own data, test split)")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100, help="datapoints per pass (default: 100)")
     p.add_argument("--chunk", type=int, default=None, help="particles per pass (default: bounded memory)")
     p.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default: 0)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    _progress_arg(p)
+
+
+def _evaluate_with_progress(evaluate, args, run, ds, **kw) -> dict:
+    """``evaluate(run, ds, **kw)`` with a progress counter over its batches (unless --no-progress).
+
+    ``evaluate`` takes ``progress=`` when it has one; until then the counter ticks on each call of
+    ``evaluation.iw_log_likelihood`` (one per batch), wrapped for this call only.
+    """
+    import inspect
+
+    from . import evaluation
+    from .inputs import split
+    from .progress import bar
+
+    if "progress" in inspect.signature(evaluate).parameters:
+        return evaluate(run, ds, progress=_progress(args), **kw)
+    n = len(split(ds, run))
+    bs = kw.get("batch_size", 100)
+    counter = bar(-(-n // bs), "evaluate", enabled=_progress(args), unit="batch")
+    inner = evaluation.iw_log_likelihood
+
+    def counted(*a, **k):
+        out = inner(*a, **k)
+        counter.update(1)
+        return out
+
+    evaluation.iw_log_likelihood = counted
+    try:
+        return evaluate(run, ds, **kw)
+    finally:
+        evaluation.iw_log_likelihood = inner
+        counter.close()
+
+
+def _print_vq(run, ds, batch_size: int) -> None:
+    from .vq_evaluation import vq_metrics
+
+    vq = vq_metrics(run, ds, batch_size=batch_size)  # saved under "vq" in metrics.json
+    unit = "bits/char" if run.model.is_text else "bits/dim"
+    print(f"codebook: {vq['codes_used']} of {vq['num_codes']} codes used, {vq['dead_codes']} dead, "
+          f"perplexity {vq['perplexity']:.2f}; {unit} under the uniform prior {vq['bits_per_dim']:.4f}")
+    prior = run.metrics.get("prior") or {}
+    if "bits_per_dim_learned" in prior:
+        print(f"{unit} with the Transformer prior (pyrovi train-prior): {prior['bits_per_dim_learned']:.4f} "
+              f"(uniform prior: {prior['bits_per_dim_uniform']:.4f}; held-out split of train-prior)")
 
 
 def _run_data(run, name):
@@ -219,7 +300,13 @@ def _evaluate(args) -> int:
 
     run = load_run(args.run, device=args.device)
     ds = _run_data(run, args.data)
-    _print_eval(evaluate(run, ds, k=args.k, batch_size=args.batch_size, chunk=args.chunk, seed=args.seed))
+    if getattr(run.guide, "point_mass", False) and args.k > 1:
+        print(f"q(z|x) is a point mass ({type(run.guide).__name__}): every draw is the same z, so one draw is "
+              f"exact and --k {args.k} is not needed; evaluating with K = 1")
+    _print_eval(_evaluate_with_progress(evaluate, args, run, ds, k=args.k, batch_size=args.batch_size,
+                                        chunk=args.chunk, seed=args.seed), run.config)
+    if run.config.get("model", {}).get("name") == "vqvae":  # codebook use and the prior: the same command
+        _print_vq(run, ds, args.batch_size)
     write_report(run.directory)  # drawn from the directory: config.json, metrics.json, figures
     print(f"updated {os.path.join(args.run, 'metrics.json')}, report.md and report.html")
     return 0
@@ -238,9 +325,10 @@ def _diagnose_args(p) -> None:
     p.add_argument("--particles", type=int, default=2500,
                    help="draws from q(z|x) per datapoint (default: 2500; k-hat up to 0.7 needs >= 2155)")
     p.add_argument("--data", default=None, help="dataset (default: the run's own data, test split)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
     p.add_argument("--out", default=None, help="netCDF file (default: RUN/diagnostics.nc)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    _progress_arg(p)
 
 
 def _diagnose(args) -> int:
@@ -255,7 +343,7 @@ def _diagnose(args) -> int:
     ds = _run_data(run, args.data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DiagnosticWarning)  # printed below as part of the summary
-        idata = diagnose(run, ds, n=args.n, particles=args.particles, seed=args.seed)
+        idata = diagnose(run, ds, n=args.n, particles=args.particles, seed=args.seed, progress=_progress(args))
     out = args.out or os.path.join(args.run, "diagnostics.nc")
     save_netcdf(idata, out)
     figs = write_diagnostic_figures(run, idata, ds.test)
@@ -274,14 +362,18 @@ COMMANDS["diagnose"] = (_diagnose_args, _diagnose,
 
 def _compare_args(p) -> None:
     p.add_argument("runs", nargs="+", help="run directories")
-    p.add_argument("--out", default=None, help="directory for compare.md and training_curves.png (default: none)")
+    p.add_argument("--out", default=None,
+                   help="directory for compare.md and training_curves.png (default: print the table only)")
 
 
 def _compare(args) -> int:
     from .report import compare_runs
 
+    from .report import COMPARE_NOTE
+
     res = compare_runs(args.runs, out=args.out)
     print(res["markdown"])
+    print(COMPARE_NOTE)
     if args.out:
         print(f"wrote {os.path.join(args.out, 'compare.md')}" + (f" and {res['figure']}" if res["figure"] else ""))
     return 0
@@ -315,62 +407,86 @@ COMMANDS["report"] = (_report_args, _report, "redraw a run directory's figures, 
 def _sample_args(p) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
-    p.add_argument("--out", default=None, help="output file: .png (grid), .npy or .csv (default: RUN/samples.png)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None,
+                   help="output file: .png (grid), .npy or .csv; .txt for text runs "
+                        "(default: RUN/samples.png; text runs print to the terminal)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
     p.add_argument("--label", type=int, default=None,
                    help="class of every sample, for a conditional run or a class-conditional VQ-VAE prior "
                         "(default: classes in turn)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     g = p.add_argument_group("VQ-VAE runs (codes from the run's Transformer prior, else uniform)")
     g.add_argument("--temperature", type=float, default=1.0, help="prior sampling temperature (default: 1.0)")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes (default: all)")
 
 
-def _sample_vq(args, run) -> int:
-    from . import plots, priors
+_SAMPLE_EXTS = (".png", ".npy", ".csv")
+
+
+def _sample_vq(args, run):
+    """-> (samples, description): codes from the run's prior (Transformer when fitted, else uniform), decoded."""
+    import torch
+
+    from . import priors
 
     prior = priors.load_prior(run) if os.path.isfile(os.path.join(args.run, priors.PRIOR_CONFIG)) else None
-    x = priors.sample_run(run, prior, args.n, label=args.label, temperature=args.temperature, top_k=args.top_k,
+    label = args.label
+    if label is None and prior is not None and prior.conditional:  # classes in turn, as --help says
+        label = torch.arange(args.n) % prior.cfg.num_classes
+    x = priors.sample_run(run, prior, args.n, label=label, temperature=args.temperature, top_k=args.top_k,
                           seed=args.seed)
-    if run.model.is_text:
-        for s in x:
-            print(s)
-            print("-" * 20)
-        return 0
-    out = args.out or os.path.join(args.run, "samples.png")
-    shape = run.config.get("data", {}).get("image_shape")
-    plots.samples(x.cpu(), tuple(shape) if shape else None, path=out)
-    print(f"wrote {args.n} samples ({'Transformer' if prior else 'uniform'} prior) to {out}")
-    return 0
+    return x, f"{'Transformer' if prior else 'uniform'} prior"
 
 
-def _sample(args) -> int:
+def _write_samples(x, out: str, shape, title: str) -> None:
     import numpy as np
 
     from . import plots
+
+    ext = os.path.splitext(out)[1].lower()
+    if ext == ".png":
+        plots.samples(x, tuple(shape) if shape else None, path=out, title=title)
+    elif ext == ".npy":
+        np.save(out, x.numpy())
+    else:  # .csv
+        np.savetxt(out, x.numpy(), delimiter=",", fmt="%.6g")
+
+
+def _sample(args) -> int:
     from .run import load_run
     from .errors import ConfigError, check_positive
 
     check_positive("--n", args.n, integer=True)
     run = load_run(args.run, device=args.device)
-    if run.config.get("model", {}).get("name") == "vqvae":
-        return _sample_vq(args, run)
-    out = args.out or os.path.join(args.run, "samples.png")
-    from .uses import sample_prior
-
-    x = sample_prior(run, args.n, label=args.label, seed=args.seed).cpu()
-    ext = os.path.splitext(out)[1].lower()
-    if ext == ".png":
-        shape = run.config.get("data", {}).get("image_shape")
-        title = "Samples: mean of p(x|z), z ~ p(z)" + (f", label {args.label}" if args.label is not None else "")
-        plots.samples(x, tuple(shape) if shape else None, path=out, title=title)
-    elif ext == ".npy":
-        np.save(out, x.numpy())
-    elif ext == ".csv":
-        np.savetxt(out, x.numpy(), delimiter=",", fmt="%.6g")
+    is_vq = run.config.get("model", {}).get("name") == "vqvae"
+    text = is_vq and run.model.is_text
+    exts = (".txt",) if text else _SAMPLE_EXTS
+    if args.out is not None and os.path.splitext(args.out)[1].lower() not in exts:
+        raise ConfigError(f"--out must end in {', '.join(exts)}" + (" for a text run" if text else "")
+                          + f", got {args.out!r}")
+    if is_vq:
+        x, what = _sample_vq(args, run)
     else:
-        raise ConfigError(f"--out must end in .png, .npy or .csv, got {out!r}")
-    print(f"wrote {args.n} samples to {out}")
+        from .uses import sample_prior
+
+        x = sample_prior(run, args.n, label=args.label, seed=args.seed)
+        what = "z ~ p(z)"
+        if getattr(run.model, "uses_labels", False):
+            what += f", label {args.label}" if args.label is not None else ", classes in turn"
+    if text:
+        sep = "\n" + "-" * 20 + "\n"
+        body = sep.join(x) + "\n"
+        if args.out is None:
+            print(body, end="")
+            return 0
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(body)
+        print(f"wrote {args.n} samples ({what}) to {args.out}")
+        return 0
+    out = args.out or os.path.join(args.run, "samples.png")
+    shape = run.config.get("data", {}).get("image_shape")
+    _write_samples(x.cpu(), out, shape, f"Samples: mean of p(x|z), {what}")
+    print(f"wrote {args.n} samples ({what}) to {out}")
     return 0
 
 
@@ -387,9 +503,10 @@ def _interpolate_args(p) -> None:
     p.add_argument("--method", default="both", choices=["linear", "slerp", "both"],
                    help="linear z = a z1 + (1-a) z2, spherical slerp, or both side by side (default)")
     p.add_argument("--data", default=None, help="dataset (default: the run's own data, test split)")
-    p.add_argument("--out", default=None, help="output PNG (default: RUN/interpolations.png)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the choice of pairs")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None,
+                   help="output PNG (default: RUN/interpolations.png; a text run: RUN/interpolations.txt)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the choice of pairs (default: 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
 
 
 def _interpolate(args) -> int:
@@ -412,6 +529,8 @@ def _interpolate(args) -> int:
         i1, i2 = perm[:args.pairs], perm[args.pairs:2 * args.pairs]
     labels = (split.y[i1], split.y[i2]) if conditional else (None, None)
     methods = ["linear", "slerp"] if args.method == "both" else [args.method]
+    if getattr(run.model, "is_text", False):
+        return _interpolate_text(args, run, split, i1, i2, methods)
     panels = {}
     for m in methods:
         path = uses.interpolate(run, split.x[i1], split.x[i2], steps=args.steps, method=m,
@@ -432,6 +551,29 @@ def _interpolate(args) -> int:
     return 0
 
 
+def _interpolate_text(args, run, split, i1, i2, methods) -> int:
+    """A text VQ-VAE: each path as lines of text (the most likely character per position)."""
+    from . import uses
+    from .errors import ConfigError
+
+    out = args.out or os.path.join(args.run, "interpolations.txt")
+    if os.path.splitext(out)[1].lower() != ".txt":
+        raise ConfigError(f"--out must end in .txt for a text run, got {out!r}")
+    alpha = uses.interpolation_weights(args.steps)
+    lines = [f"Decoded interpolations between posterior means; alpha = weight of the first item ({args.run})"]
+    for m in methods:
+        path = uses.interpolate(run, split.x[i1], split.x[i2], steps=args.steps, method=m)  # (P, A, T, V)
+        chars = path.argmax(-1).cpu()  # (P, A, T)
+        for p in range(chars.shape[0]):
+            lines += ["", f"{m}, pair {p + 1}"]
+            lines += [f"alpha={a:.2f} | {t!r}" for a, t in zip(alpha.tolist(), run.model.text(chars[p]))]
+    with open(out, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {len(i1)} x {args.steps} interpolations ({', '.join(methods)}) to {out}")
+    return 0
+
+
 COMMANDS["interpolate"] = (_interpolate_args, _interpolate,
                            "decode paths between pairs of items' codes (linear and slerp) into a PNG")
 
@@ -441,17 +583,17 @@ COMMANDS["interpolate"] = (_interpolate_args, _interpolate,
 
 def _train_prior_args(p) -> None:
     p.add_argument("run", help="a VQ-VAE run directory")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=40, help="passes over the training codes (default: 40)")
+    p.add_argument("--batch-size", type=int, default=64, help="code grids per step (default: 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 0.001)")
     p.add_argument("--d-model", type=int, default=128, help="Transformer width (default: 128)")
     p.add_argument("--layers", type=int, default=2, help="Transformer blocks (default: 2)")
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
     p.add_argument("--conditional", choices=["auto", "yes", "no"], default="auto",
                    help="condition on class labels (default: auto = when the data has labels)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights and batches (default: 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    _progress_arg(p)
 
 
 def _train_prior(args) -> int:
@@ -462,7 +604,7 @@ def _train_prior(args) -> int:
     ds = _run_data(run, None)
     prior = priors.fit_prior(run, ds, conditional={"auto": None, "yes": True, "no": False}[args.conditional],
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, d_model=args.d_model,
-                             layers=args.layers, heads=args.heads, seed=args.seed, progress=not args.no_progress)
+                             layers=args.layers, heads=args.heads, seed=args.seed, progress=_tty_progress(args))
     unit = "bits/char" if run.model.is_text else "bits/dim"
     m = prior.metrics
     print(f"wrote {os.path.join(args.run, priors.PRIOR_WEIGHTS)} and {priors.PRIOR_CONFIG}")
@@ -479,25 +621,79 @@ COMMANDS["train-prior"] = (_train_prior_args, _train_prior,
 # --------------------------------------------------------------------------- main
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the epilog's line breaks and shows every option's default.
+
+    A help text that already says "default" is left as it is; flags (store_true)
+    and options whose default is None say in words what happens without them.
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        silent = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text.lower() or silent or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (``pyrovi --help``)."""
     p = argparse.ArgumentParser(
         prog="pyrovi",
         description="Variational inference with neural guides, built on Pyro.",
         epilog=_names_line(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"pyrovi {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (add_args, _, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text, epilog=_names_line(),
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=_HelpFormatter)
         add_args(sp)
     return p
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> Optional[argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
+
+
+def cli_spelling(message: str, parser: Optional[argparse.ArgumentParser] = None) -> str:
+    """An API error message in the command's spelling: ``resume=True`` -> ``--resume``, ``lr=0.1`` -> ``--lr 0.1``.
+
+    Only names that are options of ``parser`` (the subcommand) are rewritten, so other
+    ``name=value`` text (a config dict, a Python call the message quotes) stays as it is.
+    """
+    import re
+
+    if parser is None:
+        return message
+    flags = {}
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                flags[action.dest] = (opt, isinstance(action, argparse._StoreTrueAction))
+
+    def fix(m):
+        name, value = m.group(1), m.group(2)
+        if name not in flags:
+            return m.group(0)
+        opt, is_flag = flags[name]
+        if is_flag:
+            return opt if value == "True" else f"no {opt}"
+        return f"{opt} {value.strip(chr(39) + chr(34))}"
+
+    message = re.sub(r"(?<![\w.-])([a-z_]+)=('[^']*'|\"[^\"]*\"|[^\s,;)]+)", fix, message)
+    # bare API argument names with an underscore ("use batch_size <= 250") are options too
+    message = re.sub(r"(?<![\w.-])([a-z]+_[a-z_]+)\b(?!=)",
+                     lambda m: flags[m.group(1)][0] if m.group(1) in flags else m.group(0), message)
+    return message.replace("fit(..., out=..., resume=True)", "pyrovi train --out ... --resume")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``pyrovi`` console script; returns the exit code."""
+    """Entry point of the ``pyrovi`` console script (and ``python -m pyrovi``); returns the exit code."""
     from .errors import PyroviError
 
     parser = build_parser()
@@ -508,7 +704,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return COMMANDS[args.command][1](args)
     except PyroviError as e:
-        print(f"pyrovi {args.command}: error: {e}", file=sys.stderr)
+        print(f"pyrovi {args.command}: error: {cli_spelling(str(e), _subparser(parser, args.command))}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pyrovi {args.command}: interrupted", file=sys.stderr)

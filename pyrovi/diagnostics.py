@@ -52,6 +52,7 @@ from pyro.poutine.util import site_is_subsample
 from . import inputs
 from .checkpoint import write_json
 from .errors import ConfigError, check_positive
+from .progress import bar
 from .evaluation import Tally, latent_summary, per_datapoint_weights, seeded
 from .traces import data_dim, guess_max_plate_nesting, in_data_plate
 
@@ -68,7 +69,7 @@ __all__ = [
     "load_netcdf",
     "KHAT_GOOD",
     "KHAT_BAD",
-    "KL_COLLAPSE",
+    "KL_COLLAPSE", "KL_TOTAL_COLLAPSE",
     "min_particles",
     "posterior_means",
 ]
@@ -76,6 +77,7 @@ __all__ = [
 KHAT_GOOD = 0.5  # Yao et al. (2018): below, q is good for importance sampling
 KHAT_BAD = 0.7  # above, q is not trustworthy
 KL_COLLAPSE = 0.01  # nats; a unit with less KL (and no variation of its mean) is collapsed
+KL_TOTAL_COLLAPSE = 0.05  # nats per latent unit: a total KL below this times the units is a (near) collapse
 SUMMARY_ATTR = "pyrovi_summary"
 FLAT_LOG_W = 1e-3  # nats; log weights of one datapoint spread less than this are "all equal"
 
@@ -172,6 +174,8 @@ class DiagnosticsSummary:
     latents: dict
     collapsed: dict = field(default_factory=dict)  # site -> collapsed dims
     warnings: list = field(default_factory=list)
+    point_mass: bool = False  # q(z|x) is a point mass (Delta, Codebook): equal weights, no k-hat
+    kl: Optional[float] = None  # mean total KL(q(z|x) || p(z)) over the datapoints, Monte Carlo (nats)
 
     def to_dict(self) -> dict:
         """Plain JSON types; non-finite floats become None."""
@@ -179,12 +183,22 @@ class DiagnosticsSummary:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiagnosticsSummary":
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def to_markdown(self) -> str:
         """The summary as a Markdown fragment (tables and a warning list)."""
         b = self.khat_bands
         pct = lambda c: f"{100.0 * c / max(1, self.n):.0f}%"  # noqa: E731
+        if self.point_mass:
+            lines = [f"{self.n} datapoints. q(z|x) is a point mass (a Delta or codebook guide): every draw is "
+                     "the same z, all importance weights are equal, so PSIS k-hat and the importance-sampling "
+                     "ESS do not apply, and the \"log p(x)\" below is log p(x, z) at that one z, not a bound "
+                     "on log p(x).", "",
+                     f"- log p(x, z) at the point: {self.log_likelihood:.4f} nats",
+                     f"- active units (Cov_x E_q[z_d] > 0.01): {self.active_units} of {self.latent_units}", ""]
+            lines += (["**Warnings**", ""] + [f"- {w}" for w in self.warnings] + [""] if self.warnings
+                      else ["No warnings.", ""])
+            return "\n".join(lines)
         lines = [f"{self.n} datapoints, {self.particles} draws each from q(z|x).", "",
                  "| PSIS k-hat band | datapoints | share |", "| --- | --- | --- |",
                  f"| good (k < {KHAT_GOOD}) | {b['good']} | {pct(b['good'])} |",
@@ -196,7 +210,8 @@ class DiagnosticsSummary:
                  f"of {self.particles} draws",
                  f"- IWAE log p(x) with {self.particles} draws: {self.log_likelihood:.4f} nats; "
                  f"ELBO {self.elbo:.4f} nats",
-                 f"- active units (Cov_x E_q[z_d] > 0.01): {self.active_units} of {self.latent_units}", ""]
+                 f"- active units (Cov_x E_q[z_d] > 0.01): {self.active_units} of {self.latent_units}"
+                 + ("" if self.kl is None else f"; total KL(q(z|x) || p(z)) {self.kl:.3f} nats"), ""]
         if self.warnings:
             lines += ["**Warnings**", ""] + [f"- {w}" for w in self.warnings] + [""]
         else:
@@ -262,7 +277,7 @@ def _deterministic_draws(site, rank: int, data_plate: str, s: int, b: int) -> Op
 @torch.no_grad()
 def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indices: Optional[Sequence[int]] = None,
              chunk: Optional[int] = None, seed: int = 0, save: bool = True, warn: bool = True,
-             max_deterministic: int = 10_000_000):
+             max_deterministic: int = 10_000_000, progress: bool = False):
     """Posterior draws of ``run``'s guide for chosen datapoints, as ``arviz.InferenceData``, with PSIS k-hat.
 
     Args:
@@ -277,6 +292,8 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
         save: store the summary under ``"diagnostics"`` in the run's ``metrics.json``.
         warn: issue :class:`PosteriorCollapseWarning` / :class:`FewParticlesWarning`.
         max_deterministic: deterministic sites with more numbers than this are left out.
+        progress: show progress over the chunks of particles (:func:`pyrovi.progress.bar`:
+            a tqdm bar on a terminal, whole lines in a log).
 
     Returns:
         ``arviz.InferenceData`` with groups
@@ -336,6 +353,7 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
             mpn = guess_max_plate_nesting(model, guide, args, kw)
         rank = mpn + 1
         done = 0
+        counter = bar(particles, "diagnose", enabled=progress, unit="draw")
         while done < particles:
             s = min(chunk, particles - done)
             lw = per_datapoint_weights(model, guide, *args, particles=s, max_plate_nesting=mpn, data_plate=plate,
@@ -370,6 +388,8 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
                 elif name not in observed:
                     observed[name] = site["value"].detach().cpu()
             done += s
+            counter.update(s)
+        counter.close()
 
     st = {k: torch.cat(v).T.contiguous().double().numpy() for k, v in stats.items()}  # (B, S)
     log_w = st["log_weight"]
@@ -420,7 +440,8 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
         idata.add_groups(constant_data=xr.Dataset(
             {"label": xr.DataArray(y_sel.numpy(), dims=("datapoint",), coords={"datapoint": dp})}))
 
-    summary, categories = _summary(khat, ess, r, lat, particles, skipped)
+    summary, categories = _summary(khat, ess, r, lat, particles, skipped,
+                                   point_mass=bool(getattr(run.guide, "point_mass", False)))
     idata.attrs[SUMMARY_ATTR] = json.dumps(summary.to_dict())
     idata.attrs["pyrovi_units"] = "nats; ess in draws"
     if warn:
@@ -432,13 +453,21 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
     return idata
 
 
-def _summary(khat, ess, r, lat, particles, skipped) -> tuple:
-    """-> (DiagnosticsSummary, warning category per message in its ``warnings``)."""
-    bands = khat_bands(khat)
+def _summary(khat, ess, r, lat, particles, skipped, point_mass: bool = False) -> tuple:
+    """-> (DiagnosticsSummary, warning category per message in its ``warnings``).
+
+    A point-mass guide (``point_mass``) has equal weights: no k-hat bands, no particle warning, and no
+    collapse check (its units have no KL to p(z)); units with no KL (``kl_per_dim`` None) are never
+    called collapsed. Besides the per-unit check, a total KL below :data:`KL_TOTAL_COLLAPSE` nats
+    per latent unit (0.8 nats for 16 units) is a collapse however the units' means vary (Monte
+    Carlo noise in a flow's means can make a collapsed unit look active).
+    """
+    bands = khat_bands(khat) if not point_mass else {"good": 0, "fair": 0, "bad": 0}
     finite = khat[np.isfinite(khat)]
     warns, cats = [], []
     need = min_particles()
-    if particles < need:
+    kl_total = float(r["kl"].mean()) if r.get("kl") is not None and not point_mass else None
+    if particles < need and not point_mass:
         thr = khat_threshold(particles)
         warns.append(f"only {particles} draws per datapoint: k-hat is reliable only below {thr:.2f} with this "
                      f"many (Vehtari et al. 2024: k < 1 - 1/log10 S); use particles >= {need} to trust the 0.7 edge")
@@ -451,7 +480,9 @@ def _summary(khat, ess, r, lat, particles, skipped) -> tuple:
     collapsed = {}
     for name, s in lat.items():
         kl = s["kl_per_dim"]
-        dims = [d for d in range(s["dims"]) if s["mean_variance"][d] <= 0.01 and (kl is None or kl[d] < KL_COLLAPSE)]
+        if kl is None or point_mass:
+            continue  # no KL to p(z) for these units: an unused unit is not a collapsed posterior
+        dims = [d for d in range(s["dims"]) if s["mean_variance"][d] <= 0.01 and kl[d] < KL_COLLAPSE]
         if dims:
             collapsed[name] = dims
     total = sum(s["dims"] for s in lat.values())
@@ -467,6 +498,13 @@ def _summary(khat, ess, r, lat, particles, skipped) -> tuple:
             warns.append(f"partial posterior collapse: {n_col} of {total} latent units are inactive with KL "
                          f"< {KL_COLLAPSE} nats ({where}); they carry no information about x")
             cats.append(PosteriorCollapseWarning)
+    if not n_col and kl_total is not None and math.isfinite(kl_total) and total \
+            and kl_total < KL_TOTAL_COLLAPSE * total:
+        warns.append(f"posterior (nearly) collapsed: the total KL(q(z|x) || p(z)) is {kl_total:.3f} nats per "
+                     f"datapoint, under {KL_TOTAL_COLLAPSE} per latent unit ({total} units), so the codes carry "
+                     "almost nothing about x and decodes of "
+                     "different items look alike. Lower beta, use KL warm-up, or a weaker decoder")
+        cats.append(PosteriorCollapseWarning)
     if skipped:
         warns.append(f"deterministic site(s) {skipped} left out of the posterior group (too large, or not per draw)")
         cats.append(DiagnosticWarning)
@@ -478,7 +516,7 @@ def _summary(khat, ess, r, lat, particles, skipped) -> tuple:
         ess_mean=float(np.mean(ess)), ess_min=float(np.min(ess)),
         log_likelihood=float(r["log_likelihood"].mean()), elbo=float(r["elbo"].mean()),
         active_units=sum(s["active"] for s in lat.values()), latent_units=total,
-        latents=lat, collapsed=collapsed, warnings=warns,
+        latents=lat, collapsed=collapsed, warnings=warns, point_mass=point_mass, kl=kl_total,
     ), cats
 
 

@@ -14,7 +14,6 @@ both report files, so a report can be redrawn at any time without training.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import os
 import re
@@ -31,7 +30,9 @@ __all__ = ["write", "write_training_report", "write_report", "write_html", "writ
 
 #: figures the report shows, in this order, when present in the run directory
 FIGURES = ("training_curves.png", "reconstructions.png", "samples.png", "khat.png", "latents.png",
-           "interpolations.png")
+           "diagnose_interpolations.png", "interpolations.png")
+#: written by ``pyrovi diagnose`` (4 pairs, linear); ``pyrovi interpolate`` writes ``interpolations.png``
+DIAGNOSE_INTERPOLATIONS = "diagnose_interpolations.png"
 
 
 def _image_shape(run):
@@ -130,10 +131,9 @@ def _model_figures(run, data, x_recon) -> list:
         y = run.data.val.y[:len(x_recon)]
     with run.scope():
         if x_recon is not None and hasattr(run.guide, "encode") and (y is not None or not labels):
-            x_recon = x_recon.to(run.device, getattr(run, "dtype", torch.float32))
-            args = (x_recon, y.to(run.device)) if labels else (x_recon,)
-            loc = run.guide.encode(*args)[model.latent_site][0]
-            dec = model.decode(loc, args[1]) if labels else model.decode(loc)
+            from . import uses
+
+            dec = uses.reconstruct(run, x_recon, y if labels else None)  # decode(E_q[z|x]), every guide
             plots.reconstructions(x_recon, dec, img, path=os.path.join(d, "reconstructions.png"))
             written.append("reconstructions.png")
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -145,15 +145,18 @@ def _model_figures(run, data, x_recon) -> list:
 @torch.no_grad()
 def write_diagnostic_figures(run, idata, split, *, n_scatter: int = 1000, pairs: int = 4, steps: int = 9) -> list:
     """``khat.png`` (from ``idata``), ``latents.png`` (posterior means of up to ``n_scatter`` points of
-    ``split``, coloured by label) and, for models with ``decode``, ``interpolations.png`` between
-    the posterior means of ``pairs`` pairs of datapoints. Returns the file names written."""
+    ``split``, coloured by label) and, for models with ``decode``, ``diagnose_interpolations.png``:
+    linear paths between the posterior means of ``pairs`` pairs of datapoints, in the one convention
+    of :mod:`pyrovi.uses` (a = weight of the first item, 1 -> 0 left to right; ``pyrovi interpolate``
+    writes ``interpolations.png`` with the same convention). Returns the file names written."""
     from .diagnostics import posterior_means
 
     d = run.directory
     written = []
     ss = idata.sample_stats
-    plots.khat(ss["pareto_k"].values, particles=int(ss.sizes["draw"]), path=os.path.join(d, "khat.png"))
-    written.append("khat.png")
+    if not getattr(run.guide, "point_mass", False):  # a point mass has equal weights: no k-hat to plot
+        plots.khat(ss["pareto_k"].values, particles=int(ss.sizes["draw"]), path=os.path.join(d, "khat.png"))
+        written.append("khat.png")
     m = min(n_scatter, len(split))
     x = split.x[:m]
     y = None if split.y is None else split.y[:m]
@@ -164,18 +167,21 @@ def write_diagnostic_figures(run, idata, split, *, n_scatter: int = 1000, pairs:
                              path=os.path.join(d, "latents.png"))
         written.append("latents.png")
         model = run.model
-        if hasattr(model, "decode") and m >= 2 * pairs and not getattr(model, "uses_labels", False):
-            z = means[site]
-            a = torch.linspace(0, 1, steps)  # (T,)
-            z0, z1 = z[0:2 * pairs:2], z[1:2 * pairs:2]  # (R, L)
-            path_z = (1 - a)[None, :, None] * z0[:, None] + a[None, :, None] * z1[:, None]  # (R, T, L)
-            with run.scope():
-                imgs = model.decode(path_z.to(run.device)).cpu()  # (R, T, D)
-            ends = torch.stack([x[0:2 * pairs:2], x[1:2 * pairs:2]], 1)  # (R, 2, D)
-            plots.interpolations(imgs, _image_shape(run), alphas=a.tolist(), ends=ends,
-                                 title="Linear interpolation between posterior means: decode((1-a) z_1 + a z_2)",
-                                 path=os.path.join(d, "interpolations.png"))
-            written.append("interpolations.png")
+        conditional = getattr(model, "uses_labels", False)
+        if hasattr(model, "decode") and hasattr(run.guide, "encode") and m >= 2 * pairs \
+                and (y is not None or not conditional) and not getattr(model, "is_text", False):
+            from . import uses
+
+            x1, x2 = x[0:2 * pairs:2], x[1:2 * pairs:2]  # (R, D)
+            # a conditional model decodes every point of a path with the first item's label
+            y1, y2 = (y[0:2 * pairs:2], y[1:2 * pairs:2]) if conditional else (None, None)
+            imgs = uses.interpolate(run, x1, x2, steps=steps, method="linear", y1=y1, y2=y2).cpu()  # (R, T, D)
+            plots.interpolations(imgs, _image_shape(run), alphas=uses.interpolation_weights(steps).tolist(),
+                                 ends=torch.stack([x1, x2], 1),
+                                 title="Linear interpolation between posterior means: "
+                                       "decode(a z_1 + (1-a) z_2), a = weight of data 1",
+                                 path=os.path.join(d, DIAGNOSE_INTERPOLATIONS))
+            written.append(DIAGNOSE_INTERPOLATIONS)
     return written
 
 
@@ -188,6 +194,47 @@ def _fmt(v) -> str:
     return "—" if v is None else str(v)
 
 
+#: test metrics a model kind does not have. An autoencoder defines no density over x (flat prior,
+#: point-mass guide): its "log-likelihood", ELBO and bits/dim would all be the reconstruction term
+#: under another name, so the report shows the reconstruction and the squared error only.
+NOT_REPORTED = {"autoencoder": ("log_likelihood", "log_likelihood_se", "elbo", "kl", "bits_per_dim", "k")}
+
+
+def model_name(cfg: dict) -> str:
+    return str((cfg.get("model") or {}).get("name", "?"))
+
+
+def has_density(cfg: dict) -> bool:
+    """Does the run's model define p(x), so that log p(x), bounds on it and bits/dim mean something?"""
+    return model_name(cfg) not in NOT_REPORTED
+
+
+def is_density(cfg: dict) -> bool:
+    """A continuous likelihood (Gaussian): log p(x) is a log-density, bits/dim may be negative."""
+    return (cfg.get("model") or {}).get("likelihood") == "gaussian" or model_name(cfg) == "linear_gaussian"
+
+
+def shown_metrics(test: dict, cfg: dict) -> dict:
+    """``test`` without the metrics the run's model kind does not have (see :data:`NOT_REPORTED`)."""
+    drop = NOT_REPORTED.get(model_name(cfg), ())
+    return {k: v for k, v in test.items() if k not in drop}
+
+
+def bound_name(cfg: dict) -> str:
+    """What the training/validation loss is minus: the objective's bound, in words."""
+    obj = cfg.get("objective") or {}
+    name, s = obj.get("name", "?"), obj.get("particles")
+    if not has_density(cfg):
+        return "reconstruction log-likelihood, not a bound"
+    if name in ("elbo", "meanfield", "stl"):
+        return "ELBO" + (f" (mean of {s} draws)" if s and s > 1 else "")
+    if name in ("iwae", "dreg"):
+        return f"IWAE bound, K={s}"
+    if name == "renyi":
+        return f"Renyi bound, alpha={obj.get('alpha', 0.0)}, K={s}"
+    return f"{name} bound"
+
+
 _TEST_ROWS = [
     ("log_likelihood", "IWAE log p(x) (nats)"), ("log_likelihood_se", "standard error over datapoints (nats)"),
     ("elbo", "ELBO (nats)"), ("reconstruction", "reconstruction E_q log p(x\\|z) (nats)"),
@@ -197,13 +244,39 @@ _TEST_ROWS = [
 ]
 
 
-def _test_section(test: dict) -> list:
-    lines = ["## Test metrics", "", f"Held-out data, K = {test.get('k')} importance samples per datapoint "
-             "(`pyrovi.evaluate`).", "", "| metric | value |", "| --- | --- |"]
+def _test_section(test: dict, cfg: Optional[dict] = None) -> list:
+    cfg = cfg or {}
+    if has_density(cfg):
+        intro = f"Held-out data, K = {test.get('k')} importance samples per datapoint (`pyrovi.evaluate`)."
+        if is_density(cfg):
+            intro += (" The likelihood is continuous (Gaussian): log p(x) is a log-*density*, so it and "
+                      "bits/dim depend on the data's scale and bits/dim can be negative.")
+    else:
+        intro = (f"Held-out data (`pyrovi.evaluate`). The {model_name(cfg)} defines no density over x, so there "
+                 "is no log p(x), ELBO or bits/dim to report: only how well it reconstructs.")
+    test = shown_metrics(test, cfg)
+    lines = ["## Test metrics", "", intro, "", "| metric | value |", "| --- | --- |"]
     lines += [f"| {label} | {_fmt(test.get(key))} |" for key, label in _TEST_ROWS if key in test]
     lines.append("")
     for site, s in (test.get("latents") or {}).items():
         lines += _latent_table(site, s)
+    return lines
+
+
+def _vq_section(vq: dict, prior: dict) -> list:
+    """Codebook use (``pyrovi evaluate`` on a VQ-VAE run) and the learned prior (``pyrovi train-prior``)."""
+    lines = ["## Codebook and prior", ""]
+    rows = [("codes_used", "codes used"), ("dead_codes", "dead codes"), ("num_codes", "codebook size K"),
+            ("perplexity", "perplexity of code use"), ("bits_per_dim", "bits/dim, uniform prior over codes"),
+            ("recon_mse", "squared error per pixel"), ("char_accuracy", "character accuracy")]
+    if vq:
+        lines += ["Held-out data (`pyrovi evaluate`).", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {label} | {_fmt(vq.get(key))} |" for key, label in rows if key in vq]
+        lines.append("")
+    if "bits_per_dim_learned" in prior:
+        lines += ["Causal Transformer prior over the codes (`pyrovi train-prior`): held-out bits/dim "
+                  "(minus the ELBO with that prior over the codes) " + _fmt(prior["bits_per_dim_learned"])
+                  + ", against " + _fmt(prior.get("bits_per_dim_uniform")) + " with the uniform prior.", ""]
     return lines
 
 
@@ -218,6 +291,42 @@ def _latent_table(site: str, s: dict) -> list:
         lines.append(f"| {d} | {_fmt(None if kl is None else kl[d])} | {v:.4f} | {'yes' if v > 0.01 else 'no'} |")
     lines.append("")
     return lines
+
+
+def _option(v) -> str:
+    if isinstance(v, (list, tuple)) and v and isinstance(v[0], (list, tuple)):
+        return f"({len(v)} x {len(v[0])} array)"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_option(x) for x in v[:8]) + (f", … ({len(v)} in all)" if len(v) > 8 else "") + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_option(x)}" for k, x in list(v.items())[:8]) + "}"
+    return _fmt(v)
+
+
+def _setup_row(label: str, section) -> str:
+    """One row of the Setup table: the section's name and its options as ``key = value`` (long lists cut)."""
+    if not isinstance(section, dict):
+        return f"| {label} | {_fmt(section)} | |"
+    opts = "; ".join(f"{k} = {_option(v)}" for k, v in section.items() if k != "name" and v is not None)
+    return f"| {label} | {section.get('name', '—')} | {opts.replace('|', '/')} |"
+
+
+#: one caption per figure: what is drawn and how to read it
+CAPTIONS = {
+    "training_curves.png": "Training and validation loss per epoch (loss = minus the training bound, nats).",
+    "reconstructions.png": "Validation items (top) and the decoder's mean at the posterior mean code (bottom).",
+    "samples.png": "Decoder means for codes drawn from the prior p(z).",
+    "khat.png": "PSIS k-hat per diagnosed datapoint: below 0.5 good, 0.5-0.7 fair, above 0.7 q(z|x) is not "
+                "trustworthy there.",
+    "latents.png": "Posterior means of held-out items, coloured by label (first two principal components when "
+                   "there are more than two latent dimensions).",
+    "diagnose_interpolations.png": "Linear paths between the posterior means of pairs of test items "
+                                   "(`pyrovi diagnose`); a = weight of the left item.",
+    "interpolations.png": "Linear and spherical paths between pairs of items (`pyrovi interpolate`); "
+                          "alpha = weight of the left item.",
+}
 
 
 def write_report(run, extra_sections: Optional[list] = None) -> str:
@@ -238,20 +347,22 @@ def write_report(run, extra_sections: Optional[list] = None) -> str:
     else:
         d, cfg, metrics = run.directory, run.config, run.metrics
     lines = ["# pyrovi run report", ""]
-    lines += ["## Setup", "",
-              f"- model: `{json.dumps(cfg.get('model'))}`",
-              f"- guide: `{json.dumps(cfg.get('guide'))}`",
-              f"- objective: `{json.dumps(cfg.get('objective'))}`",
-              f"- data: `{json.dumps(cfg.get('data'))}`",
-              f"- training: `{json.dumps(cfg.get('train'))}`", ""]
-    lines += ["## Training", "", "All log-densities in nats per datapoint unless stated; loss = -bound.", "",
+    lines += ["## Setup", "", "| part | name | options |", "| --- | --- | --- |"]
+    lines += [_setup_row(label, cfg.get(key)) for key, label in
+              (("model", "model"), ("guide", "guide"), ("objective", "objective"), ("data", "data"),
+               ("train", "training"))]
+    lines += ["", "Everything needed to rebuild the run is in `config.json`.", ""]
+    lines += ["## Training", "", "All log-densities in nats per datapoint unless stated; "
+              f"loss = -({bound_name(cfg)}).", "",
               "| metric | value |", "| --- | --- |"]
     for k, v in sorted(metrics.items()):
         if not isinstance(v, (dict, list)):
             lines.append(f"| {k} | {_fmt(v)} |")
     lines.append("")
     if isinstance(metrics.get("test"), dict):
-        lines += _test_section(metrics["test"])
+        lines += _test_section(metrics["test"], cfg)
+    if isinstance(metrics.get("vq"), dict) or isinstance(metrics.get("prior"), dict):
+        lines += _vq_section(metrics.get("vq") or {}, metrics.get("prior") or {})
     if isinstance(metrics.get("diagnostics"), dict):
         try:
             summary = DiagnosticsSummary.from_dict(metrics["diagnostics"])
@@ -265,7 +376,8 @@ def write_report(run, extra_sections: Optional[list] = None) -> str:
     if figs:
         lines += ["## Figures", ""]
         for f in figs:
-            lines += [f"![{f[:-4]}]({f})", ""]
+            lines += [f"### {f[:-4].replace('_', ' ')}", "", f"![{f[:-4]}]({f})", "",
+                      f"*{CAPTIONS.get(f, f)}*", ""]
     text = "\n".join(lines)
     atomic_write(os.path.join(d, "report.md"), text)
     write_html(text, os.path.join(d, "report.html"), base_dir=d)
@@ -303,8 +415,9 @@ def write_html(markdown_text: str, path: str, *, base_dir: str, title: str = "py
 
 _COMPARE_COLS = [
     ("run", "run"), ("model", "model"), ("guide", "guide"), ("objective", "objective"), ("epochs", "epochs"),
-    ("val_loss", "val loss"), ("test_elbo", "test ELBO"), ("test_log_likelihood", "test log p(x)"),
-    ("test_k", "K"), ("bits_per_dim", "bits/dim"), ("active_units", "active units"), ("khat_good", "k<0.5"),
+    ("val_loss", "val loss"), ("bound", "val loss is minus"), ("test_elbo", "test ELBO"),
+    ("test_log_likelihood", "test log p(x), IWAE-K"), ("test_k", "K"), ("bits_per_dim", "bits/dim"),
+    ("active_units", "active units"), ("khat_good", "k<0.5"),
     ("khat_fair", "0.5-0.7"), ("khat_bad", "k>0.7"),
 ]
 
@@ -320,17 +433,29 @@ def _run_row(directory: str) -> tuple:
         metrics = read_json(os.path.join(directory, "metrics.json"), "metrics")
     test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
     diag = metrics.get("diagnostics") if isinstance(metrics.get("diagnostics"), dict) else {}
-    bands = diag.get("khat_bands") or {}
+    bands = {} if diag.get("point_mass") else (diag.get("khat_bands") or {})  # a point mass has no k-hat
     name = lambda sec: (cfg.get(sec) or {}).get("name", "?")  # noqa: E731
+    test = shown_metrics(test, cfg)  # an autoencoder has no log p(x), ELBO or bits/dim
     row = {
         "run": os.path.basename(os.path.normpath(directory)), "model": name("model"), "guide": name("guide"),
         "objective": name("objective"), "epochs": metrics.get("epochs"), "val_loss": metrics.get("val_loss"),
+        "bound": bound_name(cfg),
         "test_elbo": test.get("elbo"), "test_log_likelihood": test.get("log_likelihood"), "test_k": test.get("k"),
-        "bits_per_dim": test.get("bits_per_dim"),
+        "bits_per_dim": (None if test.get("bits_per_dim") is None
+                         else f"{test['bits_per_dim']:.4f}" + (" (density)" if is_density(cfg) else "")),
         "active_units": (f"{test['active_units']}/{test['latent_units']}" if "active_units" in test else None),
         "khat_good": bands.get("good"), "khat_fair": bands.get("fair"), "khat_bad": bands.get("bad"),
     }
     return row, read_history(os.path.join(directory, "history.csv"))
+
+
+COMPARE_NOTE = (
+    "Nats per datapoint; test numbers from `pyrovi evaluate`, k-hat bands from `pyrovi diagnose`. "
+    "Each run's validation loss is minus its own training bound (column \"val loss is minus\"): an IWAE "
+    "bound with K > 1 is tighter than an ELBO, so compare runs of different objectives on the test "
+    "columns, which are the same estimators for every run. An autoencoder has no log p(x) (\"—\"); "
+    "bits/dim marked \"(density)\" come from a continuous likelihood and are not comparable with "
+    "discrete ones.")
 
 
 def compare_runs(directories: Sequence[str], out: Optional[str] = None) -> dict:
@@ -362,8 +487,7 @@ def compare_runs(directories: Sequence[str], out: Optional[str] = None) -> dict:
     fig = None
     if out is not None:
         os.makedirs(out, exist_ok=True)
-        text = ("# pyrovi run comparison\n\nNats per datapoint; loss = -bound; test numbers from `pyrovi evaluate`, "
-                "k-hat bands from `pyrovi diagnose`.\n\n" + md)
+        text = ("# pyrovi run comparison\n\n" + COMPARE_NOTE + "\n\n" + md)
         if histories:
             fig = os.path.join(out, "training_curves.png")
             plots.training_curves(histories, path=fig)

@@ -82,7 +82,12 @@ def _labels(model, y, n: int, name: str = "y") -> Optional[torch.Tensor]:
 
 @torch.no_grad()
 def encode(run, x, y=None) -> torch.Tensor:
-    """Posterior means of the codes, :math:`\\mathbb E_q[z \\mid x]`, shape ``(B, L)``.
+    """Posterior means of the codes, :math:`\\mathbb E_q[z \\mid x]`, shape ``(B, *event_shape)``: ``(B, L)``
+    for the VAEs, ``(B, L, d)`` (the quantized code vectors) for a VQ-VAE.
+
+    Every pyrovi guide gives the mean: in closed form for DiagNormal, Delta, Mixture
+    and Codebook, from 256 draws on a fixed seed for Flow and Auto's flow heads
+    (``guide.encode``); it is the code, never a random draw.
 
     Args:
         run: a :class:`pyrovi.Run` or ``(model, guide)``.
@@ -102,7 +107,7 @@ def encode(run, x, y=None) -> torch.Tensor:
     site = getattr(model, "latent_site", "z")
     if site not in params:
         raise ConfigError(f"the guide gives no parameters for latent site {site!r}")
-    return params[site][0].reshape(x.shape[0], -1)  # (B, L)
+    return params[site][0]  # (B, *event_shape)
 
 
 @torch.no_grad()
@@ -118,8 +123,15 @@ def reconstruct(run, x, y=None) -> torch.Tensor:
     x = _rows(x, "x")
     y = _labels(model, y, x.shape[0])
     z = encode(run, x, y)  # (B, L)
+    return _decode(model, scope, z, y)  # (B, D)
+
+
+def _decode(model, scope, z, y=None):
+    """``model.decode(z[, y])``: models without labels (VQ-VAE) take z alone."""
+    if not hasattr(model, "decode"):
+        raise ConfigError(f"{type(model).__name__} has no decode(z) method: nothing to reconstruct or interpolate")
     with scope:
-        return model.decode(z, None if y is None else y.to(z.device))  # (B, D)
+        return model.decode(z) if y is None else model.decode(z, y.to(z.device))
 
 
 @torch.no_grad()
@@ -227,12 +239,14 @@ def interpolate(run, x1, x2, *, steps: int = 8, method: str = "linear", y1=None,
     P = x1.shape[0]
     y1 = _labels(model, y1, P, "y1")
     y2 = _labels(model, y2, P, "y2")
-    z = interpolate_codes(encode(run, x1, y1), encode(run, x2, y2), steps, method)  # (A, P, L)
+    z1, z2 = encode(run, x1, y1), encode(run, x2, y2)  # (P, *event)
+    # one code is one vector: a VQ-VAE's (L, d) grid is interpolated as a whole, (P, L*d)
+    z = interpolate_codes(z1.reshape(P, -1), z2.reshape(P, -1), steps, method)  # (A, P, L*d)
+    z = z.reshape(z.shape[:2] + z1.shape[1:])  # (A, P, *event)
     dec_y = None
     if y1 is not None:
-        dec_y = _labels(model, y1 if label is None else label, P, "label").to(z.device)  # (P,)
-    with scope:
-        out = model.decode(z, dec_y)  # (A, P, D)
+        dec_y = _labels(model, y1 if label is None else label, P, "label")  # (P,)
+    out = _decode(model, scope, z, dec_y)  # (A, P, D)
     return out.transpose(0, 1)  # (P, A, D)
 
 

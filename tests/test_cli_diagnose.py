@@ -44,7 +44,7 @@ def test_evaluate_diagnose_report(run_dirs, capsys):
     s = summarize(idata)
     assert sum(s.khat_bands.values()) == 24
     assert "only 300 draws" in printed  # the particle warning reaches the shell user
-    for f in ("khat.png", "latents.png", "interpolations.png"):
+    for f in ("khat.png", "latents.png", "diagnose_interpolations.png"):
         with open(os.path.join(d, f), "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n", f
 

@@ -238,7 +238,8 @@ def test_api_reference_lists_everything_public():
 #: objectives know neither models nor guides, so their layer sits below both.
 LAYERS = [
     ("pyrovi._version", "pyrovi.errors"),
-    ("pyrovi.checkpoint", "pyrovi.readers", "pyrovi.distributions", "pyrovi.nets", "pyrovi.convnets"),
+    ("pyrovi.checkpoint", "pyrovi.readers", "pyrovi.distributions", "pyrovi.nets", "pyrovi.convnets",
+     "pyrovi.progress"),
     ("pyrovi.data",),
     ("pyrovi.inputs", "pyrovi.traces", "pyrovi.stratify", "pyrovi.stop_gradient", "pyrovi.weights",
      "pyrovi.fastpath", "pyrovi.objectives"),
@@ -248,7 +249,7 @@ LAYERS = [
     ("pyrovi.evaluation", "pyrovi.diagnostics", "pyrovi.vq_evaluation", "pyrovi.uses",
      "pyrovi.sample_quality", "pyrovi.priors"),
     ("pyrovi.plots", "pyrovi.report"),
-    ("pyrovi.train", "pyrovi.cli", "pyrovi"),  # entry points: fit, like the CLI, ends by drawing the report
+    ("pyrovi.train", "pyrovi.cli", "pyrovi.__main__", "pyrovi"),  # entry points: fit, like the CLI, ends by drawing the report
 ]
 #: pairs of packages that never import each other: guides know a model only through its sites.
 APART = [("pyrovi.models", "pyrovi.guides")]

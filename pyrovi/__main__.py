@@ -1,0 +1,8 @@
+"""``python -m pyrovi``: the ``pyrovi`` command (see :mod:`pyrovi.cli`)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
