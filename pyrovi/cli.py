@@ -243,35 +243,8 @@ def _evaluate_args(p) -> None:
 
 
 def _evaluate_with_progress(evaluate, args, run, ds, **kw) -> dict:
-    """``evaluate(run, ds, **kw)`` with a progress counter over its batches (unless --no-progress).
-
-    ``evaluate`` takes ``progress=`` when it has one; until then the counter ticks on each call of
-    ``evaluation.iw_log_likelihood`` (one per batch), wrapped for this call only.
-    """
-    import inspect
-
-    from . import evaluation
-    from .inputs import split
-    from .progress import bar
-
-    if "progress" in inspect.signature(evaluate).parameters:
-        return evaluate(run, ds, progress=_progress(args), **kw)
-    n = len(split(ds, run))
-    bs = kw.get("batch_size", 100)
-    counter = bar(-(-n // bs), "evaluate", enabled=_progress(args), unit="batch")
-    inner = evaluation.iw_log_likelihood
-
-    def counted(*a, **k):
-        out = inner(*a, **k)
-        counter.update(1)
-        return out
-
-    evaluation.iw_log_likelihood = counted
-    try:
-        return evaluate(run, ds, **kw)
-    finally:
-        evaluation.iw_log_likelihood = inner
-        counter.close()
+    """``evaluate(run, ds, **kw)`` counting its batches (unless --no-progress)."""
+    return evaluate(run, ds, progress=_progress(args), **kw)
 
 
 def _print_vq(run, ds, batch_size: int) -> None:

@@ -51,6 +51,7 @@ from pyro.poutine.util import site_is_subsample
 
 from . import data as data_mod
 from . import inputs
+from .progress import bar
 from .checkpoint import write_json
 from .errors import ConfigError, DataError, check_positive
 from .traces import data_dim, guess_max_plate_nesting, in_data_plate
@@ -418,7 +419,7 @@ def seeded(seed: Optional[int]):
 
 
 def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chunk: Optional[int] = None,
-             save: bool = True, seed: Optional[int] = None, device: Any = None) -> dict:
+             save: bool = True, seed: Optional[int] = None, device: Any = None, progress: bool = False) -> dict:
     """Held-out metrics of ``run`` on ``data`` (default: the run's test split).
 
     Args:
@@ -433,6 +434,7 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
         seed: seed for the draws (None: use torch's current RNG state).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` to move the run there first
             (:meth:`pyrovi.run.Run.to`); None keeps the run's device.
+        progress: count the batches (:func:`pyrovi.progress.bar`: a bar on a terminal, whole lines in a log).
 
     Returns:
         dict, nats per datapoint: ``elbo`` (mean of log w over k draws),
@@ -493,7 +495,7 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     noise: dict = {}
     kls: dict = {}
     methods: dict = {}
-    with run.scope(), seeded(seed):
+    with run.scope(), seeded(seed), bar(-(-len(split) // batch_size), "evaluate", enabled=progress) as counter:
         mpn = run.objective.max_plate_nesting
         for i in range(0, len(split), batch_size):
             xb = split.x[i:i + batch_size].to(dev, dt)
@@ -510,6 +512,7 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
                 noise.setdefault(name, []).append(st["mean_noise"].cpu())
                 kls.setdefault(name, []).append(None if st["kl_per_dim"] is None else st["kl_per_dim"].cpu())
                 methods[name] = st["method"]
+            counter.update(1)
     n = len(split)
     cat = {key: (None if any(v is None for v in vals) else torch.cat(vals)) for key, vals in per_point.items()}
     ll = cat["log_likelihood"]
