@@ -1,0 +1,183 @@
+"""Issue 19: untrusted checkpoints, data files and run-directory files.
+
+* A checkpoint is checked whole against the live model, guide, optimizer, scheduler and RNGs
+  before any of it touches torch state: a crafted one gives a :class:`CheckpointError` (in the
+  CLI one line, exit 2), never a signal, a traceback or a run that trains uphill.
+* Memory bombs (tiny files that inflate, special files, huge JSON) run in a child process under
+  an address-space cap (``resource.setrlimit(RLIMIT_AS)``), so a regression fails the test
+  instead of taking the machine down; the child reports its peak RSS (``resource.getrusage``).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import pyrovi as pv
+from pyrovi import cli
+from pyrovi.checkpoint import load_tensors, save_tensors
+from pyrovi.errors import CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MPLBACKEND="Agg")
+X = np.random.default_rng(0).random((40, 4)).astype(np.float32)
+#: address-space cap of every child that reads a possibly hostile file (torch alone maps ~1.5 GB)
+CAP = 3 << 30
+
+# --------------------------------------------------------------------------- item 1: crafted checkpoints
+
+TRAIN_ARGS = ["train", "--hidden", "8", "--latent-dim", "2", "--batch-size", "8", "--no-progress",
+              "--device", "cpu", "--likelihood", "gaussian", "--binarize", "none"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """A 2-epoch run written by ``pyrovi train`` (in process), and the args that resume it."""
+    d = tmp_path_factory.mktemp("cli")
+    np.savez(d / "x.npz", x=X)
+    out = d / "run"
+    args = TRAIN_ARGS + ["--data", f"npz:{d / 'x.npz'}", "--out", str(out)]
+    assert cli.main(args + ["--epochs", "2"]) == 0
+    return out, args
+
+
+def _tamper(path, tensors=None, meta=None):
+    t, m = load_tensors(str(path))
+    if tensors:
+        tensors(t)
+    if meta:
+        meta(m)
+    save_tensors(str(path), t, m)
+
+
+def test_wrong_shape_adam_moment_cli_exit_2_no_signal(cli_run, tmp_path):
+    """The issue's SIGSEGV: optim/0/exp_avg of the wrong shape went straight into fused Adam."""
+    import shutil
+
+    src, args = cli_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    ckpt = out / "checkpoint.safetensors"
+    _tamper(ckpt, tensors=lambda t: t.update({"optim/0/exp_avg": torch.zeros(3, 3)}))
+    args = [a if a != str(src) else str(out) for a in args]
+    p = subprocess.run([sys.executable, "-m", "pyrovi.cli", *args, "--epochs", "4", "--resume"],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "CheckpointError" not in lines[0] and "optim/0/exp_avg" in lines[0], lines
+
+
+def _vector_step(t):
+    t["optim/0/step"] = torch.ones(3)
+
+
+def _drop(key):
+    return lambda m: m["history"][0].pop(key)
+
+
+CKPT_EDITS = {
+    # tensors
+    "exp_avg wrong shape": (lambda t: t.update({"optim/0/exp_avg": torch.zeros(3, 3)}), None, "exp_avg"),
+    "exp_avg_sq negative": (lambda t: t["optim/0/exp_avg_sq"].fill_(-1.0), None, "negative"),
+    "exp_avg NaN": (lambda t: t["optim/1/exp_avg"].fill_(float("nan")), None, "NaN"),
+    "exp_avg integer": (lambda t: t.update({"optim/0/exp_avg": t["optim/0/exp_avg"].long()}), None, "exp_avg"),
+    "vector step": (_vector_step, None, "step"),
+    "NaN step": (lambda t: t["optim/0/step"].fill_(float("nan")), None, "step"),
+    "unknown optimizer state": (lambda t: t.update({"optim/0/momentum_buffer": torch.zeros(1)}), None, "momentum"),
+    "optimizer index out of range": (lambda t: t.update({"optim/999/step": torch.tensor(1.0)}), None, "999"),
+    "missing moment": (lambda t: t.pop("optim/0/exp_avg_sq"), None, "expected"),
+    "weight wrong shape": (lambda t: t.update({"model/decoder.0.weight": torch.zeros(20, 20)}), None, "shape"),
+    "weight NaN": (lambda t: t["guide/" + next(k[6:] for k in t if k.startswith("guide/"))].fill_(float("nan")),
+                   None, "NaN"),
+    "weight missing": (lambda t: t.pop("model/decoder.0.weight"), None, "missing"),
+    "unknown tensor": (lambda t: t.update({"evil/x": torch.zeros(1)}), None, "never writes"),
+    "rng wrong size": (lambda t: t.update({"rng/torch": torch.zeros(7, dtype=torch.uint8)}), None, "rng/torch"),
+    "rng wrong dtype": (lambda t: t.update({"rng/shuffle": t["rng/shuffle"].float()}), None, "rng/shuffle"),
+    "rng missing": (lambda t: t.pop("rng/torch"), None, "rng/torch"),
+    # optimizer groups
+    "lr -1": (None, lambda m: m["optimizer"]["param_groups"][0].update(lr=-1), "lr=-1"),
+    "lr inf": (None, lambda m: m["optimizer"]["param_groups"][0].update(lr=float("inf")), "lr=inf"),
+    "lr string": (None, lambda m: m["optimizer"]["param_groups"][0].update(lr="big"), "lr="),
+    "betas junk": (None, lambda m: m["optimizer"]["param_groups"][0].update(betas=[2, 3]), "betas"),
+    "eps 0": (None, lambda m: m["optimizer"]["param_groups"][0].update(eps=0), "eps"),
+    "group params other": (None, lambda m: m["optimizer"]["param_groups"][0].update(params=[0]), "other parameters"),
+    "group unknown key": (None, lambda m: m["optimizer"]["param_groups"][0].update(evil=1), "evil"),
+    "two groups": (None, lambda m: m["optimizer"]["param_groups"].append({}), "groups"),
+    "scalars": (None, lambda m: m["optimizer"].update(scalars={"0/step": 3}), "non-tensor"),
+    # scheduler
+    "scheduler string": (None, lambda m: m.update(scheduler="junk"), "scheduler"),
+    "scheduler base_lrs negative": (None, lambda m: m["scheduler"].update(base_lrs=[-1.0]), "base_lrs"),
+    "scheduler last_epoch float": (None, lambda m: m["scheduler"].update(last_epoch=1.5), "last_epoch"),
+    "scheduler last_epoch list": (None, lambda m: m["scheduler"].update(last_epoch=[1] * 10), "last_epoch"),
+    "scheduler extra key": (None, lambda m: m["scheduler"].update(gamma=0.5), "scheduler"),
+    # loop and history
+    "loop step vector": (None, lambda m: m["loop"].update(step=[1, 2]), "loop"),
+    "loop epoch bool": (None, lambda m: m["loop"].update(epoch=True), "loop"),
+    "loop best NaN": (None, lambda m: m["loop"].update(best=float("nan")), "loop"),
+    "loop extra key": (None, lambda m: m["loop"].update(evil=1), "loop"),
+    "history row without val_loss": (None, _drop("val_loss"), "val_loss"),
+    "history row a string": (None, lambda m: m["history"].__setitem__(0, "x"), "history row 1"),
+    "history too short": (None, lambda m: m["history"].pop(), "history"),
+    "history loss inf": (None, lambda m: m["history"][1].update(train_loss=float("inf")), "train_loss"),
+    "history epoch wrong": (None, lambda m: m["history"][1].update(epoch=7), "epoch 7"),
+    "no config": (None, lambda m: m.pop("config"), "config"),
+}
+
+
+@pytest.fixture(scope="module")
+def api_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("api") / "run"
+    torch.manual_seed(0)
+    m = pv.models.VAE((4,), 2, hidden=(8,))
+    pv.fit(m, pv.guides.DiagNormal(m, hidden=(8,)), X, epochs=2, batch_size=8, progress=False, device="cpu",
+           out=str(out), figures=False)
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CKPT_EDITS))
+def test_crafted_checkpoint_refused_before_touching_state(api_run, tmp_path, case):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(api_run, out)
+    tfn, mfn, msg = CKPT_EDITS[case]
+    _tamper(out / "checkpoint.safetensors", tfn, mfn)
+    torch.manual_seed(1)
+    m = pv.models.VAE((4,), 2, hidden=(8,))
+    g = pv.guides.DiagNormal(m, hidden=(8,))
+    before = {k: v.clone() for k, v in {**m.state_dict(), **{"g" + k: v for k, v in g.state_dict().items()}}.items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(CheckpointError, match=msg) as e:
+        pv.fit(m, g, X, epochs=3, batch_size=8, progress=False, device="cpu", out=str(out), resume=True,
+               figures=False)
+    assert len(str(e.value)) < 500
+    after = {**m.state_dict(), **{"g" + k: v for k, v in g.state_dict().items()}}
+    assert all(torch.equal(before[k], after[k]) for k in before), "weights were touched before the refusal"
+    del rng
+
+
+def test_untampered_checkpoint_resumes(api_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(api_run, out)
+    m = pv.models.VAE((4,), 2, hidden=(8,))
+    run = pv.fit(m, pv.guides.DiagNormal(m, hidden=(8,)), X, epochs=3, batch_size=8, progress=False,
+                 device="cpu", out=str(out), resume=True, figures=False)
+    assert [h["epoch"] for h in run.history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "exponential"])
+def test_resume_with_every_lr_schedule(tmp_path, schedule):
+    m = pv.models.VAE((4,), 2, hidden=(8,))
+    kw = dict(batch_size=8, progress=False, device="cpu", out=str(tmp_path / "r"), figures=False,
+              lr_schedule=schedule, patience=5)
+    pv.fit(m, pv.guides.DiagNormal(m, hidden=(8,)), X, epochs=2, **kw)
+    m = pv.models.VAE((4,), 2, hidden=(8,))
+    run = pv.fit(m, pv.guides.DiagNormal(m, hidden=(8,)), X, epochs=3, resume=True, **kw)
+    assert len(run.history) == 3
