@@ -33,6 +33,7 @@ from .errors import CheckpointError
 
 __all__ = [
     "atomic_write",
+    "umask",
     "write_json",
     "read_json",
     "save_tensors",
@@ -47,8 +48,26 @@ _META_KEY = "pyrovi"
 MAX_FILE_BYTES = 1 << 34  # 16 GiB: refuse absurd sizes before reading
 
 
+def umask() -> int:
+    """The process's file-creation mask, read without changing it where the OS allows."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # elsewhere: set and put back (not thread-safe, hence the first way)
+    os.umask(old)
+    return old
+
+
 def atomic_write(path: str, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``).
+
+    The file gets the mode a plain ``open(path, "w")`` would give (``0o666`` less the umask,
+    0644 under the usual 022), not the 0600 of the temporary file, so colleagues can read a run.
+    """
     if isinstance(data, str):
         data = data.encode("utf-8")
     d = os.path.dirname(os.path.abspath(path))
@@ -57,6 +76,7 @@ def atomic_write(path: str, data: bytes | str) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -38,6 +38,7 @@ _IDX_TYPES = {
 }
 
 
+MAX_IDX_RANK = 32  # NumPy's limit is 64 dimensions; real IDX files have 1..4
 MAX_DECOMPRESSED = 1 << 31  # 2 GiB: far above any dataset pyrovi trains on in memory
 
 
@@ -71,8 +72,9 @@ def read_idx(path: str) -> np.ndarray:
     code, rank = raw[2], raw[3]
     if code not in _IDX_TYPES:
         raise DataError(f"{path!r}: unknown IDX data type 0x{code:02x}")
-    if rank == 0:
-        raise DataError(f"{path!r}: IDX file of rank 0 holds no items")
+    if rank == 0 or rank > MAX_IDX_RANK:
+        raise DataError(f"{path!r}: IDX file of rank {rank}; pyrovi reads ranks 1..{MAX_IDX_RANK} (items need a row "
+                        "dimension, and NumPy arrays have at most 64)")
     head = 4 + 4 * rank
     if len(raw) < head:
         raise DataError(f"{path!r} is truncated: header needs {head} bytes, file has {len(raw)}")
@@ -147,7 +149,7 @@ def read_csv(path: str):
     """Numeric CSV, one row per item -> ``(x, y, None)``; a ``label``/``y``/``target``/``class`` header column is ``y``."""
     raw = read_bytes(path)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Excel writes one) is not part of the first cell
     except UnicodeDecodeError as e:
         raise DataError(f"{path!r} is not UTF-8 text: {e}") from None
     try:

@@ -181,3 +181,78 @@ def test_resume_with_every_lr_schedule(tmp_path, schedule):
     m = pv.models.VAE((4,), 2, hidden=(8,))
     run = pv.fit(m, pv.guides.DiagNormal(m, hidden=(8,)), X, epochs=3, resume=True, **kw)
     assert len(run.history) == 3
+
+
+# --------------------------------------------------------------------------- item 4: smaller ones
+
+
+def test_run_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        m = pv.models.VAE((4,), 2, hidden=(8,))
+        out = tmp_path / "run"
+        pv.fit(m, pv.guides.DiagNormal(m, hidden=(8,)), X, epochs=1, batch_size=8, progress=False, device="cpu",
+               out=str(out), figures=False)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+        assert modes and all(v == 0o644 for v in modes.values()), modes
+        os.umask(0o077)
+        from pyrovi.checkpoint import write_json
+
+        write_json(str(out / "private.json"), {})
+        assert (out / "private.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_stored_text_source_cannot_climb_out(tmp_path):
+    from pyrovi.errors import ConfigError
+
+    for name in ("text:../../etc/passwd", "text:a/../../b", "idx:ok.gz,../../etc/x"):
+        with pytest.raises(ConfigError, match=r"'\.\.'"):
+            pv.data.from_source({"name": name, "kind": "text" if name.startswith("text") else None})
+
+
+def test_csv_with_byte_order_mark_keeps_its_first_row(tmp_path):
+    p = tmp_path / "bom.csv"
+    p.write_bytes(b"\xef\xbb\xbf" + b"".join(b"%d,0.5,0.25\n" % i for i in range(10)))
+    x, y, _ = pv.readers.read_csv(str(p))
+    assert x.shape == (10, 3) and x[0, 0] == 0
+    p.write_bytes(b"\xef\xbb\xbfa,label\n" + b"".join(b"0.5,%d\n" % (i % 2) for i in range(10)))
+    x, y, _ = pv.readers.read_csv(str(p))
+    assert x.shape == (10, 1) and y is not None and list(y[:2]) == [0, 1]
+
+
+def test_big_endian_npz_loads(tmp_path):
+    x = np.random.default_rng(1).random((30, 5)).astype(">f4")
+    y = (np.arange(30) % 3).astype(">i8")
+    np.savez(tmp_path / "be.npz", x=x, y=y)
+    ds = pv.data.load(f"npz:{tmp_path / 'be.npz'}")
+    got = torch.cat([ds.train.x, ds.val.x, ds.test.x])
+    assert got.dtype == torch.float32 and got.shape == (30, 5)
+    assert np.allclose(np.sort(got.numpy().ravel()), np.sort(x.astype("<f4").ravel()))
+    assert ds.num_classes == 3
+
+
+@pytest.mark.parametrize("bad", [float("-inf"), float("inf"), float("nan")])
+def test_labels_with_inf_or_nan_are_a_data_error(tmp_path, bad):
+    from pyrovi.errors import DataError
+
+    y = np.zeros(20)
+    y[3] = bad
+    with pytest.raises(DataError, match="label"):
+        pv.data.from_arrays(np.random.default_rng(0).random((20, 3)), y)
+    np.savez(tmp_path / "l.npz", x=np.random.default_rng(0).random((20, 3)), y=y)
+    with pytest.raises(DataError, match="label"):
+        pv.data.load(f"npz:{tmp_path / 'l.npz'}")
+
+
+@pytest.mark.parametrize("rank", [33, 64, 65, 255])
+def test_idx_of_absurd_rank_is_a_data_error(tmp_path, rank):
+    import struct
+
+    from pyrovi.errors import DataError
+
+    p = tmp_path / "r.idx"
+    p.write_bytes(bytes([0, 0, 0x08, rank]) + struct.pack(">" + "I" * rank, *([1] * rank)) + b"\x00")
+    with pytest.raises(DataError, match="rank"):
+        pv.data.load(f"idx:{p}")
