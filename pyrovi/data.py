@@ -218,8 +218,9 @@ def from_arrays(
     _check_split(split)
     check_seed("seed", seed)
     xt = as_tensor(x, "x")
+    del x  # peak memory: the caller (load) hands its only reference over
     if xt.dtype == torch.uint8:
-        xt = xt.float() / 255.0
+        xt = xt.float().div_(255.0)  # in place: one float copy, not two
     xt = xt.float()
     validate(xt, name="x", min_rows=1)
     if image_shape is None and xt.dim() == 3:
@@ -333,15 +334,17 @@ def load(
     src = {"name": name}
     if sep:
         reader = lookup(FILE_READERS, kind, "dataset kind")
-        x, y, image_shape = reader(path)
+        box = list(reader(path))
         default_bin = None
     else:
-        x, y, image_shape = lookup(_BUILTIN, kind, "dataset")()
+        box = list(lookup(_BUILTIN, kind, "dataset")())
         default_bin = _IMAGE_DEFAULT_BINARIZE
     if binarize == "default":
         binarize = default_bin
+    y, image_shape = box.pop(1), box.pop(1)
+    # box.pop(): from_arrays gets the only reference to x and can free it once converted
     return from_arrays(
-        x, y, name=name, split=split, seed=seed, binarize=binarize, image_shape=image_shape, source=src
+        box.pop(), y, name=name, split=split, seed=seed, binarize=binarize, image_shape=image_shape, source=src
     )
 
 

@@ -32,6 +32,7 @@ from .checkpoint import (
     constraint_to_json,
     load_tensors,
     read_json,
+    read_run_file,
     save_tensors,
     write_json,
 )
@@ -51,6 +52,8 @@ METRICS = "metrics.json"
 CONFIG_KEYS = ("pyrovi_version", "model", "guide", "objective", "train", "data", "distributed")
 #: largest item (numbers per datapoint) load_run will allocate a probe batch for
 MAX_PROBE_NUMEL = 1 << 26
+#: largest history.csv load_run reads (a row is ~150 bytes: over 400 000 epochs)
+MAX_HISTORY_BYTES = 64 << 20
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -532,11 +535,11 @@ def _check_sizes(config: dict, model, guide, nbytes: int, path: str) -> None:
 
 def read_history(path: str) -> list:
     """Read ``history.csv`` back into a list of dicts of floats (missing file: empty list)."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return []
+    raw = read_run_file(path, MAX_HISTORY_BYTES, "history")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"), newline="")))
     except (UnicodeDecodeError, csv.Error) as e:  # e.g. a field over csv's size limit, or binary junk
         raise CheckpointError(f"{path} is not a readable history CSV ({e}); it may be corrupt") from None
     out = []

@@ -27,6 +27,7 @@ ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ign
 X = np.random.default_rng(0).random((40, 4)).astype(np.float32)
 #: address-space cap of every child that reads a possibly hostile file (torch alone maps ~1.5 GB)
 CAP = 3 << 30
+MIB = 1 << 20
 
 # --------------------------------------------------------------------------- item 1: crafted checkpoints
 
@@ -256,3 +257,209 @@ def test_idx_of_absurd_rank_is_a_data_error(tmp_path, rank):
     p.write_bytes(bytes([0, 0, 0x08, rank]) + struct.pack(">" + "I" * rank, *([1] * rank)) + b"\x00")
     with pytest.raises(DataError, match="rank"):
         pv.data.load(f"idx:{p}")
+
+
+# --------------------------------------------------------------------------- item 2: bounded reading
+
+CHILD = r"""
+import json, resource, sys
+spec = json.loads(sys.argv[1])
+import numpy as np, torch, warnings
+warnings.simplefilter("ignore")
+import pyrovi as pv
+from pyrovi.errors import PyroviError
+torch.set_num_threads(1)
+resource.setrlimit(resource.RLIMIT_AS, (spec["cap"], spec["cap"]))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = {}
+try:
+    if spec["call"] == "reader":
+        got = getattr(pv.readers, spec["fn"])(spec["arg"])
+        arr = got[0] if isinstance(got, tuple) else got
+        out["nbytes"] = int(arr.nbytes)
+    elif spec["call"] == "load":
+        ds = pv.data.load(spec["arg"])
+        out["nbytes"] = sum(int(s.x.numel() * s.x.element_size()) for s in (ds.train, ds.val, ds.test))
+    elif spec["call"] == "load_run":
+        pv.load_run(spec["arg"])
+    elif spec["call"] == "history":
+        from pyrovi.run import read_history
+        read_history(spec["arg"])
+    out["outcome"] = "loaded"
+except PyroviError as e:
+    out["outcome"], out["error"] = "refused", str(e)[:300]
+except MemoryError:
+    out["outcome"] = "MemoryError"
+out["delta"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+print(json.dumps(out))
+"""
+
+
+def _capped(call, arg, fn=None, cap=CAP, timeout=240):
+    """Run one read in a child under an address-space cap; its JSON report (outcome, error, peak RSS delta)."""
+    spec = json.dumps({"call": call, "arg": str(arg), "fn": fn, "cap": cap})
+    p = subprocess.run([sys.executable, "-c", CHILD, spec], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                       timeout=timeout)
+    assert p.returncode == 0, (p.returncode, p.stderr[-1500:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _gzip_zeros(path, head: bytes, zeros: int, tail: bytes = b""):
+    """A gzip file of ``head`` + ``zeros`` zero bytes + ``tail``, written in streaming fashion (tiny on disk)."""
+    import gzip
+
+    chunk = bytes(1 << 22)
+    with gzip.open(path, "wb", compresslevel=6) as g:
+        g.write(head)
+        left = zeros
+        while left:
+            g.write(chunk[:min(left, len(chunk))])
+            left -= min(left, len(chunk))
+        g.write(tail)
+    return path
+
+
+def _npy_header(shape, descr="<f4"):
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _npz_zeros(path, shape, descr="<f4", lie: int = 0):
+    """An npz with one deflated array ``x`` of zeros (``lie`` extra bytes beyond what the header says)."""
+    import zipfile
+
+    n = int(np.prod(shape)) * np.dtype(descr).itemsize
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("x.npy", "w", force_zip64=True) as f:
+        f.write(_npy_header(shape, descr))
+        chunk = bytes(1 << 22)
+        left = (n if n <= 1 << 28 else MIB) + lie  # a huge header is a lie: 1 MiB of data, or `lie` bytes more
+        while left > 0:
+            f.write(chunk[:min(left, len(chunk))])
+            left -= len(chunk)
+    return path
+
+
+
+
+
+def _idx_head(dims, code=0x08):
+    import struct
+
+    return bytes([0, 0, code, len(dims)]) + struct.pack(">" + "I" * len(dims), *dims)
+
+
+BOMBS = {
+    # name: (builder(tmp) -> (call, arg, fn), expected outcome)
+    "npz announcing 16 GB": (lambda t: ("reader", _npz_zeros(t / "a.npz", (1 << 32,)), "read_npz"), "refused"),
+    "npz 128 MiB of deflated zeros (reader)": (
+        lambda t: ("reader", _npz_zeros(t / "b.npz", (32 * MIB,)), "read_npz"), "loaded"),
+    "npz 128 MiB of deflated zeros (data.load)": (lambda t: ("load", "npz:" + str(_npz_zeros(
+        t / "c.npz", (MIB, 32))), None), "loaded"),
+    "npz longer than its header": (lambda t: ("reader", _npz_zeros(t / "d.npz", (MIB,), lie=64 * MIB), "read_npz"),
+                                   "refused"),
+    "gzip IDX 400 MiB (reader)": (lambda t: ("reader", _gzip_zeros(
+        t / "e-images-idx3-ubyte.gz", _idx_head((400, 1024, 1024)), 400 * MIB), "read_idx"), "loaded"),
+    "gzip IDX 64 MiB (data.load)": (lambda t: ("load", "idx:" + str(_gzip_zeros(
+        t / "f-images-idx3-ubyte.gz", _idx_head((65536, 32, 32)), 64 * MIB)), None), "loaded"),
+    "gzip IDX announcing 4 GiB": (lambda t: ("reader", _gzip_zeros(
+        t / "g.gz", _idx_head((1 << 16, 1 << 16)), MIB), "read_idx"), "refused"),
+    "gzip IDX with 512 MiB past its header": (lambda t: ("reader", _gzip_zeros(
+        t / "h.gz", _idx_head((16, 16)), 512 * MIB), "read_idx"), "refused"),
+    "gzip CSV inflating to 300 MiB": (lambda t: ("reader", _gzip_zeros(
+        t / "i.csv.gz", b"0,0\n", 300 * MIB), "read_csv"), "refused"),
+    "gzip text inflating to 300 MiB": (lambda t: ("reader", _gzip_zeros(t / "j.txt.gz", b"", 300 * MIB),
+                                       "read_text"), "refused"),
+    "/proc/self/pagemap as data": (lambda t: ("reader", "/proc/self/pagemap", "read_npz"), "refused"),
+    "/dev/zero as data": (lambda t: ("reader", "/dev/zero", "read_idx"), "refused"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BOMBS))
+def test_memory_bombs_refused_or_loaded_within_2x(tmp_path, case):
+    build, expected = BOMBS[case]
+    call, arg, fn = build(tmp_path)
+    size = os.path.getsize(arg.partition(":")[2] if call == "load" else arg) if not str(arg).startswith("/") or \
+        os.path.isfile(str(arg).partition(":")[2] or arg) else 0
+    r = _capped(call, arg, fn)
+    assert r["outcome"] == expected, r
+    if expected == "refused":
+        assert r["delta"] < 64 * MIB, r  # refused before inflating
+    else:
+        assert r["delta"] <= 2 * r["nbytes"] + 32 * MIB, r
+    print(f"{case}: file {size} bytes, {r['outcome']}, peak RSS +{r['delta'] / MIB:.0f} MiB"
+          f"{', array %d MiB' % (r['nbytes'] // MIB) if 'nbytes' in r else ''}")
+
+
+def _pagemap(d, name):
+    (d / name).unlink(missing_ok=True)
+    os.symlink("/proc/self/pagemap", d / name)
+
+
+def _fifo(d, name):
+    (d / name).unlink(missing_ok=True)
+    os.mkfifo(d / name)
+
+
+def _big(d, name, mib):
+    with open(d / name, "wb") as f:
+        f.write(b"{" + b" " * (mib * MIB) + b"}")
+
+
+RUN_FILES = {
+    "config.json -> /proc/self/pagemap": (lambda d: _pagemap(d, "config.json"), "load_run", "outside its run"),
+    "metrics.json -> /proc/self/pagemap": (lambda d: _pagemap(d, "metrics.json"), "load_run", "outside its run"),
+    "history.csv -> /proc/self/pagemap": (lambda d: _pagemap(d, "history.csv"), "load_run", "outside its run"),
+    "history.csv -> /etc/passwd": (lambda d: (d / "history.csv").unlink() or os.symlink("/etc/passwd",
+                                                                                         d / "history.csv"),
+                                   "load_run", "outside its run"),
+    "config.json a FIFO": (lambda d: _fifo(d, "config.json"), "load_run", "not a regular file"),
+    "history.csv a FIFO": (lambda d: _fifo(d, "history.csv"), "load_run", "not a regular file"),
+    "checkpoint a FIFO (no weights)": (lambda d: (d / "weights.safetensors").unlink() or _fifo(
+        d, "checkpoint.safetensors"), "load_run", "neither"),
+    "config.json of 20 MiB": (lambda d: _big(d, "config.json", 20), "load_run", "more than the"),
+    "metrics.json of 40 MiB": (lambda d: _big(d, "metrics.json", 40), "load_run", "more than the"),
+    "history.csv of 80 MiB": (lambda d: _big(d, "history.csv", 80), "history", "more than the"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUN_FILES))
+def test_run_directory_files_are_bounded_regular_files(api_run, tmp_path, case):
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(api_run, d)
+    make, call, msg = RUN_FILES[case]
+    make(d)
+    r = _capped(call, d / "history.csv" if call == "history" else d, timeout=120)
+    assert r["outcome"] == "refused" and msg in r["error"], r
+    assert r["delta"] < 64 * MIB, r
+
+
+def test_symlink_inside_the_run_directory_is_followed(api_run, tmp_path):
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(api_run, d)
+    os.rename(d / "history.csv", d / "history-real.csv")
+    os.symlink("history-real.csv", d / "history.csv")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(pv.load_run(str(d)).history) == 2
+
+
+def test_checkpoint_is_read_with_one_open(api_run, monkeypatch):
+    import builtins
+
+    from pyrovi import checkpoint
+
+    opened = []
+    real_open, real_os_open = builtins.open, os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(str(p)) or real_os_open(p, *a, **k))
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    checkpoint.load_tensors(str(api_run / "checkpoint.safetensors"))
+    assert [p for p in opened if p.endswith("checkpoint.safetensors")] == [str(api_run / "checkpoint.safetensors")]
