@@ -40,7 +40,7 @@ from .errors import CheckpointError, ConfigError, PyroviError
 from .guides.base import parameter_probe
 from .traces import trace_pair
 
-__all__ = ["Run", "load_run", "resolve_device", "default_device", "empty_param_state", "discover_params"]
+__all__ = ["Run", "load_run", "lock_run", "release_run", "update_metrics", "resolve_device", "default_device", "empty_param_state", "discover_params"]
 
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
@@ -276,11 +276,15 @@ class Run:
         if directory is None:
             raise ConfigError("Run.save needs a directory (this run was trained without out=)")
         os.makedirs(directory, exist_ok=True)
-        write_json(os.path.join(directory, CONFIG), self.config)
-        save_tensors(os.path.join(directory, WEIGHTS), self.state_tensors(),
-                     {"constraints": self.param_constraints(), "pyrovi_version": __version__})
-        write_history(os.path.join(directory, HISTORY), self.history)
-        write_json(os.path.join(directory, METRICS), self.metrics)
+        lock_run(directory, "saving a run")  # held already when fit trains into it; released when saved
+        try:
+            write_json(os.path.join(directory, CONFIG), self.config)
+            save_tensors(os.path.join(directory, WEIGHTS), self.state_tensors(),
+                         {"constraints": self.param_constraints(), "pyrovi_version": __version__})
+            write_history(os.path.join(directory, HISTORY), self.history)
+            write_json(os.path.join(directory, METRICS), self.metrics)
+        finally:
+            release_run(directory)
         self.directory = directory
         return directory
 
@@ -319,6 +323,89 @@ def _load_module(m: torch.nn.Module, sd: dict, prefix: str) -> None:
             raise CheckpointError(f"saved {prefix} weight {k!r} has shape {tuple(v.shape)}, "
                                   f"this {type(m).__name__} has {tuple(own[k].shape)}")
     m.load_state_dict(sd)
+
+
+# --------------------------------------------------------------------------- the writer's lock
+
+LOCK = ".pyrovi.lock"
+LOCK_HOLDER = ".pyrovi.lock.json"
+#: run directories whose lock this process holds: realpath -> FileLock (re-entrant within a process)
+_HELD: dict = {}
+
+
+def lock_run(directory: str, what: str = "training", wait: float = 0.0) -> bool:
+    """Take the writer's lock of a run directory; True when this call took it (False: already held here).
+
+    One writer at a time: a second ``fit``/``pyrovi train`` on the same ``out`` fails at once
+    with a :class:`ConfigError` naming the holder (pid, host, what it does, since when). The
+    lock is an OS file lock (``filelock``, ``flock`` on POSIX), so the kernel drops it when
+    its holder dies: a killed trainer leaves no stale lock. ``wait``: seconds to wait for it
+    (short metric updates wait; trainers do not). Released by :func:`release_run` (or at exit).
+    """
+    import filelock
+
+    key = os.path.realpath(directory)
+    if key in _HELD:
+        return False
+    lock = filelock.FileLock(os.path.join(directory, LOCK), timeout=wait)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        holder = _holder(directory)
+        raise ConfigError(f"run directory {directory!r:.300} is in use by {holder}; wait until it finishes, "
+                          "or choose another out=") from None
+    _HELD[key] = lock
+    import socket
+    import time
+
+    try:
+        write_json(os.path.join(directory, LOCK_HOLDER), {"pid": os.getpid(), "host": socket.gethostname(),
+                                                          "what": what, "since": time.time()})
+    except OSError:
+        pass  # the lock holds without the note; only the message to a second writer is poorer
+    return True
+
+
+def release_run(directory: str) -> None:
+    """Release the writer's lock :func:`lock_run` took on ``directory`` (no-op when not held here)."""
+    lock = _HELD.pop(os.path.realpath(directory), None)
+    if lock is not None:
+        try:
+            os.unlink(os.path.join(directory, LOCK_HOLDER))
+        except OSError:
+            pass
+        lock.release()
+
+
+def _holder(directory: str) -> str:
+    import time
+
+    try:
+        h = read_json(os.path.join(directory, LOCK_HOLDER), "lock note", limit=4096)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(h["since"])))
+        return f"pid {int(h['pid'])} on host {str(h['host'])[:100]!r} ({str(h['what'])[:40]}, since {since})"
+    except (PyroviError, KeyError, TypeError, ValueError, OverflowError):
+        return "another process (it has not said which yet)"
+
+
+def update_metrics(directory: str, key: str, value: Any) -> dict:
+    """Set ``metrics.json[key] = value`` under the run's lock, on the file's current content; the new metrics.
+
+    Read-modify-write of a fresh copy, so ``evaluate`` and ``diagnose`` running at once keep
+    both results (each used to write back its own stale copy). Waits up to 60 s for a writer.
+    """
+    took = lock_run(directory, f"updating metrics.json ({key})", wait=60.0)
+    try:
+        path = os.path.join(directory, METRICS)
+        metrics = read_json(path, "metrics") if os.path.lexists(path) else {}
+        if not isinstance(metrics, dict):
+            raise CheckpointError(f"{path} does not hold a JSON object")
+        metrics[key] = value
+        write_json(path, metrics)
+        return metrics
+    finally:
+        if took:
+            release_run(directory)
 
 
 def write_history(path: str, history: list) -> None:

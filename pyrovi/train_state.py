@@ -16,7 +16,7 @@ import torch
 from ._version import __version__
 from .checkpoint import load_tensors, save_tensors
 from .errors import CheckpointError, ConfigError, PyroviError, TrainingError
-from .run import CHECKPOINT
+from .run import CHECKPOINT, lock_run
 
 __all__ = ["adam", "scheduler", "save_checkpoint", "restore", "best_from_checkpoint", "prepare_out", "new_loop",
            "check_checkpoint", "check_history", "HISTORY_KEYS"]
@@ -83,6 +83,7 @@ def _same(a: dict, b: dict, keys) -> list:
 
 
 def prepare_out(out: str, resume: bool, overwrite: bool) -> None:
+    """Create and probe the run directory ``out`` and take its writer's lock (held until the run is saved)."""
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -102,6 +103,7 @@ def prepare_out(out: str, resume: bool, overwrite: bool) -> None:
         except OSError:
             pass
         raise ConfigError(f"cannot write into out={out!r}: {e.strerror}; free disk space or choose another out=") from None
+    lock_run(out, "training")  # before the temp files below: they may be a live trainer's
     if resume or overwrite:  # half-written temp files of a killed process (atomic_write's prefix) are garbage
         for name in os.listdir(out):
             if name.startswith(".tmp-"):

@@ -463,3 +463,72 @@ def test_checkpoint_is_read_with_one_open(api_run, monkeypatch):
     monkeypatch.setattr(builtins, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
     checkpoint.load_tensors(str(api_run / "checkpoint.safetensors"))
     assert [p for p in opened if p.endswith("checkpoint.safetensors")] == [str(api_run / "checkpoint.safetensors")]
+
+
+# --------------------------------------------------------------------------- item 3: one writer per run directory
+
+
+def test_second_trainer_on_one_out_fails_at_once_naming_the_holder(tmp_path):
+    import socket
+    import time
+
+    np.savez(tmp_path / "x.npz", x=X)
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "pyrovi.cli", *TRAIN_ARGS, "--data", f"npz:{tmp_path / 'x.npz'}", "--out", str(out)]
+    a = subprocess.Popen(args + ["--epochs", "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env=ENV, cwd=ROOT)
+    try:
+        ckpt = out / "checkpoint.safetensors"
+        deadline = time.time() + 120
+        while not ckpt.exists() and time.time() < deadline and a.poll() is None:
+            time.sleep(0.05)
+        assert a.poll() is None and ckpt.exists()
+        for extra in (["--resume"], ["--overwrite"], []):
+            t0 = time.time()
+            b = subprocess.run(args + ["--epochs", "3"] + extra, capture_output=True, text=True, env=ENV, cwd=ROOT,
+                               timeout=120)
+            assert b.returncode == 2, (extra, b.stderr[-1500:])
+            assert "Traceback" not in b.stderr and f"in use by pid {a.pid} on host {socket.gethostname()!r}" in b.stderr
+            assert time.time() - t0 < 60  # at once: no training, no waiting
+        assert a.poll() is None, "the first trainer was disturbed"
+        epoch = load_tensors(str(ckpt))[1]["loop"]["epoch"]
+    finally:
+        a.kill()
+        a.wait()
+    # the killed trainer's lock died with it (an OS lock): no stale lock, resume works
+    c = subprocess.run(args + ["--epochs", str(epoch + 1), "--resume"], capture_output=True, text=True, env=ENV,
+                       cwd=ROOT, timeout=300)
+    assert c.returncode == 0, c.stderr[-1500:]
+
+
+UPDATER = r"""
+import sys
+from pyrovi.run import update_metrics
+d, key, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for i in range(n):
+    update_metrics(d, f"{key}{i % 3}", {"i": i})
+"""
+
+
+def test_concurrent_metric_updates_keep_every_key(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"epochs": 1}')
+    ps = [subprocess.Popen([sys.executable, "-c", UPDATER, str(tmp_path), key, "40"], env=ENV, cwd=ROOT,
+                           stderr=subprocess.PIPE, text=True) for key in ("test", "diagnostics")]
+    for p in ps:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-1500:]
+    got = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(got) == {"epochs", "test0", "test1", "test2", "diagnostics0", "diagnostics1", "diagnostics2"}
+    assert got["test0"] == {"i": 39} and got["diagnostics0"] == {"i": 39}
+
+
+def test_one_process_may_fit_into_one_out_again(tmp_path):
+    """The lock is re-entrant within a process: a refused fit, a fit, a resume, one after another."""
+
+    m = pv.models.VAE((4,), 2, hidden=(8,))
+    kw = dict(batch_size=8, progress=False, device="cpu", out=str(tmp_path / "r"), figures=False)
+    with pytest.raises(pv.ConfigError):
+        pv.fit(m, pv.guides.DiagNormal(m, hidden=(8,)), X, epochs=2, lr=-1.0, **kw)
+    run = pv.fit(m, pv.guides.DiagNormal(m, hidden=(8,)), X, epochs=2, **kw)
+    assert len(run.history) == 2
+    run2 = pv.fit(m, pv.guides.DiagNormal(m, hidden=(8,)), X, epochs=3, resume=True, **kw)
+    assert len(run2.history) == 3
