@@ -40,7 +40,7 @@ from .errors import CheckpointError, ConfigError, PyroviError
 from .guides.base import parameter_probe
 from .traces import trace_pair
 
-__all__ = ["Run", "load_run", "lock_run", "release_run", "update_metrics", "resolve_device", "default_device", "empty_param_state", "discover_params"]
+__all__ = ["Run", "load_run", "lock_run", "release_run", "update_metrics", "config_digest", "resolve_device", "default_device", "empty_param_state", "discover_params"]
 
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
@@ -278,11 +278,14 @@ class Run:
         os.makedirs(directory, exist_ok=True)
         lock_run(directory, "saving a run")  # held already when fit trains into it; released when saved
         try:
+            # weights last: they mark a complete set (without them load_run falls back to the
+            # checkpoint and says so), and they name the config and history they belong to
             write_json(os.path.join(directory, CONFIG), self.config)
-            save_tensors(os.path.join(directory, WEIGHTS), self.state_tensors(),
-                         {"constraints": self.param_constraints(), "pyrovi_version": __version__})
             write_history(os.path.join(directory, HISTORY), self.history)
             write_json(os.path.join(directory, METRICS), self.metrics)
+            save_tensors(os.path.join(directory, WEIGHTS), self.state_tensors(),
+                         {"constraints": self.param_constraints(), "pyrovi_version": __version__,
+                          "config_sha256": config_digest(self.config), "epochs": len(self.history)})
         finally:
             release_run(directory)
         self.directory = directory
@@ -487,6 +490,8 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
         loop = meta.get("loop") if isinstance(meta.get("loop"), dict) else {}
         warnings.warn(f"{directory} has no {WEIGHTS} (training did not finish); loaded the last checkpoint, "
                       f"epoch {loop.get('epoch')}; continue it with fit(..., out=..., resume=True)", stacklevel=2)
+    if not from_checkpoint:
+        _check_set(directory, config, meta, read_history(os.path.join(directory, HISTORY)))
     metrics = {}
     if os.path.isfile(os.path.join(directory, METRICS)):
         metrics = read_json(os.path.join(directory, METRICS), "metrics")
@@ -518,6 +523,30 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
         if isinstance(m, torch.nn.Module):
             m.eval()
     return run
+
+
+def config_digest(config: dict) -> str:
+    """SHA-256 of ``config`` as :func:`write_json` writes it (stored in the weights it belongs to)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256((json.dumps(config, indent=2, sort_keys=True, allow_nan=True) + "\n").encode()).hexdigest()
+
+
+def _check_set(directory: str, config: dict, meta: dict, history: list) -> None:
+    """Warn when config.json or history.csv are not the ones the weights were saved with.
+
+    A run directory is written file by file; a process killed while resuming or overwriting
+    a finished run could otherwise leave one run's weights beside another's config.
+    """
+    digest, epochs = meta.get("config_sha256"), meta.get("epochs")
+    if isinstance(digest, str) and digest != config_digest(config):
+        warnings.warn(f"{directory}: config.json is not the one {WEIGHTS} was saved with (an interrupted "
+                      "resume or overwrite?); the model is built from config.json, so check it, or train again",
+                      stacklevel=3)
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs != len(history):
+        warnings.warn(f"{directory}: history.csv has {len(history)} epochs, {WEIGHTS} was saved after {epochs} "
+                      "(an interrupted save or resume?)", stacklevel=3)
 
 
 def _probe_batch(config: dict, dev, model=None, dtype=torch.float32) -> tuple:

@@ -16,7 +16,7 @@ import torch
 from ._version import __version__
 from .checkpoint import load_tensors, save_tensors
 from .errors import CheckpointError, ConfigError, PyroviError, TrainingError
-from .run import CHECKPOINT, lock_run
+from .run import CHECKPOINT, HISTORY, METRICS, WEIGHTS, lock_run
 
 __all__ = ["adam", "scheduler", "save_checkpoint", "restore", "best_from_checkpoint", "prepare_out", "new_loop",
            "check_checkpoint", "check_history", "HISTORY_KEYS"]
@@ -115,6 +115,15 @@ def prepare_out(out: str, resume: bool, overwrite: bool) -> None:
     if os.path.isfile(ckpt) and not (resume or overwrite):
         raise ConfigError(f"{out!r} already holds a run; pass resume=True to continue it or overwrite=True "
                           "to replace it (or choose another out=)")
+    # From here the directory is being rewritten: a finished run's final files go first, so a
+    # process killed before the new ones are saved leaves an unfinished run (load_run falls back
+    # to the checkpoint and warns), never one run's weights beside another's config.
+    stale = (WEIGHTS,) + ((CHECKPOINT, HISTORY, METRICS) if overwrite and not resume else ())
+    for name in stale if (resume or overwrite) else ():
+        try:
+            os.unlink(os.path.join(out, name))
+        except FileNotFoundError:
+            pass
 
 
 def adam(params, *, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:

@@ -532,3 +532,67 @@ def test_one_process_may_fit_into_one_out_again(tmp_path):
     assert len(run.history) == 2
     run2 = pv.fit(m, pv.guides.DiagNormal(m, hidden=(8,)), X, epochs=3, resume=True, **kw)
     assert len(run2.history) == 3
+
+
+class _Kill(BaseException):
+    """Stands for SIGKILL after a file write (a BaseException, so nothing in pyrovi handles it)."""
+
+
+def _interrupted(monkeypatch, after: int, fn):
+    """Run ``fn`` with pyrovi's atomic writes cut off after ``after`` of them; the number of writes made."""
+    from pyrovi import checkpoint
+
+    real, count = checkpoint.atomic_write, [0]
+
+    def write(path, data):
+        if count[0] >= after:
+            raise _Kill()
+        real(path, data)
+        count[0] += 1
+
+    monkeypatch.setattr(checkpoint, "atomic_write", write)
+    try:
+        fn()
+    except _Kill:
+        pass
+    finally:
+        monkeypatch.setattr(checkpoint, "atomic_write", real)
+    return count[0]
+
+
+@pytest.mark.parametrize("mode", ["resume", "overwrite"])
+def test_interrupted_resume_or_overwrite_never_loads_a_mixed_run_silently(api_run, tmp_path, monkeypatch, mode):
+    import shutil
+    import warnings
+
+    hidden = (8,) if mode == "resume" else (6,)
+
+    def go(d):
+        m = pv.models.VAE((4,), 2, hidden=hidden)
+        pv.fit(m, pv.guides.DiagNormal(m, hidden=hidden), X, epochs=4, batch_size=8, progress=False, device="cpu",
+               out=str(d), figures=False, **{mode: True})
+
+    total = _interrupted(monkeypatch, 10 ** 6, lambda: go(shutil.copytree(api_run, tmp_path / "full")))
+    silent_ok = 0
+    for k in range(total + 1):
+        d = tmp_path / f"k{k}"
+        shutil.copytree(api_run, d)
+        _interrupted(monkeypatch, k, lambda: go(d))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            try:
+                run = pv.load_run(str(d))
+            except CheckpointError:
+                continue
+        if w:
+            continue
+        # loaded without a warning: then it is the old run untouched or the new run whole, never a mix
+        old = len(run.history) == 2 and run.config["model"]["hidden"] == [8] and \
+            run.config["train"]["epochs"] == 2
+        new = len(run.history) == 4 and run.config["model"]["hidden"] == list(hidden) and \
+            run.config["train"]["epochs"] == 4
+        assert old or new, (k, len(run.history), run.config["model"]["hidden"])
+        silent_ok += 1
+    print(f"{mode}: {total} writes, kills after each of 0..{total}: {silent_ok} loaded silently (old or new run "
+          f"whole), {total + 1 - silent_ok} loaded with a warning or refused")
+    assert total >= 6
