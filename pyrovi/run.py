@@ -563,6 +563,10 @@ def _probe_batch(config: dict, dev, model=None, dtype=torch.float32) -> tuple:
     if rows * math.prod(shape) > MAX_PROBE_NUMEL:
         raise CheckpointError(f"run config has data shape {shape} x {rows} rows, larger than pyrovi will "
                               "allocate to load it")
+    y_items = rows * math.prod(d.get("y_shape") or [])
+    if y_items > MAX_PROBE_NUMEL:
+        raise CheckpointError(f"run config has target shape {d.get('y_shape')!r:.80} x {rows} rows, larger than "
+                              "pyrovi will allocate to load it")
     x = torch.zeros(rows, *shape, device=dev, dtype=dtype)
     y = None
     if d.get("y_dtype") is not None:
@@ -609,6 +613,16 @@ def _check_config(config, path: str) -> None:
     if data.get("image_shape") is not None and not _is_dims(data["image_shape"]):
         raise CheckpointError(f"{path}: data.image_shape must be a list of positive integers or null, "
                               f"got {data['image_shape']!r:.80}")
+    if data.get("y_shape") is not None and not (data["y_shape"] == [] or _is_dims(data["y_shape"])):
+        raise CheckpointError(f"{path}: data.y_shape must be a list of positive integers, got {data['y_shape']!r:.80}")
+    if data.get("y_dtype") is not None and not isinstance(data["y_dtype"], str):
+        raise CheckpointError(f"{path}: data.y_dtype must be a dtype name, got {data['y_dtype']!r:.80}")
+    n_train = data.get("n_train")
+    if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1):
+        raise CheckpointError(f"{path}: data.n_train must be a positive integer, got {n_train!r:.80}")
+    kw = data.get("model_kwargs")
+    if kw is not None and not (isinstance(kw, list) and all(isinstance(k, str) for k in kw)):
+        raise CheckpointError(f"{path}: data.model_kwargs must be a list of names, got {kw!r:.80}")
 
 
 def _check_sizes(config: dict, model, guide, nbytes: int, path: str) -> None:
@@ -630,13 +644,13 @@ def _check_sizes(config: dict, model, guide, nbytes: int, path: str) -> None:
             g = guide if guide is not None else guides_mod.build(m, config["guide"])
     except PyroviError as e:
         if "meta" in str(e.__cause__ or e.__context__ or ""):
-            return  # the guide traced the model to find its sites, which needs real values
+            return _check_numbers(config, nbytes, path)  # the guide traced the model: needs real values
         raise
     except NotImplementedError:
-        return  # a module whose construction needs real values (e.g. some flows): sized when built for real
+        return _check_numbers(config, nbytes, path)  # construction needs real values (e.g. some flows)
     except RuntimeError as e:
         if "meta" in str(e):
-            return  # same: construction reads values (``.item()``), which meta tensors do not have
+            return _check_numbers(config, nbytes, path)  # same: construction reads values (``.item()``)
         raise CheckpointError(f"the run config describes a model/guide that cannot be built: {str(e)[:200]}") from None
     except (OverflowError, MemoryError, ValueError) as e:
         raise CheckpointError(f"the run config describes a model/guide that cannot be built: {str(e)[:200]}") from None
@@ -647,6 +661,34 @@ def _check_sizes(config: dict, model, guide, nbytes: int, path: str) -> None:
     if need > nbytes:
         raise CheckpointError(f"the run config describes a model and guide of {need} bytes but {path} holds "
                               f"only {nbytes} bytes of tensors; the config does not belong to these weights")
+
+
+def _check_numbers(config: dict, nbytes: int, path: str) -> None:
+    """Where a model/guide cannot be sized on the meta device: no size in its config may exceed the weights.
+
+    Every width, depth, count or dimension of a pyrovi model or guide owns at least one
+    learned number, so none can be larger than the number of values the weights file holds
+    (``flow_hidden: [1e9]`` or ``depth: 1e6`` against a file of kilobytes is refused).
+    """
+    limit = max(nbytes // 2, 1)  # values of at least 2 bytes each
+
+    def walk(v, where):
+        if isinstance(v, bool):
+            return
+        if isinstance(v, (int, float)) and v == v and abs(v) > limit:
+            raise CheckpointError(f"the run config sets {where}={v!r:.40}, more than the {limit} values {path} "
+                                  "holds; the config does not belong to these weights")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if "seed" not in str(k):  # a seed is no size
+                    walk(x, f"{where}.{k}")
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x, where)
+
+    for key in ("model", "guide"):
+        if config[key].get("name") != "user":
+            walk(config[key], key)
 
 
 def read_history(path: str) -> list:

@@ -600,3 +600,44 @@ def test_interrupted_resume_or_overwrite_never_loads_a_mixed_run_silently(api_ru
     print(f"{mode}: {total} writes, kills after each of 0..{total}: {silent_ok} loaded silently (old or new run "
           f"whole), {total + 1 - silent_ok} loaded with a warning or refused")
     assert total >= 6
+
+
+# --------------------------------------------------------------------------- sizes in a config
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flow") / "run"
+    m = pv.models.VAE((4,), 2, hidden=(8,))
+    pv.fit(m, pv.guides.Flow(m, hidden=(8,), depth=2), X, epochs=1, batch_size=8, progress=False, device="cpu",
+           out=str(out), figures=False)
+    return out
+
+
+def _set(path, fn):
+    cfg = json.loads(path.read_text())
+    fn(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+SIZE_EDITS = {
+    "flow_hidden 1e9": lambda c: c["guide"].update(flow_hidden=[10 ** 9]),
+    "depth 1e6": lambda c: c["guide"].update(depth=10 ** 6),
+    "y_shape 1e9": lambda c: c["data"].update(y_shape=[10 ** 9], y_dtype="float32"),
+    "y_shape junk": lambda c: c["data"].update(y_shape="big"),
+    "y_dtype list": lambda c: c["data"].update(y_dtype=[1]),
+    "n_train string": lambda c: c["data"].update(n_train="x"),
+    "model_kwargs number": lambda c: c["data"].update(model_kwargs=3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SIZE_EDITS))
+def test_sizes_in_a_config_are_checked_before_allocating(flow_run, tmp_path, case):
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(flow_run, d)
+    _set(d / "config.json", SIZE_EDITS[case])
+    r = _capped("load_run", d, timeout=120)
+    assert r["outcome"] == "refused", r
+    assert r["delta"] < 256 * MIB, r  # depth 1e6: the meta-device attempt builds some modules before it gives up
