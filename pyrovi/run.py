@@ -40,7 +40,7 @@ from .errors import CheckpointError, ConfigError, PyroviError
 from .guides.base import parameter_probe
 from .traces import trace_pair
 
-__all__ = ["Run", "load_run", "lock_run", "release_run", "update_metrics", "config_digest", "resolve_device", "default_device", "empty_param_state", "discover_params"]
+__all__ = ["Run", "load_run", "resolve_device", "default_device", "empty_param_state", "discover_params"]
 
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
@@ -474,6 +474,10 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
     tensors, meta = load_tensors(weights, "cpu")  # refuses pickles and corrupt files before anything is built
     if from_checkpoint:
         tensors = {k: v for k, v in tensors.items() if k.split("/")[0] in ("model", "guide", "param")}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        warnings.warn(f"{weights} holds NaN/inf values in {len(bad)} tensor(s) ({bad[:3]}); every metric of this "
+                      "run will be NaN. Retrain (lower lr, clip_norm) or load an earlier checkpoint", stacklevel=2)
     _check_sizes(config, model, guide, sum(t.numel() * t.element_size() for t in tensors.values()), weights)
     if model is None:
         model = models_mod.build(config["model"])

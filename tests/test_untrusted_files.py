@@ -641,3 +641,13 @@ def test_sizes_in_a_config_are_checked_before_allocating(flow_run, tmp_path, cas
     r = _capped("load_run", d, timeout=120)
     assert r["outcome"] == "refused", r
     assert r["delta"] < 256 * MIB, r  # depth 1e6: the meta-device attempt builds some modules before it gives up
+
+
+def test_nan_weights_warn_on_load(api_run, tmp_path):
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(api_run, d)
+    _tamper(d / "weights.safetensors", tensors=lambda t: t["model/decoder.0.weight"].fill_(float("nan")))
+    with pytest.warns(UserWarning, match="NaN/inf values"):
+        pv.load_run(str(d))
