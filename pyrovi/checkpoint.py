@@ -33,8 +33,11 @@ from .errors import CheckpointError
 
 __all__ = [
     "atomic_write",
+    "umask",
     "write_json",
     "read_json",
+    "read_run_file",
+    "check_inside",
     "save_tensors",
     "load_tensors",
     "constraint_to_json",
@@ -47,8 +50,26 @@ _META_KEY = "pyrovi"
 MAX_FILE_BYTES = 1 << 34  # 16 GiB: refuse absurd sizes before reading
 
 
+def umask() -> int:
+    """The process's file-creation mask, read without changing it where the OS allows."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # elsewhere: set and put back (not thread-safe, hence the first way)
+    os.umask(old)
+    return old
+
+
 def atomic_write(path: str, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``).
+
+    The file gets the mode a plain ``open(path, "w")`` would give (``0o666`` less the umask,
+    0644 under the usual 022), not the 0600 of the temporary file, so colleagues can read a run.
+    """
     if isinstance(data, str):
         data = data.encode("utf-8")
     d = os.path.dirname(os.path.abspath(path))
@@ -57,6 +78,7 @@ def atomic_write(path: str, data: bytes | str) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -80,16 +102,42 @@ def write_json(path: str, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
 
 
-def read_json(path: str, what: str = "file") -> Any:
-    """Read JSON from ``path``; a missing or malformed file raises :class:`CheckpointError`."""
-    if not os.path.isfile(path):
+#: largest JSON file of each kind a run directory holds (a genuine one is a few KB)
+JSON_LIMITS = {"run config": 4 << 20, "prior config": 4 << 20, "metrics": 16 << 20}
+MAX_JSON_BYTES = 16 << 20
+
+
+def check_inside(path: str, error: type = CheckpointError) -> None:
+    """Refuse ``path`` when it is a symlink that leads out of its own directory (e.g. to ``/etc/shadow``).
+
+    A run directory may come from someone else; its files are read from the directory itself.
+    """
+    here = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    real = os.path.realpath(path)
+    if os.path.commonpath([here, real]) != here:
+        raise error(f"{path!r:.300} is a link to {real!r:.200}, outside its run directory; refusing to follow it")
+
+
+def read_run_file(path: str, limit: int, what: str) -> bytes:
+    """The bytes of a run-directory file: a regular file, inside its directory, at most ``limit`` bytes."""
+    from .readers import read_regular
+
+    check_inside(path)
+    return read_regular(path, limit, what, CheckpointError)
+
+
+def read_json(path: str, what: str = "file", limit: Optional[int] = None) -> Any:
+    """Read JSON from ``path``; a missing, special, oversized or malformed file raises :class:`CheckpointError`.
+
+    ``limit`` (bytes) defaults to :data:`JSON_LIMITS` for ``what``, else :data:`MAX_JSON_BYTES`.
+    """
+    if not os.path.lexists(path):
         raise CheckpointError(f"{what} not found: {path}")
+    raw = read_run_file(path, limit or JSON_LIMITS.get(what, MAX_JSON_BYTES), what)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES)
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{what} {path} is not valid JSON ({e}); it may be corrupt") from None
+        raise CheckpointError(f"{what} {path} is not valid JSON ({str(e)[:100]}); it may be corrupt") from None
     except (ValueError, RecursionError) as e:  # e.g. a 5000-digit integer, or nesting 100k deep
         raise CheckpointError(f"{what} {path} cannot be read safely ({type(e).__name__}: {str(e)[:100]})") from None
 
@@ -108,13 +156,10 @@ def load_tensors(path: str, device: str | torch.device = "cpu") -> tuple:
     a truncated file or garbage raises :class:`CheckpointError`; nothing in the
     file is ever executed.
     """
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    size = os.path.getsize(path)
-    if size > MAX_FILE_BYTES:
-        raise CheckpointError(f"{path} is {size} bytes, larger than any pyrovi checkpoint could be")
-    with open(path, "rb") as f:
-        raw = f.read()
+    # one open, one read: the tensors and the metadata come from the same bytes
+    raw = read_run_file(path, MAX_FILE_BYTES, "checkpoint")
     # A safetensors file starts with its JSON header's length (u64, little-endian) and then "{".
     # Check that structure first: a valid header length can itself begin with 0x80 or "PK".
     n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else -1
@@ -126,12 +171,13 @@ def load_tensors(path: str, device: str | torch.device = "cpu") -> tuple:
         )
     try:
         tensors = st_load(raw)
-        from safetensors import safe_open  # header metadata; reads the bytes already validated above
-
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, ValueError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({e}); it may be truncated or corrupt") from None
+        header = json.loads(raw[8:8 + n]).get("__metadata__") or {}  # parsed and checked by st_load above
+        if not isinstance(header, dict):
+            raise ValueError("metadata is not a JSON object")
+    except (SafetensorError, ValueError, OSError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({str(e)[:200]}); it may be truncated or "
+                              "corrupt") from None
+    del raw
     bad = [k for k in tensors if not _safe_name(k)]
     if bad:
         raise CheckpointError(f"{path} holds tensor names pyrovi never writes ({bad[:3]!r}): absolute, '..' "

@@ -99,7 +99,10 @@ def as_tensor(x, name: str = "x") -> torch.Tensor:
         raise DataError(f"{name} must be an array of numbers (N, D...), got {type(x).__name__} {x!r:.60}")
     else:
         try:
-            t = torch.as_tensor(np.asarray(x))
+            a = np.asarray(x)
+            if a.dtype.byteorder not in ("=", "|"):  # e.g. a big-endian .npz: torch reads native order only
+                a = a.astype(a.dtype.newbyteorder("="))
+            t = torch.as_tensor(a)
         except (TypeError, ValueError) as e:
             raise DataError(f"{name} could not be read as a numeric array: {e}") from None
     if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
@@ -161,6 +164,9 @@ def validate(
             raise DataError(
                 f"labels must have shape ({x.shape[0]},), one per row of {name}; got {tuple(y.shape)}"
             )
+        if y.is_floating_point() and y.numel() and not bool(torch.isfinite(y).all()):
+            raise DataError(f"labels contain {int((~torch.isfinite(y)).sum())} NaN/inf values; labels are "
+                            "class indices 0..C-1")
         if y.is_floating_point() and not torch.equal(y, y.round()):
             raise DataError("labels must be integers (class indices 0..C-1)")
         if y.numel() and int(y.min()) < 0:
@@ -212,8 +218,9 @@ def from_arrays(
     _check_split(split)
     check_seed("seed", seed)
     xt = as_tensor(x, "x")
+    del x  # peak memory: the caller (load) hands its only reference over
     if xt.dtype == torch.uint8:
-        xt = xt.float() / 255.0
+        xt = xt.float().div_(255.0)  # in place: one float copy, not two
     xt = xt.float()
     validate(xt, name="x", min_rows=1)
     if image_shape is None and xt.dim() == 3:
@@ -327,15 +334,17 @@ def load(
     src = {"name": name}
     if sep:
         reader = lookup(FILE_READERS, kind, "dataset kind")
-        x, y, image_shape = reader(path)
+        box = list(reader(path))
         default_bin = None
     else:
-        x, y, image_shape = lookup(_BUILTIN, kind, "dataset")()
+        box = list(lookup(_BUILTIN, kind, "dataset")())
         default_bin = _IMAGE_DEFAULT_BINARIZE
     if binarize == "default":
         binarize = default_bin
+    y, image_shape = box.pop(1), box.pop(1)
+    # box.pop(): from_arrays gets the only reference to x and can free it once converted
     return from_arrays(
-        x, y, name=name, split=split, seed=seed, binarize=binarize, image_shape=image_shape, source=src
+        box.pop(), y, name=name, split=split, seed=seed, binarize=binarize, image_shape=image_shape, source=src
     )
 
 
@@ -345,14 +354,15 @@ def from_source(source: dict) -> Dataset:
         raise ConfigError(f"cannot reload data from {source!r}: pass the data explicitly")
     if source["name"] == "arrays":
         raise ConfigError("this run was trained on in-memory arrays; pass the data explicitly")
+    # A run directory may come from someone else: a stored file path must not climb out of
+    # where it points ("csv:../../x", "text:../../etc/passwd"), and every option must have the
+    # type load() expects.
+    path = source["name"].partition(":")[2]
+    if ".." in path.replace("\\", "/").replace(",", "/").split("/"):
+        raise ConfigError(f"refusing data source {source['name']!r:.200} from a run config: its path contains "
+                          "'..'; pass the data explicitly")
     if source.get("kind") == "text":
         return _reload_text(source)
-    # A run directory may come from someone else: a stored file path must not climb out of
-    # where it points ("csv:../../x"), and every option must have the type load() expects.
-    path = source["name"].partition(":")[2]
-    if ".." in path.replace("\\", "/").split("/"):
-        raise ConfigError(f"refusing data source {source['name']!r} from a run config: its path contains '..'; "
-                          "pass the data explicitly")
     split, seed = source.get("split", (0.1, 0.1)), source.get("seed", 0)
     _check_split(split)
     binarize = source.get("binarize", "default")

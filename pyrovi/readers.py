@@ -12,9 +12,12 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import math
 import os
+import stat
 import struct
+import zipfile
 import zlib
 from typing import Callable, Optional
 
@@ -22,8 +25,8 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["read_bytes", "read_idx", "read_idx_pair", "read_npz", "read_csv", "read_text", "default_corpus",
-           "FILE_READERS", "MAX_DECOMPRESSED"]
+__all__ = ["open_regular", "read_regular", "read_bytes", "read_idx", "read_idx_pair", "read_npz", "read_csv", "read_text", "default_corpus",
+           "FILE_READERS", "MAX_DECOMPRESSED", "MAX_CSV_BYTES"]
 
 
 # --- IDX (MNIST format) --------------------------------------------------------------
@@ -38,25 +41,136 @@ _IDX_TYPES = {
 }
 
 
+MAX_IDX_RANK = 32  # NumPy's limit is 64 dimensions; real IDX files have 1..4
 MAX_DECOMPRESSED = 1 << 31  # 2 GiB: far above any dataset pyrovi trains on in memory
+#: decompressed text a CSV may hold (MNIST's 60 000 training images are ~110 MB as CSV); larger data: .npz
+MAX_CSV_BYTES = 1 << 28
+_CHUNK = 1 << 20
 
 
-def read_bytes(path: str) -> bytes:
-    """The bytes of ``path``, gunzipped when they start with the gzip magic (at most :data:`MAX_DECOMPRESSED`)."""
-    if not os.path.isfile(path):
-        raise DataError(f"file not found: {path!r}")
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+def open_regular(path: str, what: str = "file", error: type = DataError):
+    """Open ``path`` for reading if it is a regular file on disk: ``(binary file, size in bytes)``.
+
+    FIFOs, devices, sockets and directories are refused (reading them may block or never
+    end), and so are pseudo-files (``/proc``, ``/sys``) that report 0 bytes but stream data.
+    The checks are made on the opened descriptor, so the file cannot be swapped in between.
+    """
+    try:  # O_NONBLOCK: opening a FIFO without a writer must not hang; reads below are on regular files
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path!r:.300}") from None
+    except OSError as e:
+        raise error(f"cannot open {what} {path!r:.300}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{what} {path!r:.300} is not a regular file (a FIFO, device, socket or directory); "
+                        "refusing to read it")
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    if st.st_size == 0 and f.read(1):
+        f.close()
+        raise error(f"{what} {path!r:.300} says it is empty but streams data (a /proc or /sys file?); "
+                    "refusing to read it")
+    f.seek(0)
+    return f, st.st_size
+
+
+def read_regular(path: str, limit: int, what: str = "file", error: type = DataError) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`open_regular`), refused above ``limit`` bytes."""
+    f, size = open_regular(path, what, error)
+    with f:
+        if size > limit:
+            raise error(f"{what} {path!r:.300} is {size} bytes, more than the {limit} pyrovi reads for it")
+        data = f.read(size + 1)
+    if len(data) != size:  # it changed while being read
+        raise error(f"{what} {path!r:.300} changed size while it was read ({size} -> {len(data)} bytes)")
+    return data
+
+
+class _Stream:
+    """A data file, gunzipped on the fly when it starts with the gzip magic; reads at most ``limit`` bytes.
+
+    Nothing is inflated in one piece, so a tiny gzip "bomb" costs at most ``limit`` bytes
+    (and the callers below stop before that, at the size the file's own header announces).
+    """
+
+    def __init__(self, path: str, limit: int = MAX_DECOMPRESSED):
+        self.path, self.limit, self.count = path, limit, 0
+        self.raw, _ = open_regular(path, "data file")
+        self.gzip = self.raw.read(2) == b"\x1f\x8b"
+        self.raw.seek(0)
+        self.f = gzip.GzipFile(fileobj=self.raw, mode="rb") if self.gzip else self.raw
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+        self.raw.close()
+
+    def _guard(self, fn, *a):
         try:
-            # read at most MAX_DECOMPRESSED + 1 bytes: a small "gzip bomb" must not exhaust memory
-            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as g:
-                raw = g.read(MAX_DECOMPRESSED + 1)
+            return fn(*a)
         except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-            raise DataError(f"{path!r} is a corrupt or truncated gzip file: {e}") from None
-        if len(raw) > MAX_DECOMPRESSED:
-            raise DataError(f"{path!r} decompresses to more than {MAX_DECOMPRESSED} bytes; refusing it")
-    return raw
+            raise DataError(f"{self.path!r} is a corrupt or truncated gzip file: {e}") from None
+
+    def _count(self, n: int) -> None:
+        self.count += n
+        if self.count > self.limit:
+            raise DataError(f"{self.path!r} {'decompresses' if self.gzip else 'runs'} to more than {self.limit} "
+                            "bytes; refusing it")
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes (fewer only at the end of the data)."""
+        out = bytearray()
+        while len(out) < n:
+            b = self._guard(self.f.read, min(n - len(out), _CHUNK))
+            if not b:
+                break
+            self._count(len(b))
+            out += b
+        return bytes(out)
+
+    def readinto(self, buf: memoryview) -> int:
+        """Fill ``buf`` in chunks (no second copy); the number of bytes read (fewer only at the end)."""
+        got = 0
+        while got < len(buf):
+            n = self._guard(self.f.readinto, buf[got:got + _CHUNK])
+            if not n:
+                break
+            self._count(n)
+            got += n
+        return got
+
+
+def read_bytes(path: str, limit: int = MAX_DECOMPRESSED) -> bytes:
+    """The bytes of ``path``, gunzipped when they start with the gzip magic (at most ``limit``, streamed).
+
+    A gzip file is inflated twice: once only to count (nothing kept), so a bomb is refused
+    before memory is spent on it, then for real.
+    """
+    with _Stream(path, limit) as s:
+        while s.gzip and s.read(_CHUNK):
+            pass
+    with _Stream(path, limit) as s:
+        out = bytearray()
+        while True:
+            b = s.read(_CHUNK)
+            if not b:
+                return bytes(out) if len(out) < (1 << 26) else out  # large: no second copy
+            out += b
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    """``a`` in the machine's byte order, swapped in place (no second copy of a large array)."""
+    if a.dtype.isnative:
+        return a
+    a.byteswap(inplace=True)
+    return a.view(a.dtype.newbyteorder("="))
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -64,25 +178,38 @@ def read_idx(path: str) -> np.ndarray:
 
     Layout: two zero bytes, a type byte, a rank byte, ``rank`` big-endian
     uint32 sizes, then the data, big-endian. Any mismatch raises :class:`DataError`.
+    The data is streamed into an array of the size the header announces (at most
+    :data:`MAX_DECOMPRESSED` bytes), so peak memory is that array, whatever the file.
     """
-    raw = read_bytes(path)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DataError(f"{path!r} is not an IDX file (bad magic number {raw[:4]!r})")
-    code, rank = raw[2], raw[3]
-    if code not in _IDX_TYPES:
-        raise DataError(f"{path!r}: unknown IDX data type 0x{code:02x}")
-    if rank == 0:
-        raise DataError(f"{path!r}: IDX file of rank 0 holds no items")
-    head = 4 + 4 * rank
-    if len(raw) < head:
-        raise DataError(f"{path!r} is truncated: header needs {head} bytes, file has {len(raw)}")
-    dims = struct.unpack(">" + "I" * rank, raw[4:head])
-    dtype = _IDX_TYPES[code]
-    need = head + math.prod(dims) * dtype.itemsize
-    if len(raw) != need:
-        what = "truncated" if len(raw) < need else "longer than its header says"
-        raise DataError(f"{path!r} is {what}: dims {dims} need {need} bytes, file has {len(raw)}")
-    return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
+    with _Stream(path, MAX_DECOMPRESSED + (1 << 16)) as s:
+        raw = s.read(4)
+        if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+            raise DataError(f"{path!r} is not an IDX file (bad magic number {raw[:4]!r})")
+        code, rank = raw[2], raw[3]
+        if code not in _IDX_TYPES:
+            raise DataError(f"{path!r}: unknown IDX data type 0x{code:02x}")
+        if rank == 0 or rank > MAX_IDX_RANK:
+            raise DataError(f"{path!r}: IDX file of rank {rank}; pyrovi reads ranks 1..{MAX_IDX_RANK} (items need "
+                            "a row dimension, and NumPy arrays have at most 64)")
+        sizes = s.read(4 * rank)
+        head = 4 + 4 * rank
+        if len(sizes) < 4 * rank:
+            raise DataError(f"{path!r} is truncated: header needs {head} bytes, file has {4 + len(sizes)}")
+        dims = struct.unpack(">" + "I" * rank, sizes)
+        dtype = _IDX_TYPES[code]
+        nbytes = math.prod(dims) * dtype.itemsize
+        if nbytes > MAX_DECOMPRESSED:
+            raise DataError(f"{path!r}: header announces dims {dims} ({nbytes} bytes), more than the "
+                            f"{MAX_DECOMPRESSED} pyrovi loads into memory")
+        arr = np.empty(dims, dtype=dtype)
+        got = s.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+        extra = s.read(1) if got == nbytes else b""
+    if got != nbytes or extra:
+        what = "truncated" if got < nbytes else "longer than its header says"
+        have = head + got + len(extra)
+        raise DataError(f"{path!r} is {what}: dims {dims} need {head + nbytes} bytes, file has "
+                        f"{have}{'+' if extra else ''}")
+    return _native(arr)
 
 
 def guess_labels(images: str) -> Optional[str]:
@@ -115,27 +242,70 @@ def read_idx_pair(spec: str):
 # --- npz / npy -------------------------------------------------------------------------
 
 
+def _npy(f, path: str, limit: int) -> np.ndarray:
+    """One ``.npy`` stream (inside an ``.npz`` or alone) into an array of the size its header announces."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = fmt.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = fmt.read_array_header_2_0(f)
+    else:
+        raise DataError(f"{path!r} could not be read as .npz/.npy: .npy format version {version} is not supported")
+    if dtype.hasobject:  # object arrays are stored as pickles, which would run code on load
+        raise DataError(f"{path!r} could not be read as .npz/.npy: it holds an object array (a pickle); "
+                        "pyrovi never unpickles. Save plain numeric arrays")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > limit:
+        raise DataError(f"{path!r}: an array of shape {shape} and dtype {dtype} ({nbytes} bytes) is more than the "
+                        f"{limit} bytes pyrovi loads into memory")
+    buf = np.empty(nbytes, dtype=np.uint8)
+    got, view = 0, memoryview(buf)
+    while got < nbytes:
+        n = f.readinto(view[got:got + _CHUNK])
+        if not n:
+            raise DataError(f"{path!r} could not be read as .npz/.npy: an array is truncated "
+                            f"({got} of {nbytes} bytes)")
+        got += n
+    if f.read(1):
+        raise DataError(f"{path!r} could not be read as .npz/.npy: an array is longer than its header says")
+    arr = np.ndarray(shape, dtype=dtype, buffer=buf, order="F" if fortran else "C")
+    return _native(arr)
+
+
 def read_npz(path: str):
-    """A ``.npz`` (arrays ``x`` and optional ``y``, or ``X``/``images``/``data`` and ``Y``/``labels``/``targets``) or a ``.npy`` -> ``(x, y, image_shape)``."""
-    if not os.path.isfile(path):
-        raise DataError(f"file not found: {path!r}")
+    """A ``.npz`` (arrays ``x`` and optional ``y``, or ``X``/``images``/``data`` and ``Y``/``labels``/``targets``) or a ``.npy`` -> ``(x, y, image_shape)``.
+
+    Arrays are streamed (decompressed on the fly) into arrays of the size their headers
+    announce, at most :data:`MAX_DECOMPRESSED` bytes each, so a small file that inflates to
+    gigabytes is refused before it is inflated, and peak memory is the arrays themselves.
+    No pickle is ever loaded.
+    """
+    f, _ = open_regular(path, "data file")
     try:
-        # allow_pickle=False: an .npz/.npy holding object arrays would run code on load.
-        obj = np.load(path, allow_pickle=False)
-        if isinstance(obj, np.ndarray):
-            x, y = obj, None
-        else:
-            with obj:
-                keys = list(obj.keys())
-                xk = next((k for k in ("x", "X", "images", "data") if k in keys), None)
-                if xk is None:
-                    raise DataError(f"{path!r} has arrays {keys}; expected one named 'x' (and optionally 'y')")
-                yk = next((k for k in ("y", "Y", "labels", "targets") if k in keys), None)
-                x, y = obj[xk], (obj[yk] if yk else None)
+        with f:
+            magic = f.read(6)
+            f.seek(0)
+            if magic == b"\x93NUMPY":
+                x, y = _npy(f, path, MAX_DECOMPRESSED), None
+            else:
+                with zipfile.ZipFile(f) as zf:
+                    members = {n[:-4] if n.endswith(".npy") else n: n for n in zf.namelist()}
+                    keys = list(members)
+                    xk = next((k for k in ("x", "X", "images", "data") if k in keys), None)
+                    if xk is None:
+                        raise DataError(f"{path!r} has arrays {keys[:10]}; expected one named 'x' (and optionally 'y')")
+                    yk = next((k for k in ("y", "Y", "labels", "targets") if k in keys), None)
+                    with zf.open(members[xk]) as m:
+                        x = _npy(m, path, MAX_DECOMPRESSED)
+                    y = None
+                    if yk:
+                        with zf.open(members[yk]) as m:
+                            y = _npy(m, path, MAX_DECOMPRESSED)
     except DataError:
         raise
-    except Exception as e:  # numpy raises ValueError, OSError, EOFError, BadZipFile, ...
-        raise DataError(f"{path!r} could not be read as .npz/.npy: {e}") from None
+    except Exception as e:  # zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, ...
+        raise DataError(f"{path!r} could not be read as .npz/.npy: {str(e)[:200]}") from None
     image_shape = tuple(x.shape[1:]) if x.ndim == 3 else None
     return x, y, image_shape
 
@@ -143,43 +313,75 @@ def read_npz(path: str):
 # --- csv -------------------------------------------------------------------------------
 
 
+class _Counted(io.RawIOBase):
+    """A :class:`_Stream` as a raw binary file (for :class:`io.TextIOWrapper`), still counted and capped."""
+
+    def __init__(self, stream: "_Stream"):
+        self.s = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        return self.s.readinto(memoryview(b).cast("B"))
+
+
 def read_csv(path: str):
-    """Numeric CSV, one row per item -> ``(x, y, None)``; a ``label``/``y``/``target``/``class`` header column is ``y``."""
-    raw = read_bytes(path)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path!r} is not UTF-8 text: {e}") from None
-    try:
-        rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
-    except csv.Error as e:  # e.g. a stray carriage return inside a field
-        raise DataError(f"{path!r} is not a well-formed CSV file: {e}") from None
-    if not rows:
+    """Numeric CSV, one row per item -> ``(x, y, None)``; a ``label``/``y``/``target``/``class`` header column is ``y``.
+
+    At most :data:`MAX_CSV_BYTES` of text (after gunzip; a gzip file is first inflated and
+    counted without being kept); rows are parsed one at a time into a float32 array, so
+    peak memory is within about twice the array returned. A UTF-8 byte-order mark is skipped.
+    """
+    with _Stream(path, MAX_CSV_BYTES) as s:  # the size first: a gzip bomb is refused before any parsing
+        while s.read(_CHUNK):
+            pass
+    with _Stream(path, MAX_CSV_BYTES) as s:
+        text = io.TextIOWrapper(io.BufferedReader(_Counted(s), _CHUNK), encoding="utf-8-sig", newline="")
+        try:
+            return _parse_csv(path, csv.reader(text))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path!r} is not UTF-8 text: {e}") from None
+        except csv.Error as e:  # e.g. a stray carriage return inside a field, a field over csv's limit
+            raise DataError(f"{path!r} is not a well-formed CSV file: {e}") from None
+
+
+def _parse_csv(path: str, reader):
+    rows = (r for r in reader if r and any(c.strip() for c in r))
+    first = next(rows, None)
+    if first is None:
         raise DataError(f"{path!r} has no rows")
     header = None
     try:
-        [float(c) for c in rows[0]]
+        [float(c) for c in first]
     except ValueError:
-        header, rows = [c.strip().lower() for c in rows[0]], rows[1:]
-    if not rows:
+        header, first = [c.strip().lower() for c in first], next(rows, None)
+    if first is None:
         raise DataError(f"{path!r} has a header but no data rows")
-    width = len(rows[0])
+    width = len(first)
     if header is not None and len(header) != width:
         raise DataError(f"{path!r}: the header has {len(header)} columns but the rows have {width}")
-    for i, r in enumerate(rows):
-        if len(r) != width:
-            raise DataError(f"{path!r}: row {i + 1} has {len(r)} columns, expected {width}")
-    try:
-        arr = np.array([[float(c) for c in r] for r in rows], dtype=np.float64)
-    except ValueError as e:
-        raise DataError(f"{path!r} has a non-numeric value: {e}") from None
+    buf = np.empty((1024, width), dtype=np.float32)  # grown by doubling (realloc, no second copy)
+    n = 0
+    with np.errstate(over="ignore"):  # 1e999 -> inf, refused by validation with a clear message
+        for i, r in enumerate(itertools.chain([first], rows)):
+            if len(r) != width:
+                raise DataError(f"{path!r}: row {i + 1} has {len(r)} columns, expected {width}")
+            if n == buf.shape[0]:
+                buf.resize((2 * n, width), refcheck=False)
+            try:
+                buf[n] = [float(c) for c in r]
+            except ValueError as e:
+                raise DataError(f"{path!r} has a non-numeric value: {str(e)[:100]}") from None
+            n += 1
+    buf.resize((n, width), refcheck=False)
     y = None
     if header is not None:
         lab = next((header.index(k) for k in ("label", "y", "target", "class") if k in header), None)
         if lab is not None:
-            y = arr[:, lab]
-            arr = np.delete(arr, lab, axis=1)
-    return arr.astype(np.float32), y, None
+            y = buf[:, lab].astype(np.float64)
+            buf = np.delete(buf, lab, axis=1)
+    return buf, y, None
 
 
 FILE_READERS: dict[str, Callable] = {"idx": read_idx_pair, "npz": read_npz, "npy": read_npz, "csv": read_csv}
@@ -198,8 +400,8 @@ def default_corpus() -> str:
 
 
 def read_text(path: str) -> str:
-    """A UTF-8 text file (plain or gzip) as a string."""
-    raw = read_bytes(path)
+    """A UTF-8 text file (plain or gzip, at most :data:`MAX_CSV_BYTES` after gunzip) as a string."""
+    raw = read_bytes(path, MAX_CSV_BYTES)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -32,6 +32,7 @@ from .checkpoint import (
     constraint_to_json,
     load_tensors,
     read_json,
+    read_run_file,
     save_tensors,
     write_json,
 )
@@ -51,6 +52,8 @@ METRICS = "metrics.json"
 CONFIG_KEYS = ("pyrovi_version", "model", "guide", "objective", "train", "data", "distributed")
 #: largest item (numbers per datapoint) load_run will allocate a probe batch for
 MAX_PROBE_NUMEL = 1 << 26
+#: largest history.csv load_run reads (a row is ~150 bytes: over 400 000 epochs)
+MAX_HISTORY_BYTES = 64 << 20
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -273,11 +276,18 @@ class Run:
         if directory is None:
             raise ConfigError("Run.save needs a directory (this run was trained without out=)")
         os.makedirs(directory, exist_ok=True)
-        write_json(os.path.join(directory, CONFIG), self.config)
-        save_tensors(os.path.join(directory, WEIGHTS), self.state_tensors(),
-                     {"constraints": self.param_constraints(), "pyrovi_version": __version__})
-        write_history(os.path.join(directory, HISTORY), self.history)
-        write_json(os.path.join(directory, METRICS), self.metrics)
+        lock_run(directory, "saving a run")  # held already when fit trains into it; released when saved
+        try:
+            # weights last: they mark a complete set (without them load_run falls back to the
+            # checkpoint and says so), and they name the config and history they belong to
+            write_json(os.path.join(directory, CONFIG), self.config)
+            write_history(os.path.join(directory, HISTORY), self.history)
+            write_json(os.path.join(directory, METRICS), self.metrics)
+            save_tensors(os.path.join(directory, WEIGHTS), self.state_tensors(),
+                         {"constraints": self.param_constraints(), "pyrovi_version": __version__,
+                          "config_sha256": config_digest(self.config), "epochs": len(self.history)})
+        finally:
+            release_run(directory)
         self.directory = directory
         return directory
 
@@ -316,6 +326,89 @@ def _load_module(m: torch.nn.Module, sd: dict, prefix: str) -> None:
             raise CheckpointError(f"saved {prefix} weight {k!r} has shape {tuple(v.shape)}, "
                                   f"this {type(m).__name__} has {tuple(own[k].shape)}")
     m.load_state_dict(sd)
+
+
+# --------------------------------------------------------------------------- the writer's lock
+
+LOCK = ".pyrovi.lock"
+LOCK_HOLDER = ".pyrovi.lock.json"
+#: run directories whose lock this process holds: realpath -> FileLock (re-entrant within a process)
+_HELD: dict = {}
+
+
+def lock_run(directory: str, what: str = "training", wait: float = 0.0) -> bool:
+    """Take the writer's lock of a run directory; True when this call took it (False: already held here).
+
+    One writer at a time: a second ``fit``/``pyrovi train`` on the same ``out`` fails at once
+    with a :class:`ConfigError` naming the holder (pid, host, what it does, since when). The
+    lock is an OS file lock (``filelock``, ``flock`` on POSIX), so the kernel drops it when
+    its holder dies: a killed trainer leaves no stale lock. ``wait``: seconds to wait for it
+    (short metric updates wait; trainers do not). Released by :func:`release_run` (or at exit).
+    """
+    import filelock
+
+    key = os.path.realpath(directory)
+    if key in _HELD:
+        return False
+    lock = filelock.FileLock(os.path.join(directory, LOCK), timeout=wait)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        holder = _holder(directory)
+        raise ConfigError(f"run directory {directory!r:.300} is in use by {holder}; wait until it finishes, "
+                          "or choose another out=") from None
+    _HELD[key] = lock
+    import socket
+    import time
+
+    try:
+        write_json(os.path.join(directory, LOCK_HOLDER), {"pid": os.getpid(), "host": socket.gethostname(),
+                                                          "what": what, "since": time.time()})
+    except OSError:
+        pass  # the lock holds without the note; only the message to a second writer is poorer
+    return True
+
+
+def release_run(directory: str) -> None:
+    """Release the writer's lock :func:`lock_run` took on ``directory`` (no-op when not held here)."""
+    lock = _HELD.pop(os.path.realpath(directory), None)
+    if lock is not None:
+        try:
+            os.unlink(os.path.join(directory, LOCK_HOLDER))
+        except OSError:
+            pass
+        lock.release()
+
+
+def _holder(directory: str) -> str:
+    import time
+
+    try:
+        h = read_json(os.path.join(directory, LOCK_HOLDER), "lock note", limit=4096)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(h["since"])))
+        return f"pid {int(h['pid'])} on host {str(h['host'])[:100]!r} ({str(h['what'])[:40]}, since {since})"
+    except (PyroviError, KeyError, TypeError, ValueError, OverflowError):
+        return "another process (it has not said which yet)"
+
+
+def update_metrics(directory: str, key: str, value: Any) -> dict:
+    """Set ``metrics.json[key] = value`` under the run's lock, on the file's current content; the new metrics.
+
+    Read-modify-write of a fresh copy, so ``evaluate`` and ``diagnose`` running at once keep
+    both results (each used to write back its own stale copy). Waits up to 60 s for a writer.
+    """
+    took = lock_run(directory, f"updating metrics.json ({key})", wait=60.0)
+    try:
+        path = os.path.join(directory, METRICS)
+        metrics = read_json(path, "metrics") if os.path.lexists(path) else {}
+        if not isinstance(metrics, dict):
+            raise CheckpointError(f"{path} does not hold a JSON object")
+        metrics[key] = value
+        write_json(path, metrics)
+        return metrics
+    finally:
+        if took:
+            release_run(directory)
 
 
 def write_history(path: str, history: list) -> None:
@@ -381,6 +474,10 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
     tensors, meta = load_tensors(weights, "cpu")  # refuses pickles and corrupt files before anything is built
     if from_checkpoint:
         tensors = {k: v for k, v in tensors.items() if k.split("/")[0] in ("model", "guide", "param")}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        warnings.warn(f"{weights} holds NaN/inf values in {len(bad)} tensor(s) ({bad[:3]}); every metric of this "
+                      "run will be NaN. Retrain (lower lr, clip_norm) or load an earlier checkpoint", stacklevel=2)
     _check_sizes(config, model, guide, sum(t.numel() * t.element_size() for t in tensors.values()), weights)
     if model is None:
         model = models_mod.build(config["model"])
@@ -397,6 +494,8 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
         loop = meta.get("loop") if isinstance(meta.get("loop"), dict) else {}
         warnings.warn(f"{directory} has no {WEIGHTS} (training did not finish); loaded the last checkpoint, "
                       f"epoch {loop.get('epoch')}; continue it with fit(..., out=..., resume=True)", stacklevel=2)
+    if not from_checkpoint:
+        _check_set(directory, config, meta, read_history(os.path.join(directory, HISTORY)))
     metrics = {}
     if os.path.isfile(os.path.join(directory, METRICS)):
         metrics = read_json(os.path.join(directory, METRICS), "metrics")
@@ -430,6 +529,30 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
     return run
 
 
+def config_digest(config: dict) -> str:
+    """SHA-256 of ``config`` as :func:`write_json` writes it (stored in the weights it belongs to)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256((json.dumps(config, indent=2, sort_keys=True, allow_nan=True) + "\n").encode()).hexdigest()
+
+
+def _check_set(directory: str, config: dict, meta: dict, history: list) -> None:
+    """Warn when config.json or history.csv are not the ones the weights were saved with.
+
+    A run directory is written file by file; a process killed while resuming or overwriting
+    a finished run could otherwise leave one run's weights beside another's config.
+    """
+    digest, epochs = meta.get("config_sha256"), meta.get("epochs")
+    if isinstance(digest, str) and digest != config_digest(config):
+        warnings.warn(f"{directory}: config.json is not the one {WEIGHTS} was saved with (an interrupted "
+                      "resume or overwrite?); the model is built from config.json, so check it, or train again",
+                      stacklevel=3)
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs != len(history):
+        warnings.warn(f"{directory}: history.csv has {len(history)} epochs, {WEIGHTS} was saved after {epochs} "
+                      "(an interrupted save or resume?)", stacklevel=3)
+
+
 def _probe_batch(config: dict, dev, model=None, dtype=torch.float32) -> tuple:
     """Zeros shaped like a training batch ``(x, y)`` (``y`` None without targets), from config.json."""
     d = config.get("data", {})
@@ -444,6 +567,10 @@ def _probe_batch(config: dict, dev, model=None, dtype=torch.float32) -> tuple:
     if rows * math.prod(shape) > MAX_PROBE_NUMEL:
         raise CheckpointError(f"run config has data shape {shape} x {rows} rows, larger than pyrovi will "
                               "allocate to load it")
+    y_items = rows * math.prod(d.get("y_shape") or [])
+    if y_items > MAX_PROBE_NUMEL:
+        raise CheckpointError(f"run config has target shape {d.get('y_shape')!r:.80} x {rows} rows, larger than "
+                              "pyrovi will allocate to load it")
     x = torch.zeros(rows, *shape, device=dev, dtype=dtype)
     y = None
     if d.get("y_dtype") is not None:
@@ -490,6 +617,16 @@ def _check_config(config, path: str) -> None:
     if data.get("image_shape") is not None and not _is_dims(data["image_shape"]):
         raise CheckpointError(f"{path}: data.image_shape must be a list of positive integers or null, "
                               f"got {data['image_shape']!r:.80}")
+    if data.get("y_shape") is not None and not (data["y_shape"] == [] or _is_dims(data["y_shape"])):
+        raise CheckpointError(f"{path}: data.y_shape must be a list of positive integers, got {data['y_shape']!r:.80}")
+    if data.get("y_dtype") is not None and not isinstance(data["y_dtype"], str):
+        raise CheckpointError(f"{path}: data.y_dtype must be a dtype name, got {data['y_dtype']!r:.80}")
+    n_train = data.get("n_train")
+    if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1):
+        raise CheckpointError(f"{path}: data.n_train must be a positive integer, got {n_train!r:.80}")
+    kw = data.get("model_kwargs")
+    if kw is not None and not (isinstance(kw, list) and all(isinstance(k, str) for k in kw)):
+        raise CheckpointError(f"{path}: data.model_kwargs must be a list of names, got {kw!r:.80}")
 
 
 def _check_sizes(config: dict, model, guide, nbytes: int, path: str) -> None:
@@ -511,13 +648,13 @@ def _check_sizes(config: dict, model, guide, nbytes: int, path: str) -> None:
             g = guide if guide is not None else guides_mod.build(m, config["guide"])
     except PyroviError as e:
         if "meta" in str(e.__cause__ or e.__context__ or ""):
-            return  # the guide traced the model to find its sites, which needs real values
+            return _check_numbers(config, nbytes, path)  # the guide traced the model: needs real values
         raise
     except NotImplementedError:
-        return  # a module whose construction needs real values (e.g. some flows): sized when built for real
+        return _check_numbers(config, nbytes, path)  # construction needs real values (e.g. some flows)
     except RuntimeError as e:
         if "meta" in str(e):
-            return  # same: construction reads values (``.item()``), which meta tensors do not have
+            return _check_numbers(config, nbytes, path)  # same: construction reads values (``.item()``)
         raise CheckpointError(f"the run config describes a model/guide that cannot be built: {str(e)[:200]}") from None
     except (OverflowError, MemoryError, ValueError) as e:
         raise CheckpointError(f"the run config describes a model/guide that cannot be built: {str(e)[:200]}") from None
@@ -530,13 +667,41 @@ def _check_sizes(config: dict, model, guide, nbytes: int, path: str) -> None:
                               f"only {nbytes} bytes of tensors; the config does not belong to these weights")
 
 
+def _check_numbers(config: dict, nbytes: int, path: str) -> None:
+    """Where a model/guide cannot be sized on the meta device: no size in its config may exceed the weights.
+
+    Every width, depth, count or dimension of a pyrovi model or guide owns at least one
+    learned number, so none can be larger than the number of values the weights file holds
+    (``flow_hidden: [1e9]`` or ``depth: 1e6`` against a file of kilobytes is refused).
+    """
+    limit = max(nbytes // 2, 1)  # values of at least 2 bytes each
+
+    def walk(v, where):
+        if isinstance(v, bool):
+            return
+        if isinstance(v, (int, float)) and v == v and abs(v) > limit:
+            raise CheckpointError(f"the run config sets {where}={v!r:.40}, more than the {limit} values {path} "
+                                  "holds; the config does not belong to these weights")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if "seed" not in str(k):  # a seed is no size
+                    walk(x, f"{where}.{k}")
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x, where)
+
+    for key in ("model", "guide"):
+        if config[key].get("name") != "user":
+            walk(config[key], key)
+
+
 def read_history(path: str) -> list:
     """Read ``history.csv`` back into a list of dicts of floats (missing file: empty list)."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return []
+    raw = read_run_file(path, MAX_HISTORY_BYTES, "history")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"), newline="")))
     except (UnicodeDecodeError, csv.Error) as e:  # e.g. a field over csv's size limit, or binary junk
         raise CheckpointError(f"{path} is not a readable history CSV ({e}); it may be corrupt") from None
     out = []

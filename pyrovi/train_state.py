@@ -8,6 +8,7 @@ trajectory (weights, optimizer moments, scheduler, loop counters, RNG states).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -15,9 +16,10 @@ import torch
 from ._version import __version__
 from .checkpoint import load_tensors, save_tensors
 from .errors import CheckpointError, ConfigError, PyroviError, TrainingError
-from .run import CHECKPOINT
+from .run import CHECKPOINT, HISTORY, METRICS, WEIGHTS, lock_run
 
-__all__ = ["adam", "scheduler", "save_checkpoint", "restore", "best_from_checkpoint", "prepare_out", "new_loop"]
+__all__ = ["adam", "scheduler", "save_checkpoint", "restore", "best_from_checkpoint", "prepare_out", "new_loop",
+           "check_checkpoint", "check_history", "HISTORY_KEYS"]
 
 
 def new_loop() -> dict:
@@ -81,6 +83,7 @@ def _same(a: dict, b: dict, keys) -> list:
 
 
 def prepare_out(out: str, resume: bool, overwrite: bool) -> None:
+    """Create and probe the run directory ``out`` and take its writer's lock (held until the run is saved)."""
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -100,6 +103,7 @@ def prepare_out(out: str, resume: bool, overwrite: bool) -> None:
         except OSError:
             pass
         raise ConfigError(f"cannot write into out={out!r}: {e.strerror}; free disk space or choose another out=") from None
+    lock_run(out, "training")  # before the temp files below: they may be a live trainer's
     if resume or overwrite:  # half-written temp files of a killed process (atomic_write's prefix) are garbage
         for name in os.listdir(out):
             if name.startswith(".tmp-"):
@@ -111,6 +115,15 @@ def prepare_out(out: str, resume: bool, overwrite: bool) -> None:
     if os.path.isfile(ckpt) and not (resume or overwrite):
         raise ConfigError(f"{out!r} already holds a run; pass resume=True to continue it or overwrite=True "
                           "to replace it (or choose another out=)")
+    # From here the directory is being rewritten: a finished run's final files go first, so a
+    # process killed before the new ones are saved leaves an unfinished run (load_run falls back
+    # to the checkpoint and warns), never one run's weights beside another's config.
+    stale = (WEIGHTS,) + ((CHECKPOINT, HISTORY, METRICS) if overwrite and not resume else ())
+    for name in stale if (resume or overwrite) else ():
+        try:
+            os.unlink(os.path.join(out, name))
+        except FileNotFoundError:
+            pass
 
 
 def adam(params, *, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
@@ -138,45 +151,262 @@ def scheduler(opt, cfg):
 
 
 def restore(path, run, opt, sched, shuffle_gen, config, dev) -> dict:
+    """Put the checkpoint at ``path`` back into ``run``, ``opt``, ``sched`` and the RNGs; its loop counters.
+
+    A checkpoint may come from anyone, and torch trusts what it is handed (its fused CPU
+    Adam does not check shapes, so a moment of the wrong shape ends in a segfault). So every
+    piece is first checked against the live objects, as data, by :func:`check_checkpoint`;
+    only a checkpoint that passes whole touches torch state. Anything wrong raises
+    :class:`CheckpointError` naming the piece.
+    """
     try:
-        return _restore_unchecked(path, run, opt, sched, shuffle_gen, config, dev)
+        tensors, meta = load_tensors(path, "cpu")
+        loop = check_checkpoint(path, tensors, meta, run, opt, sched, shuffle_gen, config)
+        _apply(tensors, meta, run, opt, sched, shuffle_gen, dev)
     except PyroviError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
-        # a checkpoint is written by pyrovi whole or not at all; one that parses but lacks
-        # pieces was edited or crafted
+        # a checkpoint is written by pyrovi whole or not at all; one that passed the checks but
+        # still does not load was edited or crafted in a way the checks did not foresee
         raise CheckpointError(f"checkpoint {path!r} is incomplete or malformed ({type(e).__name__}: "
                               f"{str(e)[:120]}); start again with overwrite=True") from None
+    _RESTORED_BEST[os.path.abspath(path)] = {k[len("best/"):]: v.to(dev) for k, v in tensors.items()
+                                             if k.startswith("best/")}
+    return loop
 
 
-def _restore_unchecked(path, run, opt, sched, shuffle_gen, config, dev) -> dict:
-    tensors, meta = load_tensors(path, "cpu")
-    diff = _same(meta.get("config", {}), config, ("model", "guide", "objective"))
+#: the ``best/`` tensors of the checkpoint :func:`restore` read last, by path: handed to
+#: :func:`best_from_checkpoint` so a resume reads (and checks) the file once
+_RESTORED_BEST: dict = {}
+
+_STATE_PREFIXES = ("model", "guide", "param")
+_TENSOR_PREFIXES = _STATE_PREFIXES + ("best", "optim", "rng")
+#: per-parameter state of torch's Adam: the moments have the parameter's shape, ``step`` is a scalar
+_ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_LOOP_INTS = ("epoch", "step", "best_epoch", "bad_epochs")
+#: columns every history row has (written by :func:`pyrovi.loop.record_epoch`)
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "lr", "beta", "seconds", "items_per_second")
+
+
+def _bad(path, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path!r}: {what}; edited, crafted or from another run: start again "
+                           "with overwrite=True")
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def check_checkpoint(path, tensors: dict, meta: dict, run, opt, sched, shuffle_gen, config) -> dict:
+    """Check a loaded checkpoint against the live run, optimizer, scheduler and RNGs; its loop counters.
+
+    Nothing is changed. Checked: the config it was trained with; every model/guide/param
+    tensor (same names, shapes, kinds of dtype as the live ones, finite), the best-epoch
+    copy likewise; the optimizer's groups (same parameters, positive finite ``lr``,
+    sensible ``betas``/``eps``/``weight_decay``) and per-parameter Adam state (moments of
+    the parameter's shape, finite, second moments >= 0, ``step`` a finite scalar >= 0);
+    the scheduler state (the live scheduler's structure, finite numbers, positive rates);
+    the RNG states (the live ones' size and dtype); loop counters and history rows.
+    """
+    if not isinstance(meta, dict):
+        raise _bad(path, "its metadata is not a JSON object")
+    saved_cfg = meta.get("config")
+    if not isinstance(saved_cfg, dict):
+        raise _bad(path, "it records no config")
+    diff = _same(saved_cfg, config, ("model", "guide", "objective"))
     if diff:
         raise CheckpointError(f"the checkpoint in {os.path.dirname(path)!r} was trained with a different {diff}; "
                               "use the same settings to resume, or overwrite=True to start again")
-    run.load_state_tensors({k: v.to(dev) for k, v in tensors.items()
-                            if k.split("/")[0] in ("model", "guide", "param")}, meta.get("constraints", {}))
-    try:
-        opt.load_state_dict(_optim_state({k: v.to(dev) for k, v in tensors.items()}, meta["optimizer"], dev))
-        sched.load_state_dict(meta["scheduler"])
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"optimizer state in {path} does not fit this model/guide: {e}") from None
+    odd = sorted(k for k in tensors if k.split("/")[0] not in _TENSOR_PREFIXES)
+    if odd:
+        raise _bad(path, f"it holds tensors pyrovi never writes in a checkpoint: {odd[:3]}")
+    live = run.state_tensors()
+    state = {k: v for k, v in tensors.items() if k.split("/")[0] in _STATE_PREFIXES}
+    _check_like(path, state, live, "weights", exact=True)
+    best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
+    if best:
+        _check_like(path, best, live, "best-epoch weights", exact=True)
+    _check_optimizer(path, tensors, meta.get("optimizer"), opt)
+    _check_plain(path, meta.get("scheduler"), sched.state_dict(), "scheduler state")
+    rngs = {"rng/torch": torch.get_rng_state(), "rng/shuffle": shuffle_gen.get_state()}
+    for k, ref in rngs.items():
+        t = tensors.get(k)
+        if t is None or t.dtype != ref.dtype or t.shape != ref.shape:
+            got = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+            raise _bad(path, f"RNG state {k!r} is {got}, expected {ref.dtype} {tuple(ref.shape)}")
+    if "rng/cuda" in tensors and run.device.type == "cuda":
+        ref = torch.cuda.get_rng_state(run.device)
+        t = tensors["rng/cuda"]
+        if t.dtype != ref.dtype or t.shape != ref.shape:
+            raise _bad(path, f"RNG state 'rng/cuda' is {t.dtype} {tuple(t.shape)}, expected {tuple(ref.shape)}")
+    return _check_loop(path, meta.get("loop"), meta.get("history"))
+
+
+def _check_like(path, saved: dict, live: dict, what: str, exact: bool) -> None:
+    """Saved tensors against live ones: same names, shapes and kind of dtype; floating ones finite."""
+    missing, extra = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+    if exact and (missing or extra):
+        raise _bad(path, f"its {what} do not fit this model/guide: missing {missing[:4]}, unexpected {extra[:4]}")
+    for k, v in saved.items():
+        ref = live[k]
+        if v.shape != ref.shape:
+            raise _bad(path, f"{what} {k!r} has shape {tuple(v.shape)}, this model/guide has {tuple(ref.shape)}")
+        if v.is_floating_point() != ref.is_floating_point() or (not ref.is_floating_point() and v.dtype != ref.dtype):
+            raise _bad(path, f"{what} {k!r} has dtype {v.dtype}, this model/guide has {ref.dtype}")
+        if not _finite(v):
+            raise _bad(path, f"{what} {k!r} holds NaN or inf")
+
+
+def _check_optimizer(path, tensors: dict, ometa, opt) -> None:
+    if not isinstance(ometa, dict) or not isinstance(ometa.get("param_groups"), list):
+        raise _bad(path, "its optimizer state is not a JSON object with 'param_groups'")
+    live_groups = opt.state_dict()["param_groups"]
+    groups = ometa["param_groups"]
+    if len(groups) != len(live_groups):
+        raise _bad(path, f"its optimizer has {len(groups)} parameter groups, this one {len(live_groups)}")
+    for i, (g, ref) in enumerate(zip(groups, live_groups)):
+        if not isinstance(g, dict):
+            raise _bad(path, f"optimizer group {i} is not a JSON object")
+        unknown = sorted(str(k) for k in g if k not in ref)
+        if unknown:
+            raise _bad(path, f"optimizer group {i} has keys torch's Adam does not: {unknown[:4]}")
+        if g.get("params") != ref["params"]:
+            raise _bad(path, f"optimizer group {i} holds other parameters than this model/guide's")
+        for k, v in g.items():
+            if k == "params":
+                continue
+            if k in ("initial_lr", "eps"):
+                ok = _is_num(v) and math.isfinite(v) and v > 0
+                want = "a finite number > 0"
+            elif k in ("lr", "weight_decay"):  # a cosine schedule ends at lr = 0
+                ok = _is_num(v) and math.isfinite(v) and v >= 0
+                want = "a finite number >= 0"
+            elif k == "betas":
+                ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v)
+                want = "two numbers in [0, 1)"
+            else:  # flags: amsgrad, maximize, foreach, fused, ...; the live group's type
+                ok = type(v) is type(ref[k]) or (v is None or ref[k] is None) and isinstance(v, (bool, type(None)))
+                want = f"like {ref[k]!r}"
+            if not ok:
+                raise _bad(path, f"optimizer group {i} has {k}={v!r:.60}; expected {want}")
+    params = [p for grp in opt.param_groups for p in grp["params"]]
+    scalars = ometa.get("scalars", {})
+    if not isinstance(scalars, dict) or scalars:
+        raise _bad(path, "its optimizer state has non-tensor entries; torch's Adam keeps only tensors")
+    seen: dict = {}
+    for k, v in tensors.items():
+        if not k.startswith("optim/"):
+            continue
+        parts = k.split("/")
+        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= len(params):
+            raise _bad(path, f"optimizer tensor {k!r} names no parameter of this model/guide")
+        idx, name = int(parts[1]), parts[2]
+        p = params[idx]
+        if name in _ADAM_MOMENTS:
+            if v.shape != p.shape or not v.is_floating_point():
+                raise _bad(path, f"optimizer tensor {k!r} is {v.dtype} {tuple(v.shape)}; its parameter is "
+                                 f"{p.dtype} {tuple(p.shape)}")
+            if not _finite(v) or (name != "exp_avg" and bool((v < 0).any())):
+                raise _bad(path, f"optimizer tensor {k!r} holds NaN, inf or (second moments) negative values")
+        elif name == "step":
+            if v.dim() != 0 or not v.is_floating_point() or not _finite(v) or float(v) < 0:
+                raise _bad(path, f"optimizer step {k!r} must be a finite scalar >= 0, got {v.dtype} "
+                                 f"{tuple(v.shape)}")
+        else:
+            raise _bad(path, f"optimizer tensor {k!r}: torch's Adam keeps no {name!r}")
+        seen.setdefault(idx, set()).add(name)
+    amsgrad = bool(live_groups[0].get("amsgrad")) if live_groups else False
+    need = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+    for idx, names in seen.items():
+        if names != need:
+            raise _bad(path, f"optimizer state of parameter {idx} has {sorted(names)}, expected {sorted(need)}")
+
+
+def _check_plain(path, saved, ref, what: str, where: str = "") -> None:
+    """JSON ``saved`` against the live ``ref``: same structure, finite numbers, rates > 0, counters ints >= 0."""
+    at = where or what
+    if isinstance(ref, dict):
+        if not isinstance(saved, dict) or set(saved) != set(ref):
+            got = sorted(saved)[:6] if isinstance(saved, dict) else type(saved).__name__
+            raise _bad(path, f"{at} is {got!r:.120}, expected the keys {sorted(ref)[:8]} (another lr schedule?)")
+        for k in ref:
+            _check_plain(path, saved[k], ref[k], what, f"{what} {k}")
+    elif isinstance(ref, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(ref):
+            raise _bad(path, f"{at} is {saved!r:.80}, expected {len(ref)} entries")
+        for s, r in zip(saved, ref):
+            _check_plain(path, s, r, what, at)
+    elif isinstance(ref, bool) or ref is None or isinstance(ref, str):
+        if type(saved) is not type(ref):
+            raise _bad(path, f"{at} is {saved!r:.80}, expected {type(ref).__name__}")
+    elif _is_num(ref):
+        ok = _is_num(saved) and math.isfinite(saved) and saved >= 0 and (isinstance(saved, int) or
+                                                                          not isinstance(ref, int))
+        if ok and at.split()[-1] == "base_lrs":
+            ok = saved > 0
+        if not ok:
+            raise _bad(path, f"{at} is {saved!r:.80}; expected a finite {type(ref).__name__} >= 0"
+                             f"{' (> 0 for a base rate)' if 'base_lrs' in at else ''}")
+    else:
+        raise _bad(path, f"{at} has a value pyrovi cannot check ({type(ref).__name__})")
+
+
+def _check_loop(path, loop, history) -> dict:
+    if not isinstance(loop, dict) or set(loop) != set(new_loop()):
+        raise _bad(path, f"its loop counters are {loop!r:.100}, expected the keys {sorted(new_loop())}")
+    ints = all(isinstance(loop[k], int) and not isinstance(loop[k], bool) and loop[k] >= 0 for k in _LOOP_INTS)
+    nums = _is_num(loop["best"]) and not math.isnan(loop["best"]) and _is_num(loop["seconds"]) and \
+        math.isfinite(loop["seconds"]) and loop["seconds"] >= 0
+    if not (ints and nums) or loop["best_epoch"] > loop["epoch"]:
+        raise _bad(path, f"its loop counters {loop!r:.160} are malformed")
+    check_history(path, history, loop["epoch"])
+    return dict(loop)
+
+
+def check_history(path, history, epochs: int) -> None:
+    """History rows as :func:`pyrovi.loop.record_epoch` writes them: ``epochs`` rows, numbered 1.., finite losses."""
+    if not isinstance(history, list) or len(history) != epochs:
+        got = f"{len(history)} rows" if isinstance(history, list) else type(history).__name__
+        raise _bad(path, f"its history has {got} for {epochs} epochs")
+    for i, h in enumerate(history):
+        if not isinstance(h, dict):
+            raise _bad(path, f"history row {i + 1} is {h!r:.60}, not a JSON object")
+        lacks = [k for k in HISTORY_KEYS if k not in h]
+        if lacks:
+            raise _bad(path, f"history row {i + 1} lacks {lacks}")
+        if h["epoch"] != i + 1 or isinstance(h["epoch"], bool):
+            raise _bad(path, f"history row {i + 1} says epoch {h['epoch']!r:.20}")
+        for k, v in h.items():
+            if not isinstance(k, str) or not (_is_num(v) or v is None) or (
+                    k in ("train_loss", "val_loss") and not math.isfinite(v)) or (_is_num(v) and math.isnan(v)):
+                raise _bad(path, f"history row {i + 1} has {k!r:.40}={v!r:.40}")
+
+
+def _apply(tensors: dict, meta: dict, run, opt, sched, shuffle_gen, dev) -> None:
+    """Load a checkpoint that :func:`check_checkpoint` passed into the live objects."""
+    run.load_state_tensors({k: v.to(dev) for k, v in tensors.items() if k.split("/")[0] in _STATE_PREFIXES},
+                           meta.get("constraints", {}))
+    opt.load_state_dict(_optim_state({k: v.to(dev) for k, v in tensors.items() if k.startswith("optim/")},
+                                     meta["optimizer"], dev))
+    sched.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng/torch"])
     shuffle_gen.set_state(tensors["rng/shuffle"])
     if "rng/cuda" in tensors and run.device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng/cuda"], run.device)
-    run.history = list(meta.get("history", []))
-    loop = dict(meta["loop"])
-    ints = all(isinstance(loop.get(k), int) and loop[k] >= 0 for k in ("epoch", "step", "best_epoch", "bad_epochs"))
-    nums = all(isinstance(loop.get(k), (int, float)) for k in ("best", "seconds"))
-    if not (ints and nums and all(isinstance(h, dict) for h in run.history)):
-        raise CheckpointError(f"checkpoint {path!r} has a malformed training state; start again with overwrite=True")
-    return loop
+    run.history = [dict(h) for h in meta["history"]]
 
 
 def best_from_checkpoint(path, dev) -> dict:
+    """The best-epoch weights (``best/`` tensors) of the checkpoint at ``path`` (``{}`` when it has none).
+
+    After :func:`restore` read that file, its checked copy is handed back without a second read.
+    """
+    cached = _RESTORED_BEST.pop(os.path.abspath(path), None)
+    if cached is not None:
+        return {k: v.to(dev) for k, v in cached.items()}
     tensors, _ = load_tensors(path, dev)
     return {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
-
-
