@@ -677,7 +677,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return COMMANDS[args.command][1](args)
     except PyroviError as e:
-        print(f"pyrovi {args.command}: error: {cli_spelling(str(e), _subparser(parser, args.command))}",
+        print(f"pyrovi {args.command}: error: {cli_spelling(str(e)[:2000], _subparser(parser, args.command))}",
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -50,7 +50,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from . import inputs
-from .checkpoint import write_json
+from .run import update_metrics
 from .errors import ConfigError, check_positive
 from .progress import bar
 from .evaluation import Tally, latent_summary, per_datapoint_weights, seeded
@@ -448,8 +448,7 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
         for cat, w in zip(categories, summary.warnings):
             warnings.warn(w, cat, stacklevel=3)  # 3: past torch.no_grad's wrapper, at the caller
     if save and run.directory:
-        run.metrics["diagnostics"] = summary.to_dict()
-        write_json(os.path.join(run.directory, "metrics.json"), run.metrics)
+        run.metrics = update_metrics(run.directory, "diagnostics", summary.to_dict())  # under the run's lock
     return idata
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Any, Optional
 
 import pyro
@@ -52,7 +51,7 @@ from pyro.poutine.util import site_is_subsample
 from . import data as data_mod
 from . import inputs
 from .progress import bar
-from .checkpoint import write_json
+from .run import update_metrics
 from .errors import ConfigError, DataError, check_positive
 from .traces import data_dim, guess_max_plate_nesting, in_data_plate
 from .weights import LogWeights, log_weights
@@ -541,6 +540,5 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     out["latents"] = latents
     out.update(k=k, n=n)
     if save and run.directory:
-        run.metrics["test"] = out
-        write_json(os.path.join(run.directory, "metrics.json"), run.metrics)
+        run.metrics = update_metrics(run.directory, "test", out)  # under the run's lock, on a fresh copy
     return out

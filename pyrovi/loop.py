@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .checkpoint import write_json
 from .errors import ConfigError, TrainingError
-from .run import CHECKPOINT, CONFIG, Run, default_device, discover_params, empty_param_state
+from .run import CHECKPOINT, CONFIG, Run, default_device, discover_params, empty_param_state, release_run
 from .train_state import best_from_checkpoint, new_loop, prepare_out, restore, save_checkpoint, scheduler, adam
 from .traces import ScalePlate, guess_max_plate_nesting, structure
 
@@ -485,12 +485,22 @@ def train(world: World, spec: dict) -> Run:
     out, resume, overwrite, progress. Every rank runs this; only rank 0 writes ``out``; the figures and
     report are drawn afterwards from the run directory (:func:`pyrovi.report.write`).
     """
-    model, guide, obj, cfg = spec["model"], spec["guide"], spec["obj"], spec["cfg"]
-    dev, dt = world.device, spec["dtype"]
     out = world.broadcast(spec["out"])  # every rank uses rank 0's path (a default out may hold the time)
     ckpt_path = None if out is None else os.path.join(out, CHECKPOINT)
     if out is not None:
         world.on_rank0("preparing out", lambda: prepare_out(out, spec["resume"], spec["overwrite"]))
+    try:
+        return _fit_rank(world, spec, out, ckpt_path)
+    except BaseException:
+        if out is not None and world.is_zero:
+            release_run(out)  # the writer's lock prepare_out took: a failed or interrupted fit frees it at once
+        raise
+
+
+def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[str]) -> Run:
+    """:func:`train` after the run directory is prepared (and locked, on rank 0)."""
+    model, guide, obj, cfg = spec["model"], spec["guide"], spec["obj"], spec["cfg"]
+    dev, dt = world.device, spec["dtype"]
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):
             m.to(dev, dt)

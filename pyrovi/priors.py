@@ -41,6 +41,7 @@ from ._version import __version__
 from . import data as data_mod
 from . import inputs
 from .checkpoint import load_tensors, read_json, save_tensors, write_json
+from .run import update_metrics
 from .errors import CheckpointError, ConfigError, DataError, check_positive
 
 __all__ = ["CodeTransformer", "PriorConfig", "fit_prior", "encode_codes", "evaluate_prior", "save_prior",
@@ -288,8 +289,7 @@ def fit_prior(
     prior.metrics = metrics
     if save and run.directory:
         save_prior(prior, run.directory)
-        run.metrics["prior"] = {k: v for k, v in metrics.items() if k != "train"}
-        write_json(os.path.join(run.directory, "metrics.json"), run.metrics)
+        run.metrics = update_metrics(run.directory, "prior", {k: v for k, v in metrics.items() if k != "train"})
     return prior
 
 

@@ -24,7 +24,8 @@ __all__ = ["adam", "scheduler", "save_checkpoint", "restore", "best_from_checkpo
 
 def new_loop() -> dict:
     """The loop counters of a fresh run (stored in every checkpoint under ``"loop"``)."""
-    return {"epoch": 0, "step": 0, "best": float("inf"), "best_epoch": 0, "bad_epochs": 0, "seconds": 0.0}
+    return {"epoch": 0, "step": 0, "best": float("inf"), "best_epoch": 0, "bad_epochs": 0, "seconds": 0.0,
+            "best_train": float("inf")}
 
 
 def _optim_tensors(opt: torch.optim.Optimizer) -> tuple:
@@ -356,8 +357,12 @@ def _check_plain(path, saved, ref, what: str, where: str = "") -> None:
 
 
 def _check_loop(path, loop, history) -> dict:
-    if not isinstance(loop, dict) or set(loop) != set(new_loop()):
-        raise _bad(path, f"its loop counters are {loop!r:.100}, expected the keys {sorted(new_loop())}")
+    keys = set(new_loop())
+    # "best_train" (the divergence watch's best step loss) is absent from checkpoints written before it existed
+    if not isinstance(loop, dict) or not (keys - {"best_train"} <= set(loop) <= keys):
+        raise _bad(path, f"its loop counters are {loop!r:.100}, expected the keys {sorted(keys)}")
+    if "best_train" in loop and not (_is_num(loop["best_train"]) and not math.isnan(loop["best_train"])):
+        raise _bad(path, f"its loop counter best_train is {loop['best_train']!r:.40}, expected a number")
     ints = all(isinstance(loop[k], int) and not isinstance(loop[k], bool) and loop[k] >= 0 for k in _LOOP_INTS)
     nums = _is_num(loop["best"]) and not math.isnan(loop["best"]) and _is_num(loop["seconds"]) and \
         math.isfinite(loop["seconds"]) and loop["seconds"] >= 0

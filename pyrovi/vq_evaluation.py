@@ -12,14 +12,13 @@ The module is not named after its function (``vq_metrics``) so that
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import inputs
-from .checkpoint import write_json
+from .run import update_metrics
 from .errors import ConfigError, check_positive
 from .models.vqvae import VQVAE
 from .traces import trace_pair
@@ -71,8 +70,7 @@ def vq_metrics(run, data=None, *, batch_size: int = 256, save: bool = True) -> d
     res.update(code_usage(torch.cat(all_codes), model.num_codes))
     res.update(n=n, num_codes=model.num_codes, positions=model.length)
     if save and run.directory:
-        run.metrics["vq"] = res
-        write_json(os.path.join(run.directory, "metrics.json"), run.metrics)
+        run.metrics = update_metrics(run.directory, "vq", res)  # under the run's lock, on a fresh copy
     return res
 
 

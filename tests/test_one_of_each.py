@@ -102,3 +102,28 @@ def test_a_stop_in_the_first_epoch_says_no_checkpoint_exists(tmp_path):
         pv.fit(model, pv.guides.DiagNormal(model, hidden=(8,)), x, objective=NaNFromStep2(), epochs=2, batch_size=27,
                progress=False, figures=False, out=str(tmp_path / "r"))
     assert "epoch 1, step 2" in str(err.value) and "last good checkpoint" not in str(err.value)
+
+
+def test_a_failed_fit_frees_its_run_directory_at_once(tmp_path):
+    """The writer's lock is released when fit fails, so the same process (or another) can resume at once."""
+    x = (torch.rand(60, 6, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    model = pv.models.VAE(6, 2, hidden=(8,))
+    guide = pv.guides.DiagNormal(model, hidden=(8,))
+    out = str(tmp_path / "r")
+    pv.fit(model, guide, x, epochs=1, batch_size=27, progress=False, figures=False, out=out)
+
+    class Boom(pv.objectives.ELBO):
+        def _bound(self, *a, **k):
+            if torch.is_grad_enabled() and getattr(self, "armed", False):
+                raise KeyboardInterrupt
+            self.armed = True  # after the parameter probe
+            return super()._bound(*a, **k)
+
+    with pytest.raises(KeyboardInterrupt):
+        pv.fit(model, guide, x, objective=Boom(), epochs=2, batch_size=27, progress=False, figures=False, out=out,
+               resume=True)
+    import subprocess
+    import sys
+    code = ("import pyrovi.run as r, sys; r.lock_run(sys.argv[1]); print('locked')")
+    proc = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "locked" in proc.stdout, proc.stderr[-500:]
