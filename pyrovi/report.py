@@ -197,7 +197,9 @@ def _fmt(v) -> str:
 #: test metrics a model kind does not have. An autoencoder defines no density over x (flat prior,
 #: point-mass guide): its "log-likelihood", ELBO and bits/dim would all be the reconstruction term
 #: under another name, so the report shows the reconstruction and the squared error only.
-NOT_REPORTED = {"autoencoder": ("log_likelihood", "log_likelihood_se", "elbo", "kl", "bits_per_dim", "k")}
+NOT_REPORTED = {"autoencoder": ("log_likelihood", "log_likelihood_se", "log_likelihood_mc_se",
+                                 "log_likelihood_sd_over_data", "log_likelihood_se_over_data", "elbo", "kl",
+                                 "bits_per_dim", "k")}
 
 
 def model_name(cfg: dict) -> str:

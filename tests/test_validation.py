@@ -216,8 +216,8 @@ CLI_BAD = {
     "--lr nan": ["lr", "nan"],
     "--data foo": ["'foo'", "digits"],
     "--data csv:/no/such.csv": ["/no/such.csv"],
-    "--latent-dim 0": ["latent_dim", "0"],
-    "--batch-size 100000": ["batch_size=100000", "1437"],
+    "--latent-dim 0": ["--latent-dim", "0"],
+    "--batch-size 100000": ["--batch-size 100000", "1437"],
     "--hidden 0": ["hidden", "0"],
     "--objective foo": ["'foo'", "iwae"],
     "--particles 0 --objective iwae": ["particles", "0"],
@@ -259,7 +259,7 @@ def test_cli_subprocess_prints_no_traceback(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.splitlines() if "Warning" not in ln]
-    assert lines == ["pyrovi train: error: latent_dim must be > 0, got 0"]
+    assert lines == ["pyrovi train: error: --latent-dim must be > 0, got 0"]
 
 
 def test_cli_missing_run_directory(capsys):
