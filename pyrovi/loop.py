@@ -28,9 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from .checkpoint import write_json
-from .errors import ConfigError, TrainingError
-from .run import CHECKPOINT, CONFIG, Run, default_device, discover_params, empty_param_state, release_run
+from .checkpoint import read_json, write_json
+from .errors import ConfigError, PyroviError, TrainingError
+from .run import CHECKPOINT, CONFIG, METRICS, Run, default_device, discover_params, empty_param_state, release_run
 from .train_state import best_from_checkpoint, new_loop, prepare_out, restore, save_checkpoint, scheduler, adam
 from .traces import ScalePlate, guess_max_plate_nesting, structure
 
@@ -471,6 +471,22 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
 # --------------------------------------------------------------------------- a whole fit
 
 
+#: results of evaluate/diagnose/vq_metrics/fit_prior kept in metrics.json beside fit's own numbers
+HELD_OUT_KEYS = ("test", "diagnostics", "vq", "prior")
+
+
+def _held_out_metrics(out: Optional[str]) -> dict:
+    """The held-out results in ``out/metrics.json`` (empty when there are none or the file is unreadable)."""
+    path = None if out is None else os.path.join(out, METRICS)
+    if path is None or not os.path.isfile(path):
+        return {}
+    try:
+        metrics = read_json(path, "metrics")
+    except PyroviError:
+        return {}
+    return {k: metrics[k] for k in HELD_OUT_KEYS if isinstance(metrics, dict) and k in metrics}
+
+
 def _path_name(calls: dict) -> Optional[str]:
     """``"fast"``, ``"traced"`` or ``"mixed"``: which estimator path the objective's calls took (None: no calls)."""
     used = sorted(k for k, v in calls.items() if v)
@@ -536,6 +552,7 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
         resuming = world.broadcast(bool(spec["resume"] and ckpt_path and os.path.isfile(ckpt_path)))
         if resuming:
             loop = restore(ckpt_path, run, opt, sched, shuffle_gen, config, dev)
+        start_epoch, earlier = loop["epoch"], _held_out_metrics(out) if resuming else {}
         step_obj = world.objective(obj, model, guide, params)  # N ranks: DDP broadcasts rank 0's weights here
         if out is not None:
             world.on_rank0("writing config.json", lambda: write_json(os.path.join(out, CONFIG), config))
@@ -556,6 +573,8 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
     if world.size > 1:
         extra["world_size"] = world.size
     run.metrics = finish(run, loop, **extra)
+    if loop["epoch"] == start_epoch:  # a resume that trained nothing: the held-out results still describe the weights
+        run.metrics.update(earlier)
     if out is not None:
         world.on_rank0("saving the run", lambda: run.save(out))
     world.barrier()  # no rank returns before rank 0 has written the run directory

@@ -82,6 +82,23 @@ def _same(a: dict, b: dict, keys) -> list:
     return [k for k in keys if a.get(k) != b.get(k)]
 
 
+#: training options a resume may change: how long to go on, and when to stop early
+RESUME_MAY_CHANGE = ("epochs", "patience")
+
+
+def _changed_options(saved, now) -> list:
+    """``["lr=0.01 (the run has 0.001)", ...]``: options of ``now`` that differ from the run's ``saved`` ones.
+
+    A resumed run continues one trajectory; a changed lr, batch size, schedule or beta would
+    silently make it another (the scheduler and optimizer state restored from the checkpoint
+    would even override some of them), so they are refused instead of half-applied.
+    """
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return []
+    return [f"{k}={now.get(k)!r} (the run has {saved.get(k)!r})" for k in sorted(set(saved) | set(now))
+            if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
+
+
 
 def prepare_out(out: str, resume: bool, overwrite: bool) -> None:
     """Create and probe the run directory ``out`` and take its writer's lock (held until the run is saved)."""
@@ -222,6 +239,11 @@ def check_checkpoint(path, tensors: dict, meta: dict, run, opt, sched, shuffle_g
     if diff:
         raise CheckpointError(f"the checkpoint in {os.path.dirname(path)!r} was trained with a different {diff}; "
                               "use the same settings to resume, or overwrite=True to start again")
+    changed = _changed_options(saved_cfg.get("train"), config.get("train"))
+    if changed:
+        raise ConfigError(f"resume continues the run in {os.path.dirname(path)!r} with its own settings, but "
+                          f"{', '.join(changed)}; pass the run's values (only epochs and patience may change on "
+                          "resume), or overwrite=True to start a new run with the new ones")
     odd = sorted(k for k in tensors if k.split("/")[0] not in _TENSOR_PREFIXES)
     if odd:
         raise _bad(path, f"it holds tensors pyrovi never writes in a checkpoint: {odd[:3]}")

@@ -1,5 +1,7 @@
 """One of each: one data resolver, one training loop, defaults that agree between the API and the CLI."""
 
+import json
+import os
 import pyro
 import pytest
 import torch
@@ -127,3 +129,29 @@ def test_a_failed_fit_frees_its_run_directory_at_once(tmp_path):
     code = ("import pyrovi.run as r, sys; r.lock_run(sys.argv[1]); print('locked')")
     proc = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "locked" in proc.stdout, proc.stderr[-500:]
+
+
+def test_resume_refuses_changed_settings_and_keeps_held_out_results(tmp_path, capsys):
+    from pyrovi.cli import main
+
+    out = str(tmp_path / "r")
+
+    def train(epochs="1", lr="0.002", *extra):
+        return main(["train", "--data", "digits", "--latent-dim", "2", "--hidden", "16", "--epochs", epochs,
+                     "--batch-size", "256", "--lr", lr, "--out", out, "--no-progress", *extra])
+
+    assert train() == 0
+    assert main(["evaluate", out, "--k", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    # a new lr on resume would be half-applied (Adam's state and the scheduler come from the checkpoint): refused
+    assert train("2", "0.01", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.01 (the run has 0.002)" in err and "--overwrite" in err and "Traceback" not in err
+    # the same settings, nothing left to train: the run and its test metrics stay as they were
+    assert train("1", "0.002", "--resume") == 0
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert "test" in metrics and metrics["epochs"] == 1
+    # more epochs are what resume is for; the test metrics of the old weights do not carry over
+    assert train("2", "0.002", "--resume") == 0
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["epochs"] == 2 and "test" not in metrics
