@@ -239,7 +239,13 @@ def _evaluate_args(p) -> None:
     p.add_argument("--chunk", type=int, default=None, help="particles per pass (default: bounded memory)")
     p.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default: 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    _no_save_arg(p)
     _progress_arg(p)
+
+
+def _no_save_arg(p) -> None:
+    p.add_argument("--no-save", action="store_true",
+                   help="print the results only: write nothing into the run directory (e.g. a read-only run)")
 
 
 def _evaluate_with_progress(evaluate, args, run, ds, **kw) -> dict:
@@ -247,10 +253,10 @@ def _evaluate_with_progress(evaluate, args, run, ds, **kw) -> dict:
     return evaluate(run, ds, progress=_progress(args), **kw)
 
 
-def _print_vq(run, ds, batch_size: int) -> None:
+def _print_vq(run, ds, batch_size: int, save: bool = True) -> None:
     from .vq_evaluation import vq_metrics
 
-    vq = vq_metrics(run, ds, batch_size=batch_size)  # saved under "vq" in metrics.json
+    vq = vq_metrics(run, ds, batch_size=batch_size, save=save)  # saved under "vq" in metrics.json
     unit = "bits/char" if run.model.is_text else "bits/dim"
     print(f"codebook: {vq['codes_used']} of {vq['num_codes']} codes used, {vq['dead_codes']} dead, "
           f"perplexity {vq['perplexity']:.2f}; {unit} under the uniform prior {vq['bits_per_dim']:.4f}")
@@ -277,9 +283,12 @@ def _evaluate(args) -> int:
         print(f"q(z|x) is a point mass ({type(run.guide).__name__}): every draw is the same z, so one draw is "
               f"exact and --k {args.k} is not needed; evaluating with K = 1")
     _print_eval(_evaluate_with_progress(evaluate, args, run, ds, k=args.k, batch_size=args.batch_size,
-                                        chunk=args.chunk, seed=args.seed), run.config)
+                                        chunk=args.chunk, seed=args.seed, save=not args.no_save), run.config)
     if run.config.get("model", {}).get("name") == "vqvae":  # codebook use and the prior: the same command
-        _print_vq(run, ds, args.batch_size)
+        _print_vq(run, ds, args.batch_size, save=not args.no_save)
+    if args.no_save:
+        print("nothing written (--no-save)")
+        return 0
     write_report(run.directory)  # drawn from the directory: config.json, metrics.json, figures
     print(f"updated {os.path.join(args.run, 'metrics.json')}, report.md and report.html")
     return 0
@@ -301,6 +310,7 @@ def _diagnose_args(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
     p.add_argument("--out", default=None, help="netCDF file (default: RUN/diagnostics.nc)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    _no_save_arg(p)
     _progress_arg(p)
 
 
@@ -316,7 +326,15 @@ def _diagnose(args) -> int:
     ds = _run_data(run, args.data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DiagnosticWarning)  # printed below as part of the summary
-        idata = diagnose(run, ds, n=args.n, particles=args.particles, seed=args.seed, progress=_progress(args))
+        idata = diagnose(run, ds, n=args.n, particles=args.particles, seed=args.seed, progress=_progress(args),
+                         save=not args.no_save)
+    if args.no_save:  # an explicit --out outside the run still gets the InferenceData
+        print(summarize(idata).to_markdown())
+        if args.out:
+            save_netcdf(idata, args.out)
+        print(f"wrote {args.out}; nothing written into the run (--no-save)" if args.out
+              else "nothing written (--no-save)")
+        return 0
     out = args.out or os.path.join(args.run, "diagnostics.nc")
     save_netcdf(idata, out)
     figs = write_diagnostic_figures(run, idata, ds.test)

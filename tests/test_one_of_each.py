@@ -155,3 +155,24 @@ def test_resume_refuses_changed_settings_and_keeps_held_out_results(tmp_path, ca
     assert train("2", "0.002", "--resume") == 0
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["epochs"] == 2 and "test" not in metrics
+
+
+def test_evaluate_and_diagnose_no_save_on_a_read_only_run(tmp_path, capsys):
+    from pyrovi.cli import main
+
+    out = str(tmp_path / "r")
+    assert main(["train", "--data", "digits", "--latent-dim", "2", "--hidden", "16", "--epochs", "1",
+                 "--out", out, "--no-progress"]) == 0
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    os.chmod(out, 0o555)  # a colleague's run: readable, not writable
+    try:
+        capsys.readouterr()
+        assert main(["evaluate", out, "--k", "2", "--no-save", "--no-progress"]) == 0
+        assert "log_likelihood" in capsys.readouterr().out
+        nc = str(tmp_path / "d.nc")
+        assert main(["diagnose", out, "--n", "4", "--particles", "8", "--no-save", "--out", nc,
+                     "--no-progress"]) == 0
+        assert os.path.isfile(nc)
+    finally:
+        os.chmod(out, 0o755)
+    assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)} == before
