@@ -245,7 +245,8 @@ def _evaluate_args(p) -> None:
 
 def _no_save_arg(p) -> None:
     p.add_argument("--no-save", action="store_true",
-                   help="print the results only: write nothing into the run directory (e.g. a read-only run)")
+                   help="print the results only: write nothing into the run directory, e.g. a read-only run "
+                        "(default: off)")
 
 
 def _evaluate_with_progress(evaluate, args, run, ds, **kw) -> dict:
