@@ -1,5 +1,8 @@
 """Held-out metrics of a trained run: ELBO, importance-weighted log p(x), reconstruction, KL, active units.
 
+(Over 500 lines on purpose: the per-datapoint importance weights, their reduction to the
+held-out metrics and the latent summary are one computation, shared with diagnostics.)
+
 .. math::
 
     \\log p(x) \\approx \\log \\frac1K \\sum_{k=1}^K \\frac{p(x, z_k)}{q(z_k \\mid x)},\\quad z_k \\sim q(z|x)

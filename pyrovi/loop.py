@@ -1,5 +1,9 @@
 """The one training loop of ``fit``, for one process or for N data-parallel ranks.
 
+(Over 500 lines on purpose: the loop is one idea, read in one sitting — the world it asks,
+the loss it minimizes, one step, one epoch, divergence and the whole fit on one rank; the
+pieces that are not the loop itself live in train_state, traces and distributed.)
+
 ``pyrovi.fit`` validates its options and data, then hands :func:`train` a
 *world* and a spec. The loop never asks how many processes there are; it asks
 the world:
