@@ -199,7 +199,7 @@ def _train(args) -> int:
     print(f"run directory: {out}")
     print(json.dumps({k: v for k, v in run.metrics.items() if not isinstance(v, dict)}, indent=2))
     if args.evaluate_k:
-        _print_eval(_evaluate_with_progress(evaluate, args, run, ds, k=args.evaluate_k), run.config)
+        _print_eval(evaluate(run, ds, k=args.evaluate_k, progress=_progress(args)), run.config)
         from .report import write_report
 
         write_report(run.directory)  # drawn from the directory: config.json, metrics.json, figures
@@ -249,11 +249,6 @@ def _no_save_arg(p) -> None:
                         "(default: off)")
 
 
-def _evaluate_with_progress(evaluate, args, run, ds, **kw) -> dict:
-    """``evaluate(run, ds, **kw)`` counting its batches (unless --no-progress)."""
-    return evaluate(run, ds, progress=_progress(args), **kw)
-
-
 def _print_vq(run, ds, batch_size: int, save: bool = True) -> None:
     from .vq_evaluation import vq_metrics
 
@@ -283,8 +278,8 @@ def _evaluate(args) -> int:
     if getattr(run.guide, "point_mass", False) and args.k > 1:
         print(f"q(z|x) is a point mass ({type(run.guide).__name__}): every draw is the same z, so one draw is "
               f"exact and --k {args.k} is not needed; evaluating with K = 1")
-    _print_eval(_evaluate_with_progress(evaluate, args, run, ds, k=args.k, batch_size=args.batch_size,
-                                        chunk=args.chunk, seed=args.seed, save=not args.no_save), run.config)
+    _print_eval(evaluate(run, ds, k=args.k, batch_size=args.batch_size, chunk=args.chunk, seed=args.seed,
+                         save=not args.no_save, progress=_progress(args)), run.config)
     if run.config.get("model", {}).get("name") == "vqvae":  # codebook use and the prior: the same command
         _print_vq(run, ds, args.batch_size, save=not args.no_save)
     if args.no_save:

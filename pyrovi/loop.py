@@ -300,9 +300,6 @@ class DivergenceWatch:
         except (TypeError, ValueError):
             self.loop["best_train"] = math.inf
 
-    def _kept(self) -> str:
-        return kept(self.loop, self.ckpt_path)
-
     def _advice(self) -> str:
         clip = "a smaller clip_norm" if self.cfg.clip_norm is not None else "clip_norm=10 (gradient clipping)"
         return (f"Try a lower lr (now {self.cfg.lr:g}), {clip}, or another estimator (e.g. objective='elbo' or "
@@ -327,7 +324,7 @@ class DivergenceWatch:
         raise TrainingError(
             f"training diverged at epoch {self.loop['epoch'] + 1}, step {step}{where}: the training loss rose to "
             f"{loss:.4g} nats per datapoint, far above its best {best:.4g} (more than max({DIVERGENCE_MARGIN:g}, "
-            f"{DIVERGENCE_FACTOR:g}*|best|) above; rule: pyrovi.loop.diverged); training stopped; {self._kept()}. "
+            f"{DIVERGENCE_FACTOR:g}*|best|) above; rule: pyrovi.loop.diverged); training stopped; {kept(self.loop, self.ckpt_path)}. "
             + self._advice())
 
     def end_epoch(self, opt: torch.optim.Optimizer) -> None:
@@ -341,7 +338,7 @@ class DivergenceWatch:
                 f"the optimizer's state (Adam's moment estimates) became non-finite during epoch "
                 f"{self.loop['epoch'] + 1} (by step {self.loop['step']}){self.world.where}: a gradient overflowed, "
                 f"so the weights no longer train although the loss may look finite; training stopped; "
-                f"{self._kept()}. " + self._advice())
+                f"{kept(self.loop, self.ckpt_path)}. " + self._advice())
 
 
 @torch.no_grad()
