@@ -9,26 +9,25 @@ variance does not vanish as q approaches the posterior).
 
 How the detached q is obtained, per guide site:
 
-1. pyrovi's guides (Mixture, Flow, Auto) put a *stop-gradient twin* of each
-   site's distribution into the site's ``infer`` dict under
+1. pyrovi's guides (DiagNormal, Mixture, Flow, Auto) put a *stop-gradient twin*
+   of each site's distribution into the site's ``infer`` dict under
    :data:`STOP_GRADIENT_FN`. For a Gaussian or mixture this is the same
-   distribution built from detached parameter tensors. For a flow it is the
-   same transforms evaluated with detached weights (``torch.func.functional_call``
-   on the hypernetworks) and a detached context, so ``log_prob`` has to *invert*
-   the flow at ``z``: that inversion is what carries the gradient
-   :math:`\\partial \\log q / \\partial z` back to ``z``.
-2. Any other guide (pyrovi's DiagNormal, Pyro autoguides, a user's guide): the
-   site's distribution is rebuilt from detached copies of its parameter tensors
+   distribution built from detached parameter tensors (a closed form). For a
+   flow it is :class:`~pyrovi.guides.flow.DetachedFlowScore`, which reads what
+   the flow's sampler recorded for its draw (the base draw and every layer's
+   value): its value is the sampler's own ``log q`` (bit for bit) and its
+   gradient to ``z`` is :math:`\partial \log q / \partial z` at fixed
+   parameters, propagated through the layers' Jacobians, so nothing is inverted.
+2. Any other guide (Pyro autoguides, a user's guide): the site's distribution
+   is rebuilt from detached copies of its parameter tensors
    (:func:`detach_distribution`), which covers the usual reparameterized
    families (Normal, LogNormal, MultivariateNormal, mixtures of diagonal Normals,
    ``to_event``/expanded/masked wrappers, parameter-free transforms) and raises a
    :class:`~pyrovi.errors.ConfigError` for anything else.
 
-The reported value is the ordinary ``log q`` of the site's value, kept by the
-surrogate ``lp.detach() + (lp_sg - lp_sg.detach())`` (value of the first term,
-gradient of the second). A bound built from it equals the plain one for the
-same draws to float rounding, not bit for bit: under DReG the latent values are
-copies, so a flow recomputes its inverse instead of reading its cache.
+Either way the twin computes the same ``log q`` value as the site's own
+distribution for the same draw (the same operations on the same numbers), so
+the surrogate is the twin's ``log_prob`` alone: no second evaluation of log q.
 
 DReG additionally weights the pathwise gradient of particle ``s`` by its
 normalized importance weight. The weights are only known after the model has
@@ -174,10 +173,9 @@ class ScaleLatentGradients(Messenger):
 class StopGradientScorer:
     """``guide_log_prob`` hook for :func:`pyrovi.weights.log_weights`: log q with detached parameters.
 
-    ``scorer(site)`` returns an object whose ``log_prob(z)`` has the value of
-    ``site["fn"].log_prob(z)`` and the gradient of the stop-gradient twin's
-    ``log_prob`` (pathwise only). With ``scale`` (DReG) the twin reads ``z``
-    through :class:`ScaleLatentGradients`.
+    ``scorer(site)`` returns an object whose ``log_prob(z)`` is the stop-gradient twin's
+    (the value of ``site["fn"].log_prob(z)``, gradient to ``z`` only). With ``scale``
+    (DReG) the twin reads ``z`` through :class:`ScaleLatentGradients`.
     """
 
     def __init__(self, scale: ScaleLatentGradients | None = None):
@@ -195,9 +193,8 @@ class _Surrogate:
         self.site, self.twin, self.scale = site, twin, scale
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        exact = self.site["fn"].log_prob(value).detach()
         if self.scale is not None:
             value = self.scale.wrap(value, self.site["fn"].event_dim, self.site)
         lp = self.twin.log_prob(value)  # (S, ..., B): gradient only through value
-        lp = lp.expand(exact.shape) if lp.shape != exact.shape else lp
-        return exact + (lp - lp.detach())
+        shape = value.shape[:value.dim() - self.site["fn"].event_dim]  # the site's batch shape, as fn's log_prob
+        return lp.expand(shape) if lp.shape != shape else lp

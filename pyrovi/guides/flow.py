@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import warnings
 from functools import partial
+from typing import Optional
 
 import pyro.distributions as dist
 import torch
@@ -52,12 +53,14 @@ from pyro.distributions.transforms.planar import ConditionedPlanar
 from pyro.distributions.transforms.radial import ConditionedRadial
 from pyro.nn import ConditionalAutoRegressiveNN, DenseNN
 from torch import nn
+from torch.distributions import constraints
 
 from ..errors import ConfigError, check_positive, lookup
 from ..nets import as_widths
 from .amortized import Amortized
 
-__all__ = ["FLOWS", "Flow", "FlowHead", "flow_options", "InvertiblePlanar", "InvertibleRadial"]
+__all__ = ["FLOWS", "Flow", "FlowHead", "FlowDistribution", "DetachedFlowScore", "flow_options", "InvertiblePlanar",
+           "InvertibleRadial"]
 
 FLOWS = ("iaf", "spline", "planar", "radial")
 
@@ -117,44 +120,170 @@ class _ConditionalRadial(ConditionalRadial):
         return InvertibleRadial(partial(self.nn, context))
 
 
-# --------------------------------------------------------------------------- stop-gradient twins
+# --------------------------------------------------------------------------- stop-gradient score from the draw
 
 
-class _Detached:
-    """Call ``module`` with detached copies of its parameters (``torch.func.functional_call``).
+class _Draw:
+    """What the last :meth:`FlowDistribution.rsample` drew, detached: ``u_0 .. u_K`` and ``log q(u_K)``.
 
-    Not an ``nn.Module`` on purpose: a twin transform holding it registers no
-    parameters, and it always reads the live module (after ``.to()``, loads, steps).
+    Shared by a flow's q, its expanded copies (Pyro's particle plate expands q before drawing)
+    and its stop-gradient score, so the score reads the very values the sampler computed.
     """
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    __slots__ = ("us", "log_q")
 
-    def __call__(self, *args, **kwargs):
-        params = {k: v.detach() for k, v in self.module.named_parameters()}
-        return torch.func.functional_call(self.module, params, args, kwargs)
-
-    def __getattr__(self, name):  # permutation, get_permutation, ... of autoregressive nets
-        # Only called for names not found normally. copy/pickle build an empty instance and ask it for
-        # __setstate__, __deepcopy__, ... before "module" is set: those must be AttributeErrors (not
-        # KeyErrors) for copy.deepcopy, pickle and spawn-based launchers to work.
-        module = self.__dict__.get("module")
-        if module is None or (name.startswith("__") and name.endswith("__")):
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(module, name)
+    def __init__(self):
+        self.us, self.log_q = None, None
 
 
-def _twin(t: nn.Module) -> nn.Module:
-    """The same conditional transform, evaluated with detached weights."""
-    if isinstance(t, _ConditionalPlanar):
-        return _ConditionalPlanar(_Detached(t.nn))
-    if isinstance(t, _ConditionalRadial):
-        return _ConditionalRadial(_Detached(t.nn))
-    if isinstance(t, ConditionalAffineAutoregressive):
-        return ConditionalAffineAutoregressive(_Detached(t.nn), **t.kwargs)
-    if isinstance(t, ConditionalSplineAutoregressive):
-        return ConditionalSplineAutoregressive(t.input_dim, _Detached(t.nn), **t.kwargs)
-    raise ConfigError(f"no stop-gradient twin for {type(t).__name__}")  # pragma: no cover - internal
+class FlowDistribution(dist.TransformedDistribution):
+    """A flow's q: Pyro's ``TransformedDistribution`` whose ``rsample`` also records the draw (:class:`_Draw`).
+
+    Batch and event shapes, values and gradients are those of the plain
+    ``TransformedDistribution(base, transforms)``. The record is what
+    :class:`DetachedFlowScore` reads; recording costs no extra pass (each layer's
+    log-determinant is the one Pyro caches when the layer is applied).
+    """
+
+    def __init__(self, base_distribution, transforms, draw: Optional[_Draw] = None, validate_args=None):
+        super().__init__(base_distribution, transforms, validate_args=validate_args)
+        self.draw = _Draw() if draw is None else draw
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(FlowDistribution, _instance)
+        new = super().expand(batch_shape, _instance=new)
+        new.draw = self.draw
+        return new
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        x = self.base_dist.rsample(sample_shape)
+        us, lds = [x], []
+        for t in self.transforms:
+            y = t(x)  # Transform.__call__: Pyro caches (x, y) and this layer's log|det J|
+            lds.append(t.log_abs_det_jacobian(x, y))
+            x = y
+            us.append(x)
+        with torch.no_grad():  # log q(u_K) in the order TransformedDistribution.log_prob sums it: bit for bit
+            log_q = 0.0
+            for ld in reversed(lds):
+                log_q = log_q - ld
+            log_q = log_q + self.base_dist.log_prob(us[0])
+        self.draw.us, self.draw.log_q = [u.detach() for u in us], log_q.detach()
+        return x
+
+
+class DetachedFlowScore(dist.TorchDistribution):
+    """log q of the flow's own last draw with *detached* parameters, for the ``stl``/``dreg`` objectives.
+
+    ``log_prob(z)`` returns the log-density the sampler computed for its draw
+    (bit for bit) and passes gradient to ``z`` only: :math:`g_K = \partial \log q / \partial z_K`
+    at fixed parameters, by the recursion over the recorded layer values
+
+    .. math::
+
+        g_0 = -\frac{u_0 - \mu}{\sigma^2}, \qquad
+        g_k = J_k^{-\top}\big(g_{k-1} - \nabla_{u_{k-1}} \log|\det J_k(u_{k-1})|\big),
+
+    with :math:`J_k = \partial f_k / \partial u_{k-1}`. Nothing is inverted: planar
+    and radial layers use closed forms (rank-one updates of the identity), the
+    autoregressive layers (iaf, spline) their triangular Jacobian, formed by one
+    vectorized forward-mode pass and solved with ``torch.linalg.solve_triangular``.
+    Only ``log_prob`` of the recorded draw (any value of its shape, e.g. a copy of
+    it, is taken to be that draw) is defined.
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = False
+
+    def __init__(self, head: "FlowHead", h: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, draw: _Draw,
+                 batch_shape, event_shape):
+        self.head, self.h, self.loc, self.scale, self.draw = head, h.detach(), loc.detach(), scale.detach(), draw
+        super().__init__(batch_shape, event_shape, validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):  # Pyro may expand the site's twin with it
+        return DetachedFlowScore(self.head, self.h, self.loc, self.scale, self.draw, batch_shape, self.event_shape)
+
+    @property
+    def support(self):
+        return constraints.real_vector
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        us = self.draw.us
+        if us is None or value.shape != us[-1].shape:
+            raise RuntimeError(
+                "the stop-gradient score of a flow only scores the flow's own last draw "
+                f"(shape {None if us is None else tuple(us[-1].shape)}), got a value of shape {tuple(value.shape)}")
+        return _ScoreFromDraw.apply(value, self)
+
+    def value_gradient(self) -> torch.Tensor:
+        """:math:`\partial \log q / \partial z` at the recorded draw with the parameters held fixed, ``(..., n)``."""
+        us = self.draw.us
+        with torch.no_grad():
+            g = -(us[0] - self.loc) / self.scale ** 2
+            for t, x in zip(self.head.transforms, us[:-1]):
+                g = _transpose_solve_step(t, t.condition(self.h), x, g)
+        return g
+
+
+class _ScoreFromDraw(torch.autograd.Function):
+    """Forward: the recorded log q. Backward: ``grad * dlog q/dz`` to the value, nothing to anything else."""
+
+    @staticmethod
+    def forward(ctx, value, score):
+        ctx.score = score
+        return score.draw.log_q.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.unsqueeze(-1) * ctx.score.value_gradient().to(grad.dtype), None
+
+
+def _transpose_solve_step(module, t, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``J^{-T} (g - grad_x log|det J|)`` for the layer ``module`` conditioned as ``t``, at ``x`` (no gradients)."""
+    if isinstance(t, ConditionedPlanar):
+        # y = x + u tanh(w.x + b): J = I + u psi^T, psi = (1 - tanh^2) w, log|det J| = log|1 + psi.u|
+        bias, u, w = t._params() if callable(t._params) else t._params
+        u = t.u_hat(u, w)
+        th = torch.tanh((w * x).sum(-1, keepdim=True) + bias)
+        d = 1.0 - th ** 2
+        wu = (w * u).sum(-1, keepdim=True)
+        det = 1.0 + d * wu
+        v = g - (-2.0 * th * d * wu / det) * w  # grad_x log|det| = d/da log|1 + (1 - tanh^2 a) w.u| * w
+        return v - (d * w) * (u * v).sum(-1, keepdim=True) / det  # Sherman-Morrison: (I + psi u^T)^{-1} v
+    if isinstance(t, ConditionedRadial):
+        # y = x + beta h (x - x0), h = 1/(alpha + r): J = A I + B e e^T, A = 1 + beta h, B = -beta h^2 r
+        x0, alpha_p, beta_p = t._params() if callable(t._params) else t._params
+        alpha = F.softplus(alpha_p)
+        beta = -alpha + F.softplus(beta_p)
+        diff = x - x0
+        r = diff.norm(dim=-1, keepdim=True)
+        e = diff / r
+        h = 1.0 / (alpha + r)
+        a = 1.0 + beta * h
+        b = -beta * h ** 2 * r
+        n = x.shape[-1]
+        # log|det J| = (n - 1) log A + log(A + B); d/dr with dA/dr = -beta h^2, dB/dr = beta h^2 (2 h r - 1)
+        dld = (n - 1) * (-beta * h ** 2) / a + beta * h ** 2 * (2.0 * h * r - 2.0) / (a + b)
+        v = g - dld * e
+        return v / a - (b / (a * (a + b))) * e * (e * v).sum(-1, keepdim=True)  # J symmetric: J^{-1} v
+    # autoregressive (iaf, spline): J is triangular in the layer's variable order
+    n = x.shape[-1]
+    basis = torch.eye(n, dtype=x.dtype, device=x.device).reshape((n,) + (1,) * (x.dim() - 1) + (n,)).expand(
+        (n,) + x.shape)
+
+    def layer(x_):
+        y = t._call(x_)
+        return y, t.log_abs_det_jacobian(x_, y)
+
+    _, (jy, jld) = torch.func.vmap(lambda v: torch.func.jvp(layer, (x,), (v,)))(basis)
+    jac = jy.movedim(0, -1)  # (..., n, n): jac[..., i, j] = dy_i / dx_j
+    v = g - jld.movedim(0, -1)
+    perm = module.nn.get_permutation()  # output perm[i] depends on inputs perm[:i]
+    lower = jac[..., perm, :][..., :, perm]  # row/column i = variable perm[i]: lower triangular
+    sol = torch.linalg.solve_triangular(lower.transpose(-1, -2), v[..., perm].unsqueeze(-1), upper=True)
+    out = torch.empty_like(v)
+    out[..., perm] = sol.squeeze(-1)
+    return out
 
 
 # --------------------------------------------------------------------------- head
@@ -202,10 +331,9 @@ class FlowHead(nn.Module):
                 else:  # pragma: no cover - validated by Flow
                     raise ConfigError(f"unknown flow {flow!r}")
         self.transforms = nn.ModuleList(layers)
-        self._twins = [_twin(t) for t in layers]  # a plain list: the twins own no parameters
 
     def q(self, h: torch.Tensor, *, validate_args=False):
-        """q alone (no stop-gradient twin), batch ``h.shape[:-1]``, event ``(n,)``.
+        """q alone (no stop-gradient score), batch ``h.shape[:-1]``, event ``(n,)``.
 
         The base Gaussian is not argument-checked by default: its scale is ``softplus(.) + min_scale``.
         """
@@ -216,15 +344,15 @@ class FlowHead(nn.Module):
         scale = F.softplus(raw) + self.min_scale
         base = dist.Normal(loc, scale, validate_args=validate_args).to_event(1)
         transforms = [t.condition(h) for t in self.transforms]
-        return dist.TransformedDistribution(base, transforms, validate_args=validate_args), loc, scale
+        return FlowDistribution(base, transforms, validate_args=validate_args), loc, scale
 
     def forward(self, h: torch.Tensor) -> tuple:
-        """``(q, q_stop_gradient)`` with batch ``h.shape[:-1]`` and event ``(n,)``."""
+        """``(q, q_stop_gradient)`` with batch ``h.shape[:-1]`` and event ``(n,)``.
+
+        ``q_stop_gradient`` (:class:`DetachedFlowScore`) scores q's own draw from what q's sampler recorded.
+        """
         q, loc, scale = self._q(h)
-        hd = h.detach()
-        base_sg = dist.Normal(loc.detach(), scale.detach()).to_event(1)
-        q_sg = dist.TransformedDistribution(base_sg, [t.condition(hd) for t in self._twins])
-        return q, q_sg
+        return q, DetachedFlowScore(self, h, loc, scale, q.draw, q.batch_shape, q.event_shape)
 
     pair = forward
 
