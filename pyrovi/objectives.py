@@ -51,7 +51,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from . import fastpath
 from .errors import ConfigError, check_positive, lookup
-from .stop_gradient import ScaleLatentGradients, StopGradientScorer
+from .stop_gradient import ScaleLatentGradients, StopGradientScorer, fast_stop_gradient_weights
 from .stratify import strata
 from .traces import ScaleLatents, guess_max_plate_nesting
 from .weights import LogWeights, log_weights
@@ -318,13 +318,74 @@ class STL(Objective):
     """
 
     name = "stl"
-    has_fast_path = False  # log q under detached parameters is read from the guide's trace
+
+    def __init__(self, particles: int = 1, warm_start: Optional[int] = None):
+        super().__init__(particles)
+        _init_warm_start(self, warm_start)
+
+    def check_guide(self, guide) -> None:
+        """Resolves the automatic warm start (``warm_start=None``) for ``guide``; see :func:`flow_warm_start`."""
+        _resolve_warm_start(self, guide)
+
+    def config(self) -> dict:
+        """JSON-able description (name, particles and, when set, warm_start)."""
+        return _warm_config(self, super().config())
 
     def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
-        lw = self._elbo_weights(model, guide, args, kwargs, depth, guide_log_prob=StopGradientScorer())
+        if _warming(self):  # the plain ELBO gradient (same value)
+            if fast:
+                return iw_bound(fastpath.fast_elbo_weights(model, guide, *args, particles=self.particles, beta=beta),
+                                alpha=1.0)
+            return iw_bound(self._elbo_weights(model, guide, args, kwargs, depth), alpha=1.0)
+        if fast and strata(guide) == 1:
+            lw = fast_stop_gradient_weights(model, guide, args, self.particles, beta)
+        else:
+            if fast and beta != 1.0:  # a mixture guide's stratified draws are traced: beta into the traces
+                model, guide = ScaleLatents(beta)(model), ScaleLatents(beta)(guide)
+            lw = self._elbo_weights(model, guide, args, kwargs, depth, guide_log_prob=StopGradientScorer())
         log_w = lw.log_w  # (S, B) or (S, 1)
         assert log_w.dim() == 2 and log_w.shape[0] == self.particles * strata(guide)
         return iw_bound(lw, alpha=1.0)  # = scale * sum_b mean_s log w_{s,b}
+
+
+#: steps of plain ELBO/IWAE gradient before ``stl``/``dreg`` on a flow guide, when ``warm_start`` is None
+FLOW_WARM_START = 0
+
+
+def flow_warm_start(guide) -> int:
+    """The automatic warm start of ``stl``/``dreg`` for ``guide``: :data:`FLOW_WARM_START` steps for a guide
+    with a normalizing-flow site (``Flow``, ``Auto(family="flow")``), else 0 (see docs/objectives.md)."""
+    from .guides.flow import FlowHead
+
+    heads = getattr(guide, "heads", None)
+    flows = heads is not None and any(isinstance(getattr(h, "linear", h), FlowHead) for h in heads.values())
+    return FLOW_WARM_START if flows else 0
+
+
+def _init_warm_start(obj, warm_start) -> None:
+    if warm_start is not None:
+        check_positive("warm_start", warm_start, integer=True, allow_zero=True)
+    obj.warm_start = warm_start  # None: automatic, resolved by check_guide (fit asks it before training)
+    obj._warm_steps = 0 if warm_start is None else int(warm_start)
+    obj._steps = 0  # gradient steps seen (calls with gradients enabled)
+
+
+def _resolve_warm_start(obj, guide) -> None:
+    obj._warm_steps = flow_warm_start(guide) if obj.warm_start is None else int(obj.warm_start)
+
+
+def _warming(obj) -> bool:
+    """Count a gradient step; True while it is one of the first ``_warm_steps``."""
+    if not torch.is_grad_enabled():
+        return False
+    obj._steps += 1
+    return obj._steps <= obj._warm_steps
+
+
+def _warm_config(obj, d: dict) -> dict:
+    if obj.warm_start is not None:
+        d["warm_start"] = obj.warm_start
+    return d
 
 
 class DReG(Objective):
@@ -354,26 +415,45 @@ class DReG(Objective):
     """
 
     name = "dreg"
-    has_fast_path = False  # log q under detached parameters is read from the guide's trace
 
-    def __init__(self, particles: int = 8):
+    def __init__(self, particles: int = 8, warm_start: Optional[int] = None):
         super().__init__(particles)
+        _init_warm_start(self, warm_start)
+
+    def config(self) -> dict:
+        """JSON-able description (name, particles and, when set, warm_start)."""
+        return _warm_config(self, super().config())
 
     def check_guide(self, guide) -> None:
         """A point-mass guide (``guide.point_mass``: Delta, Codebook) has no density to reparameterize twice:
-        its S draws are equal, and the estimator would scale the encoder's gradient by 1/S."""
+        its S draws are equal, and the estimator would scale the encoder's gradient by 1/S. Also resolves
+        the automatic warm start (see :func:`flow_warm_start`)."""
         if getattr(guide, "point_mass", False):
             raise ConfigError(f"objective 'dreg' does not support the guide {type(guide).__name__}: q is a point mass, "
                               "so the doubly reparameterized gradient does not apply; use 'elbo' (or 'iwae', which "
                               "equals it for a point mass)")
+        _resolve_warm_start(self, guide)
 
     def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
-        if depth is None:
-            depth = guess_max_plate_nesting(model, guide, args, kwargs)
-        scale = ScaleLatentGradients(rank=depth + 1, data_plate=self.data_plate)
-        with scale:  # outermost handler: wraps the latents where the model reads them
-            lw = log_weights(model, guide, *args, particles=self.particles, max_plate_nesting=depth,
-                             data_plate=self.data_plate, guide_log_prob=StopGradientScorer(scale), **kwargs)
+        if _warming(self):  # the plain IWAE gradient (same value)
+            if fast:
+                lw = fastpath.fast_log_weights(model, guide, *args, particles=self.particles, beta=beta)
+            else:
+                lw = log_weights(model, guide, *args, particles=self.particles, max_plate_nesting=depth,
+                                 data_plate=self.data_plate, **kwargs)
+            return iw_bound(lw, alpha=0.0)
+        if fast and strata(guide) == 1:
+            scale = ScaleLatentGradients(rank=2, data_plate=self.data_plate)
+            lw = fast_stop_gradient_weights(model, guide, args, self.particles, beta, scale)
+        else:
+            if fast and beta != 1.0:  # a mixture's twin is read from the traces: beta into the traces
+                model, guide = ScaleLatents(beta)(model), ScaleLatents(beta)(guide)
+            if depth is None:
+                depth = guess_max_plate_nesting(model, guide, args, kwargs)
+            scale = ScaleLatentGradients(rank=depth + 1, data_plate=self.data_plate)
+            with scale:  # outermost handler: wraps the latents where the model reads them
+                lw = log_weights(model, guide, *args, particles=self.particles, max_plate_nesting=depth,
+                                 data_plate=self.data_plate, guide_log_prob=StopGradientScorer(scale), **kwargs)
         log_w = lw.log_w  # (S, B) or (S, 1)
         assert log_w.dim() == 2 and log_w.shape[0] == self.particles
         scale.set_weights(torch.softmax(log_w.detach(), dim=0))  # normalized weights per datapoint, (S, B)

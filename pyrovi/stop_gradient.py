@@ -47,9 +47,10 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import transforms as T
 
 from .errors import ConfigError
+from .distributions import DiagonalNormal
 from .traces import data_dim
 
-__all__ = ["STOP_GRADIENT_FN", "ScaleLatentGradients", "StopGradientScorer", "detach_distribution"]
+__all__ = ["STOP_GRADIENT_FN", "ScaleLatentGradients", "StopGradientScorer", "detach_distribution", "detached"]
 
 #: ``infer`` key under which pyrovi's guides store the stop-gradient twin of a site's distribution.
 STOP_GRADIENT_FN = "pyrovi_stop_gradient_fn"
@@ -110,6 +111,50 @@ def detach_distribution(fn):
     )
 
 
+def detached(q):
+    """The stop-gradient twin of ``q`` itself: its own (a flow's recorded-draw score) or :func:`detach_distribution`."""
+    own = getattr(q, "stop_gradient", None)
+    if callable(own):
+        return own()
+    if isinstance(q, DiagonalNormal):  # the same lean formulas as q's own log_prob
+        return DiagonalNormal(q._loc_arg.detach(), q._scale_arg.detach(), q.reinterpreted_batch_ndims,
+                              validate_args=False)
+    return detach_distribution(q)
+
+
+def fast_stop_gradient_weights(model, guide, args: tuple, particles: int, beta: float = 1.0,
+                               scale: "ScaleLatentGradients | None" = None):
+    """:func:`pyrovi.fastpath.fast_log_weights` with ``log q`` scored by each q's stop-gradient twin.
+
+    For pyrovi's model/guide pairs without mixture sites (the fast path's plain draws):
+    ``particles`` draws ``z ~ q`` per site; with ``scale`` (DReG) the model and the twin read
+    ``z`` through :class:`ScaleLatentGradients` (``rank`` 2: particles, datapoints).
+    Returns :class:`~pyrovi.weights.LogWeights` with shapes ``(S, B)``.
+    """
+    from .weights import LogWeights
+
+    x, y = args[0], (args[1] if len(args) > 1 else None)
+    qs = guide.posterior(x, y)  # {site: q}, batch (B,)
+    z, log_q = {}, None
+    for s, q in qs.items():
+        v = q.rsample((particles,))  # (S, B, *event)
+        n = len(q.event_shape)
+        if scale is not None:
+            v = scale.wrap(v, n, None)
+        z[s] = v
+        lq = detached(q).log_prob(v)  # (S, B)
+        log_q = lq if log_q is None else log_q + lq
+    log_lik, priors = model.fast_log_joint(x, z, y)
+    log_prior = None
+    for s in qs:
+        lp = priors[s].log_prob(z[s])
+        log_prior = lp if log_prior is None else log_prior + lp
+    if log_lik.shape != log_q.shape:
+        log_lik = log_lik.expand_as(log_q)
+    log_w = log_lik + (log_prior - log_q) if beta == 1.0 else log_lik + beta * (log_prior - log_q)
+    return LogWeights(log_w, log_lik + log_prior, log_q, log_lik, 1.0, True, None, None, None)
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient by ``scaler.factor(layout)``."""
 
@@ -142,8 +187,11 @@ class ScaleLatentGradients(Messenger):
         self.weights = w.detach()
 
     def layout(self, value: torch.Tensor, event_dim: int, site) -> tuple:
-        """``(batch dims, event dims, data dim or None)`` of ``value`` at ``site`` (a trace node or message)."""
-        return value.dim() - event_dim, event_dim, data_dim(site, self.data_plate)
+        """``(batch dims, event dims, data dim or None)`` of ``value`` at ``site`` (a trace node or message).
+
+        ``site`` None: the fast path's ``(S, B, *event)`` value, data at batch dim -1.
+        """
+        return value.dim() - event_dim, event_dim, -1 if site is None else data_dim(site, self.data_plate)
 
     def factor(self, layout: tuple, grad: torch.Tensor) -> torch.Tensor:
         if self.weights is None:

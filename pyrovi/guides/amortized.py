@@ -77,6 +77,11 @@ class SiteSpec(NamedTuple):
     support: object  # torch constraint; q lives on R^n and is mapped by biject_to(support)
     unconstrained_shape: tuple  # event shape before biject_to (differs for e.g. simplex)
 
+    def __deepcopy__(self, memo):
+        # immutable; a copy must keep torch's constraint singletons, which are compared by identity
+        # (a copied constraints.real would wrap a copied guide's q in a needless TransformedDistribution)
+        return self
+
 
 def _is_real(support) -> bool:
     while isinstance(support, constraints.independent):

@@ -148,12 +148,19 @@ class FlowDistribution(dist.TransformedDistribution):
     def __init__(self, base_distribution, transforms, draw: Optional[_Draw] = None, validate_args=None):
         super().__init__(base_distribution, transforms, validate_args=validate_args)
         self.draw = _Draw() if draw is None else draw
+        self._score = None  # () -> DetachedFlowScore, set by the head that built this q
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(FlowDistribution, _instance)
         new = super().expand(batch_shape, _instance=new)
-        new.draw = self.draw
+        new.draw, new._score = self.draw, self._score
         return new
+
+    def stop_gradient(self) -> "DetachedFlowScore":
+        """The stop-gradient score of this q's draws (see :func:`pyrovi.stop_gradient.detached`)."""
+        if self._score is None:
+            raise ConfigError("this flow distribution was not built by a FlowHead: it has no stop-gradient score")
+        return self._score()
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         x = self.base_dist.rsample(sample_shape)
@@ -221,7 +228,7 @@ class DetachedFlowScore(dist.TorchDistribution):
         with torch.no_grad():
             g = -(us[0] - self.loc) / self.scale ** 2
             for t, x in zip(self.head.transforms, us[:-1]):
-                g = _transpose_solve_step(t, t.condition(self.h), x, g)
+                g = _transpose_solve_step(t, t.condition(self.h), self.h, x, g)
         return g
 
 
@@ -238,8 +245,8 @@ class _ScoreFromDraw(torch.autograd.Function):
         return grad.unsqueeze(-1) * ctx.score.value_gradient().to(grad.dtype), None
 
 
-def _transpose_solve_step(module, t, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``J^{-T} (g - grad_x log|det J|)`` for the layer ``module`` conditioned as ``t``, at ``x`` (no gradients)."""
+def _transpose_solve_step(module, t, ctx: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``J^{-T} (g - grad_x log|det J|)`` for the layer ``module`` conditioned on ``ctx`` as ``t``, at ``x``."""
     if isinstance(t, ConditionedPlanar):
         # y = x + u tanh(w.x + b): J = I + u psi^T, psi = (1 - tanh^2) w, log|det J| = log|1 + psi.u|
         bias, u, w = t._params() if callable(t._params) else t._params
@@ -267,23 +274,86 @@ def _transpose_solve_step(module, t, x: torch.Tensor, g: torch.Tensor) -> torch.
         v = g - dld * e
         return v / a - (b / (a * (a + b))) * e * (e * v).sum(-1, keepdim=True)  # J symmetric: J^{-1} v
     # autoregressive (iaf, spline): J is triangular in the layer's variable order
-    n = x.shape[-1]
-    basis = torch.eye(n, dtype=x.dtype, device=x.device).reshape((n,) + (1,) * (x.dim() - 1) + (n,)).expand(
-        (n,) + x.shape)
-
-    def layer(x_):
-        y = t._call(x_)
-        return y, t.log_abs_det_jacobian(x_, y)
-
-    _, (jy, jld) = torch.func.vmap(lambda v: torch.func.jvp(layer, (x,), (v,)))(basis)
-    jac = jy.movedim(0, -1)  # (..., n, n): jac[..., i, j] = dy_i / dx_j
-    v = g - jld.movedim(0, -1)
+    jac, grad_ld = _autoregressive_jacobian(module, t, ctx, x)
+    v = g - grad_ld
     perm = module.nn.get_permutation()  # output perm[i] depends on inputs perm[:i]
     lower = jac[..., perm, :][..., :, perm]  # row/column i = variable perm[i]: lower triangular
     sol = torch.linalg.solve_triangular(lower.transpose(-1, -2), v[..., perm].unsqueeze(-1), upper=True)
     out = torch.empty_like(v)
     out[..., perm] = sol.squeeze(-1)
     return out
+
+
+def _made_params(arn, h: torch.Tensor) -> tuple:
+    """Split a MADE's last-layer output ``(..., m n)`` into its parameters, as the MADE's own forward does."""
+    if arn.output_multiplier == 1:
+        return h
+    h = h.reshape(h.shape[:-1] + (arn.output_multiplier, arn.input_dim))
+    if arn.count_params == 1:
+        return h
+    if arn.all_ones:
+        return torch.unbind(h, dim=-2)
+    return tuple(h[..., sl, :] for sl in arn.param_slices)
+
+
+def _slope(f, a: torch.Tensor) -> torch.Tensor:
+    """``f'(a)`` of the MADE's elementwise nonlinearity ``f``."""
+    if isinstance(f, nn.ReLU):
+        return (a > 0).to(a.dtype)
+    with torch.enable_grad():
+        a_ = a.detach().requires_grad_(True)
+        return torch.autograd.grad(f(a_).sum(), a_)[0]
+
+
+def _autoregressive_jacobian(module, t, ctx: torch.Tensor, x: torch.Tensor) -> tuple:
+    """``(dy/dx (..., n, n), grad_x log|det J| (..., n))`` of the conditioned autoregressive layer ``t`` at ``x``.
+
+    The layer is ``y_i = phi(x_i; theta_i(x))`` with ``theta = MADE(x, context)``. The MADE's
+    Jacobian (``ConditionalAutoRegressiveNN``: masked linear layers and an elementwise
+    nonlinearity) is carried forward by hand, one tangent per input direction, so the
+    context's share of the first layer is never differentiated; ``phi``'s partial derivatives
+    in ``x_i`` and ``theta_i`` come from two reverse passes over the layer's own map (each
+    output reads only its own coordinate's parameters), and the chain rule joins the two.
+    """
+    arn, n = module.nn, x.shape[-1]
+    inp = torch.cat([ctx.expand(x.shape[:-1] + ctx.shape[-1:]), x], dim=-1)
+    c = inp.shape[-1] - n
+    lead = (n,) + (1,) * (x.dim() - 1)  # the direction dim, broadcast over the batch
+    first = arn.layers[0]
+    a = first(inp)
+    tan = (first.weight * first.mask)[:, c:].T.reshape(lead + (-1,))  # (n, 1.., H): d a / d x_j
+    for layer in arn.layers[1:]:
+        tan = tan * _slope(arn.f, a)  # (n, ..., H)
+        tan = (tan.reshape(-1, tan.shape[-1]) @ (layer.weight * layer.mask).T).reshape(tan.shape[:-1] + (-1,))
+        a = layer(arn.f(a))
+    if arn.skip_layer is not None:
+        a = a + arn.skip_layer(inp)
+        tan = tan + (arn.skip_layer.weight * arn.skip_layer.mask)[:, c:].T.reshape(lead + (-1,))
+    single = arn.output_multiplier == 1 or arn.count_params == 1
+    params = _made_params(arn, a)
+    params = (params,) if single else tuple(params)
+    tans = _made_params(arn, tan.expand((n,) + a.shape))
+    tans = (tans,) if single else tuple(tans)
+    with torch.enable_grad():
+        x_ = x.detach().requires_grad_(True)
+        ps = [p.detach().requires_grad_(True) for p in params]
+        given = (lambda _: ps[0]) if single else (lambda _: tuple(ps))  # the MADE's output, given
+        if hasattr(t, "spline"):  # a spline layer reads its MADE through its spline's own reference
+            t.spline.nn = given
+        else:
+            t.arn = given
+        y = t(x_)  # Transform.__call__ caches (x, y): log_abs_det_jacobian then reads the cached value
+        ld = t.log_abs_det_jacobian(x_, y)
+        dy = torch.autograd.grad(y.sum(), [x_] + ps, retain_graph=True, allow_unused=True)
+        dld = torch.autograd.grad(ld.sum(), [x_] + ps, allow_unused=True)
+    jac = torch.diag_embed(dy[0])
+    grad_ld = torch.zeros_like(x) if dld[0] is None else dld[0]  # an affine layer's log|det| reads theta only
+    for gy, gl, tp in zip(dy[1:], dld[1:], tans):  # tp (n, ..., [k,] n): d theta / d x_j
+        if gy is not None:  # y_i reads theta[..., i] only: d y_i / d x_j = sum_k dy_i/dtheta_ki dtheta_ki/dx_j
+            jac = jac + (gy.unsqueeze(0) * tp).reshape((n,) + x.shape[:-1] + (-1, n)).sum(-2).movedim(0, -1)
+        if gl is not None:
+            grad_ld = grad_ld + (gl.unsqueeze(0) * tp).reshape((n,) + x.shape[:-1] + (-1,)).sum(-1).movedim(0, -1)
+    return jac, grad_ld  # jac[..., i, j] = dy_i / dx_j
 
 
 # --------------------------------------------------------------------------- head
@@ -344,15 +414,17 @@ class FlowHead(nn.Module):
         scale = F.softplus(raw) + self.min_scale
         base = dist.Normal(loc, scale, validate_args=validate_args).to_event(1)
         transforms = [t.condition(h) for t in self.transforms]
-        return FlowDistribution(base, transforms, validate_args=validate_args), loc, scale
+        q = FlowDistribution(base, transforms, validate_args=validate_args)
+        q._score = partial(DetachedFlowScore, self, h, loc, scale, q.draw, q.batch_shape, q.event_shape)
+        return q, loc, scale
 
     def forward(self, h: torch.Tensor) -> tuple:
         """``(q, q_stop_gradient)`` with batch ``h.shape[:-1]`` and event ``(n,)``.
 
         ``q_stop_gradient`` (:class:`DetachedFlowScore`) scores q's own draw from what q's sampler recorded.
         """
-        q, loc, scale = self._q(h)
-        return q, DetachedFlowScore(self, h, loc, scale, q.draw, q.batch_shape, q.event_shape)
+        q = self._q(h)[0]
+        return q, q.stop_gradient()
 
     pair = forward
 
