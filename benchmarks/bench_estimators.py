@@ -8,14 +8,25 @@ for every guide with ``elbo``, ``stl`` (1 particle) and ``iwae``, ``dreg`` (K pa
 steps interleaved round-robin so load changes hit all objectives alike, and prints the
 medians and the ratios ``stl/elbo`` and ``dreg/iwae`` (target of issue 17: at most 1.3).
 
-    PYTHONPATH=. python benchmarks/bench_estimators.py [--steps 30] [--k 8] [--threads 1]
+    PYTHONPATH=. python benchmarks/bench_estimators.py [--steps 30] [--k 8] [--threads 1] [--before REV]
+
+With ``--before REV`` (a git revision, e.g. ``d8dc016``: main before the stop-gradient score read
+the flow's recorded draw), the same measurement also runs on that revision's ``pyrovi`` package
+(extracted with ``git archive`` into a temporary directory, in a subprocess) and the table shows
+both revisions' ratios side by side: before and after, from one command.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pyro
 import torch
@@ -52,6 +63,36 @@ def _steppers(gname: str, data, k: int, batch: int):
     return out
 
 
+def measure(gname: str, data, a) -> dict:
+    """Median ms per step of each objective for guide ``gname``."""
+    x = data.train.x
+    steppers = _steppers(gname, data, a.k, a.batch)
+    times = {o: [] for o in OBJECTIVES}
+    g = torch.Generator().manual_seed(0)
+    for i in range(a.warmup + a.steps):
+        idx = torch.randint(len(x), (a.batch,), generator=g)
+        order = OBJECTIVES[i % 4:] + OBJECTIVES[:i % 4]  # rotate: no objective always runs first
+        for o in order:
+            loss, opt = steppers[o]
+            t0 = time.perf_counter()
+            train_step(loss, opt, x[idx])
+            if i >= a.warmup:
+                times[o].append(time.perf_counter() - t0)
+    return {o: 1e3 * statistics.median(v) for o, v in times.items()}
+
+
+def _before(rev: str, argv: list) -> dict:
+    """Run this script on revision ``rev``'s pyrovi package in a subprocess; ``{guide: {objective: ms}}``."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", rev, "pyrovi"], cwd=root, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        env = {**os.environ, "PYTHONPATH": tmp}
+        out = subprocess.run([sys.executable, __file__, "--json", *argv], env=env, check=True,
+                             capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
@@ -60,30 +101,33 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--guides", default=",".join(GUIDES))
+    ap.add_argument("--before", default=None, help="git revision to compare against (see the module doc)")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # machine-readable, for --before
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     data = pv.data.load("digits")
-    x = data.train.x
+    if a.json:
+        print(json.dumps({g: measure(g, data, a) for g in a.guides.split(",")}))
+        return
+    argv = ["--steps", str(a.steps), "--warmup", str(a.warmup), "--k", str(a.k), "--batch", str(a.batch),
+            "--threads", str(a.threads), "--guides", a.guides]
+    before = _before(a.before, argv) if a.before else None
     print(f"digits VAE (8 latents, 128 hidden), batch {a.batch}, K={a.k} for iwae/dreg, {a.steps} steps, "
-          f"{a.threads} thread(s); median ms per step")
-    print("| guide | elbo | stl | iwae | dreg | stl/elbo | dreg/iwae |")
-    print("|---|---|---|---|---|---|---|")
+          f"{a.threads} thread(s); median ms per step" + (f"; before = revision {a.before}" if before else ""))
+    if before:
+        print("| guide | elbo | stl | iwae | dreg | stl/elbo | dreg/iwae | stl/elbo before | dreg/iwae before |")
+        print("|---|---|---|---|---|---|---|---|---|")
+    else:
+        print("| guide | elbo | stl | iwae | dreg | stl/elbo | dreg/iwae |")
+        print("|---|---|---|---|---|---|---|")
     for gname in a.guides.split(","):
-        steppers = _steppers(gname, data, a.k, a.batch)
-        times = {o: [] for o in OBJECTIVES}
-        g = torch.Generator().manual_seed(0)
-        for i in range(a.warmup + a.steps):
-            idx = torch.randint(len(x), (a.batch,), generator=g)
-            order = OBJECTIVES[i % 4:] + OBJECTIVES[:i % 4]  # rotate: no objective always runs first
-            for o in order:
-                loss, opt = steppers[o]
-                t0 = time.perf_counter()
-                train_step(loss, opt, x[idx])
-                if i >= a.warmup:
-                    times[o].append(time.perf_counter() - t0)
-        ms = {o: 1e3 * statistics.median(v) for o, v in times.items()}
-        print(f"| {gname} | {ms['elbo']:.1f} | {ms['stl']:.1f} | {ms['iwae']:.1f} | {ms['dreg']:.1f} | "
-              f"{ms['stl'] / ms['elbo']:.2f} | {ms['dreg'] / ms['iwae']:.2f} |", flush=True)
+        ms = measure(gname, data, a)
+        row = (f"| {gname} | {ms['elbo']:.1f} | {ms['stl']:.1f} | {ms['iwae']:.1f} | {ms['dreg']:.1f} | "
+               f"{ms['stl'] / ms['elbo']:.2f} | {ms['dreg'] / ms['iwae']:.2f} |")
+        if before:
+            b = before[gname]
+            row += f" {b['stl'] / b['elbo']:.2f} | {b['dreg'] / b['iwae']:.2f} |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

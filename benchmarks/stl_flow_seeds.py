@@ -74,7 +74,7 @@ GUIDES = {
 
 
 def run(guide_name: str, objective: str, seed: int, x: torch.Tensor, *, epochs: int = 60,
-        clip_norm=None, particles=None, warm_start=None) -> dict:
+        clip_norm=None, particles=None, warm_start=None, eval_particles: int = 1000, eval_rows: int = 400) -> dict:
     """One training run; ``{"diverged", "loss", "gap", "seconds"}`` (gap None after a divergence)."""
     torch.manual_seed(seed)  # the guide's initial weights
     pyro.set_rng_seed(seed)
@@ -92,7 +92,8 @@ def run(guide_name: str, objective: str, seed: int, x: torch.Tensor, *, epochs: 
         return {"diverged": True, "loss": math.nan, "gap": None, "seconds": time.perf_counter() - t0,
                 "error": str(e).splitlines()[0]}
     loss = float(r.history[-1]["train_loss"])
-    return {"diverged": False, "loss": loss, "gap": elbo_gap(guide, x), "seconds": time.perf_counter() - t0}
+    return {"diverged": False, "loss": loss, "gap": elbo_gap(guide, x, eval_particles, eval_rows),
+            "seconds": time.perf_counter() - t0}
 
 
 def main() -> None:

@@ -349,7 +349,7 @@ class STL(Objective):
 
 
 #: steps of plain ELBO/IWAE gradient before ``stl``/``dreg`` on a flow guide, when ``warm_start`` is None
-FLOW_WARM_START = 0
+FLOW_WARM_START = 200
 
 
 def flow_warm_start(guide) -> int:

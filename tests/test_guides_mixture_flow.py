@@ -59,43 +59,40 @@ def test_flow_log_q_is_change_of_variables():
 
 
 @pytest.mark.parametrize("flow", FLOWS)
-def test_stop_gradient_twin_inverts_the_flow(flow):
-    """The twin scores any z (inverse), agrees with q on drawn z, and its z-gradient is J^{-T} grad_u."""
+def test_stop_gradient_score_reads_the_draw(flow):
+    """The score of q's own draw: log q bit for bit, gradient to z only, J^{-T} grad_u (no inversion)."""
     torch.manual_seed(1)
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        head = FlowHead(5, 3, flow=flow, depth=3)
-        h = torch.randn(1, 5)
-        q, q_sg = head(h)
-        z = q.rsample((3,))  # (3, 1, 3)
-        zz = z.detach().clone().requires_grad_(True)
-        lp = q_sg.log_prob(zz)
-        torch.testing.assert_close(lp, q.log_prob(z).detach())
-        (g_twin,) = torch.autograd.grad(lp.sum(), zz)
-        assert all(p.grad is None for p in head.parameters())  # detached weights: nothing reaches them
+    head = FlowHead(5, 3, flow=flow, depth=3).double()
+    h = torch.randn(2, 5, dtype=torch.float64)
+    q, q_sg = head(h)
+    z = q.rsample((3,))  # (3, 2, 3)
+    zz = z.detach().clone().requires_grad_(True)  # a copy of the draw, as DReG scores it
+    lp = q_sg.log_prob(zz)
+    assert torch.equal(lp.detach(), q.log_prob(z).detach())  # the same numbers, the same operations
+    (g_z,) = torch.autograd.grad(lp.sum(), zz)
+    assert all(p.grad is None for p in head.parameters())  # detached weights: nothing reaches them
+    u0 = q.draw.us[0]
 
-        def forward(u):  # u (3,) -> z (3,), the flow for this context
-            for t in q.transforms:
-                u = t(u.unsqueeze(0)).squeeze(0)
-            return u
+    def forward(u):  # the whole flow for all draws (each draw's output reads only its own input)
+        for t in q.transforms:
+            u = t(u)
+        return u
 
-        u0 = q.base_dist.rsample((3,)).detach()  # fresh points to check the gradient identity at
-        for i in range(3):
-            u = u0[i, 0].clone().requires_grad_(True)
-            J = torch.autograd.functional.jacobian(forward, u)
+    for s in range(3):
+        for b in range(2):
+            def one(v, s=s, b=b):
+                u = u0.clone()
+                u[s, b] = v
+                return forward(u)[s, b]
 
-            def log_q_of_u(v):
-                Jv = torch.autograd.functional.jacobian(forward, v, create_graph=True)
-                return q.base_dist.log_prob(v.unsqueeze(0)).sum() - torch.linalg.slogdet(Jv)[1]
-
-            (g_u,) = torch.autograd.grad(log_q_of_u(u), u)
-            zi = forward(u0[i, 0]).detach().reshape(1, 3).requires_grad_(True)
-            (g_z,) = torch.autograd.grad(q_sg.log_prob(zi).sum(), zi)
-            torch.testing.assert_close(g_z[0], torch.linalg.solve(J.T, g_u), rtol=1e-6, atol=1e-8)
-        assert torch.isfinite(g_twin).all()
-    finally:
-        torch.set_default_dtype(dtype)
+            v = u0[s, b].clone().requires_grad_(True)
+            J = torch.autograd.functional.jacobian(one, v, create_graph=True)
+            base = torch.distributions.Normal(q.base_dist.base_dist.loc[b].detach(),
+                                              q.base_dist.base_dist.scale[b].detach())
+            (g_u,) = torch.autograd.grad(base.log_prob(v).sum() - torch.linalg.slogdet(J)[1], v)
+            torch.testing.assert_close(g_z[s, b], torch.linalg.solve(J.detach().T, g_u), rtol=1e-9, atol=1e-10)
+    with pytest.raises(RuntimeError, match="own last draw"):
+        q_sg.log_prob(torch.zeros(4, 2, 3, dtype=torch.float64))  # not the draw: refused, never inverted
 
 
 @pytest.mark.parametrize("dim", [1, 2])

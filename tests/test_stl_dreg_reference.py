@@ -124,7 +124,9 @@ def _reference_grads(model, guide, x, name: str, particles: int, seed: int) -> t
     log_q = _detached_log_q(site["fn"], site["value"], lw.log_q)
     log_w = lw.log_p - log_q  # (S, B)
     if name == "stl":
-        rho = 1.0 if lw.log_rho is None else lw.log_rho.exp().detach()
+        # stratified mixture draws: rho_s = C pi_c(s) carries the mixture weights' gradient (their
+        # density's score term is what STL drops, not the weights' own term of the bound)
+        rho = 1.0 if lw.log_rho is None else lw.log_rho.exp()
         bound = (rho * log_w).mean(0).sum()
     else:
         w = torch.softmax(log_w.detach(), 0)
@@ -139,8 +141,8 @@ def test_gradient_matches_float64_reference(family, objective, fast, float64_dra
     model = pv.models.LinearGaussian(W, sigma=1.0, learn=False)
     torch.manual_seed(0)
     guide = GUIDES[family](model)
-    x = model.sample_data(4, seed=1)
-    particles, seed = 3, 7
+    x = model.sample_data(3, seed=1)
+    particles, seed = 2, 7
     obj = pv.objectives.get(objective, particles=particles)
     obj.fast = fast
     pyro.set_rng_seed(seed)
