@@ -28,8 +28,9 @@ Mixture guides (``guide.strata > 1``) draw *stratified* ELBO particles
 weights as ``log_rho``; a caller that does not draw them so must not take the fast
 path for such a guide, hence :func:`supported`'s ``stratify`` flag. The lean
 distributions of :mod:`pyrovi.distributions` keep the rest of the step close to
-hand-written PyTorch (``benchmarks/RESULTS.md``). ``stl`` and ``dreg`` always go
-through Pyro: they score q under detached parameters, which the traces carry.
+hand-written PyTorch (``benchmarks/RESULTS.md``). ``stl`` and ``dreg`` take a fast
+path of their own for guides without mixture sites
+(:func:`pyrovi.stop_gradient.fast_stop_gradient_weights`).
 
 Which path ran is recorded by the caller: ``Objective.path_counts``.
 """

@@ -57,7 +57,7 @@ from .traces import ScaleLatents, guess_max_plate_nesting
 from .weights import LogWeights, log_weights
 
 __all__ = ["Objective", "ELBO", "MeanFieldELBO", "IWAE", "Renyi", "STL", "DReG", "get", "names", "OBJECTIVES",
-           "iw_bound"]
+           "iw_bound", "FLOW_WARM_START", "flow_warm_start"]
 
 
 class Objective:
@@ -315,6 +315,8 @@ class STL(Objective):
     loss = -ELBO, summed over datapoints, averaged over ``particles``.
 
     :param int particles: S, drawn vectorized.
+    :param warm_start: gradient steps that take the plain ELBO gradient first (same value); None
+        (default): :func:`flow_warm_start` of the guide ``fit`` trains (200 for flow guides, else 0).
     """
 
     name = "stl"
@@ -412,6 +414,8 @@ class DReG(Objective):
     loss = -IWAE bound, summed over datapoints (log-sum-exp per datapoint).
 
     :param int particles: S, drawn vectorized (default 8).
+    :param warm_start: gradient steps that take the plain IWAE gradient first (same value); None
+        (default): :func:`flow_warm_start` of the guide ``fit`` trains (200 for flow guides, else 0).
     """
 
     name = "dreg"

@@ -10,8 +10,11 @@ import math
 import sys
 from pathlib import Path
 
+import pyro
 import pytest
 import torch
+
+import pyrovi as pv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import stl_flow_seeds as lg  # noqa: E402
@@ -59,3 +62,44 @@ def test_ten_seeds_stl_and_dreg_on_flows():
         assert sum(r["diverged"] for r in rs) == 0, (key, [r.get("error") for r in rs])
     gaps = [r["gap"] for r in results["iaf", "stl"]]
     assert sum(gap <= 0.05 for gap in gaps) >= 8, gaps
+
+
+def _guide_grads(obj, model, guide, x, seed):
+    pyro.set_rng_seed(seed)
+    loss = obj(model, guide, x)
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(guide.parameters()))])
+
+
+@pytest.mark.parametrize("name,plain", [("stl", "elbo"), ("dreg", "iwae")])
+def test_warm_start_takes_the_plain_gradient_first(name, plain):
+    model = pv.models.LinearGaussian(torch.tensor([[1.0, 0.8], [0.9, 1.0], [1.0, 1.1]]), learn=False)
+    torch.manual_seed(0)
+    flow = pv.guides.Flow(model, flow="planar", depth=2, hidden=(8,))
+    x = model.sample_data(5, seed=1)
+    obj = pv.objectives.get({"name": name, "warm_start": 2}, particles=3)
+    assert obj.config()["warm_start"] == 2 and pv.objectives.get(obj.config()).warm_start == 2
+    ref = pv.objectives.get(plain, particles=3)
+    for step in range(3):
+        g, g_plain = _guide_grads(obj, model, flow, x, step), _guide_grads(ref, model, flow, x, step)
+        if step < 2:  # the same draws, the same surrogate: equal to float rounding
+            torch.testing.assert_close(g, g_plain)
+        else:  # its own estimator now: the score term is gone
+            assert (g - g_plain).abs().max() > 1e-3 * g_plain.abs().max()
+    with torch.no_grad():  # evaluation does not count as a step
+        obj(model, flow, x)
+    assert obj._steps == 3
+
+
+def test_automatic_warm_start_is_for_flows():
+    model = pv.models.LinearGaussian(torch.tensor([[1.0, 0.8], [0.9, 1.0]]), learn=False)
+    for guide, steps in ((pv.guides.Flow(model, flow="iaf", depth=1, hidden=(8,)), pv.objectives.FLOW_WARM_START),
+                         (pv.guides.Auto(model, family="flow", depth=1, hidden=(8,)), pv.objectives.FLOW_WARM_START),
+                         (pv.guides.DiagNormal(model, hidden=(8,)), 0)):
+        for name in ("stl", "dreg"):
+            obj = pv.objectives.get(name)
+            assert obj._warm_steps == 0  # outside fit: starts at once
+            obj.check_guide(guide)  # fit asks before training
+            assert obj._warm_steps == steps
+            assert "warm_start" not in obj.config()  # automatic: not pinned in a run's config
+    with pytest.raises(pv.errors.ConfigError, match="warm_start"):
+        pv.objectives.get("stl", warm_start=-1)

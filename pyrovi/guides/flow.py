@@ -25,12 +25,13 @@ so that every coordinate depends on every other after two layers; the order is
 fixed (not random) so a rebuilt guide matches its checkpoint.
 
 Sampling and scoring a *drawn* z use the forward pass only (Pyro caches the
-inverse). The ``stl``/``dreg`` objectives score z under a stop-gradient twin
-of the flow (the same transforms with detached weights), which must invert the
-flow: Pyro inverts the autoregressive layers; planar and radial layers have no
-inverse in Pyro, so this module adds one (:class:`InvertiblePlanar`: a 1-D
-root find for :math:`w^\\top x`, then one differentiable Newton step so the
-gradient is the implicit-function one; :class:`InvertibleRadial`: closed form).
+inverse). The ``stl``/``dreg`` objectives score the draw with detached weights
+from what the sampler recorded (:class:`FlowDistribution`,
+:class:`DetachedFlowScore`): nothing is inverted. Scoring an arbitrary z (not a
+draw) does invert: Pyro inverts the autoregressive layers; planar and radial
+layers have no inverse in Pyro, so this module adds one
+(:class:`InvertiblePlanar`: a 1-D root find for :math:`w^\\top x`, then one
+differentiable Newton step; :class:`InvertibleRadial`: closed form).
 """
 
 from __future__ import annotations
