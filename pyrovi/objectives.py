@@ -356,11 +356,11 @@ FLOW_WARM_START = 200
 
 def flow_warm_start(guide) -> int:
     """The automatic warm start of ``stl``/``dreg`` for ``guide``: :data:`FLOW_WARM_START` steps for a guide
-    with a normalizing-flow site (``Flow``, ``Auto(family="flow")``), else 0 (see docs/objectives.md)."""
-    from .guides.flow import FlowHead
-
+    with a normalizing-flow site (``Flow``, ``Auto(family="flow")``: a head that declares
+    ``stop_gradient_warm_start``), else 0 (see docs/objectives.md)."""
     heads = getattr(guide, "heads", None)
-    flows = heads is not None and any(isinstance(getattr(h, "linear", h), FlowHead) for h in heads.values())
+    flows = heads is not None and any(getattr(getattr(h, "linear", h), "stop_gradient_warm_start", False)
+                                      for h in heads.values())
     return FLOW_WARM_START if flows else 0
 
 

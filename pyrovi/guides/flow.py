@@ -375,6 +375,9 @@ def flow_options(*, flow="iaf", depth=4, flow_hidden=None, count_bins=8, bound=3
 class FlowHead(nn.Module):
     """``h (..., H)`` -> diagonal Gaussian over ``R^n`` pushed through ``depth`` conditional transforms of kind ``flow``."""
 
+    #: ``stl``/``dreg`` start with the plain gradient on this head (:func:`pyrovi.objectives.flow_warm_start`)
+    stop_gradient_warm_start = True
+
     def __init__(self, context_dim: int, dim: int, *, flow: str = "iaf", depth: int = 4, flow_hidden=None,
                  count_bins: int = 8, bound: float = 3.0, min_scale: float = 1e-4):
         super().__init__()
