@@ -50,8 +50,10 @@ from pyro.distributions.transforms import (
     ConditionalRadial,
     ConditionalSplineAutoregressive,
 )
+from pyro.distributions.transforms.affine_autoregressive import AffineAutoregressive
 from pyro.distributions.transforms.planar import ConditionedPlanar
 from pyro.distributions.transforms.radial import ConditionedRadial
+from pyro.distributions.transforms.utils import clamp_preserve_gradients
 from pyro.nn import ConditionalAutoRegressiveNN, DenseNN
 from torch import nn
 from torch.distributions import constraints
@@ -278,6 +280,11 @@ def _transpose_solve_step(module, t, ctx: torch.Tensor, x: torch.Tensor, g: torc
     jac, grad_ld = _autoregressive_jacobian(module, t, ctx, x)
     v = g - grad_ld
     perm = module.nn.get_permutation()  # output perm[i] depends on inputs perm[:i]
+    n = perm.numel()
+    order = torch.arange(n, device=perm.device)
+    if torch.equal(perm, order) or torch.equal(perm, order.flip(0)):  # J lower / upper triangular as it is
+        upper_t = bool(perm[0] == 0)  # J lower: J^T upper
+        return torch.linalg.solve_triangular(jac.transpose(-1, -2), v.unsqueeze(-1), upper=upper_t).squeeze(-1)
     lower = jac[..., perm, :][..., :, perm]  # row/column i = variable perm[i]: lower triangular
     sol = torch.linalg.solve_triangular(lower.transpose(-1, -2), v[..., perm].unsqueeze(-1), upper=True)
     out = torch.empty_like(v)
@@ -335,6 +342,13 @@ def _autoregressive_jacobian(module, t, ctx: torch.Tensor, x: torch.Tensor) -> t
     params = (params,) if single else tuple(params)
     tans = _made_params(arn, tan.expand((n,) + a.shape))
     tans = (tans,) if single else tuple(tans)
+    if isinstance(t, AffineAutoregressive) and not t.stable and not single:
+        # iaf, in closed form: y = exp(s) x + m (s clamped, its gradient kept, as Pyro does), log|det| = sum s
+        s = clamp_preserve_gradients(params[1], t.log_scale_min_clip, t.log_scale_max_clip)
+        scale = torch.exp(s)
+        tm, ts = tans  # (n, ..., n) each: d m_i / d x_j, d s_i / d x_j at [j, ..., i]
+        jac = torch.diag_embed(scale) + (tm + (scale * x) * ts).movedim(0, -1)
+        return jac, ts.sum(-1).movedim(0, -1)
     with torch.enable_grad():
         x_ = x.detach().requires_grad_(True)
         ps = [p.detach().requires_grad_(True) for p in params]
