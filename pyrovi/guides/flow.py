@@ -324,18 +324,18 @@ def _autoregressive_jacobian(module, t, ctx: torch.Tensor, x: torch.Tensor) -> t
     output reads only its own coordinate's parameters), and the chain rule joins the two.
     """
     arn, n = module.nn, x.shape[-1]
-    inp = torch.cat([ctx.expand(x.shape[:-1] + ctx.shape[-1:]), x], dim=-1)
-    c = inp.shape[-1] - n
+    c = ctx.shape[-1]
     lead = (n,) + (1,) * (x.dim() - 1)  # the direction dim, broadcast over the batch
     first = arn.layers[0]
-    a = first(inp)
-    tan = (first.weight * first.mask)[:, c:].T.reshape(lead + (-1,))  # (n, 1.., H): d a / d x_j
+    w1 = first.weight * first.mask  # (H, c + n): the MADE reads cat([context, x])
+    a = F.linear(ctx, w1[:, :c], first.bias) + F.linear(x, w1[:, c:])  # the context's share once, not per particle
+    tan = w1[:, c:].T.reshape(lead + (-1,))  # (n, 1.., H): d a / d x_j
     for layer in arn.layers[1:]:
         tan = tan * _slope(arn.f, a)  # (n, ..., H)
         tan = (tan.reshape(-1, tan.shape[-1]) @ (layer.weight * layer.mask).T).reshape(tan.shape[:-1] + (-1,))
         a = layer(arn.f(a))
     if arn.skip_layer is not None:
-        a = a + arn.skip_layer(inp)
+        a = a + arn.skip_layer(torch.cat([ctx.expand(x.shape[:-1] + ctx.shape[-1:]), x], dim=-1))
         tan = tan + (arn.skip_layer.weight * arn.skip_layer.mask)[:, c:].T.reshape(lead + (-1,))
     single = arn.output_multiplier == 1 or arn.count_params == 1
     params = _made_params(arn, a)
