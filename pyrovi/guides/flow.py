@@ -329,14 +329,15 @@ def _autoregressive_jacobian(module, t, ctx: torch.Tensor, x: torch.Tensor) -> t
     first = arn.layers[0]
     w1 = first.weight * first.mask  # (H, c + n): the MADE reads cat([context, x])
     a = F.linear(ctx, w1[:, :c], first.bias) + F.linear(x, w1[:, c:])  # the context's share once, not per particle
-    tan = w1[:, c:].T.reshape(lead + (-1,))  # (n, 1.., H): d a / d x_j
+    tan = w1[:, c:].T.contiguous().reshape(lead + (-1,))  # (n, 1.., H): d a / d x_j (contiguous: so are the
+    # products below, whose strides follow it, and their reshapes are views, not copies)
     for layer in arn.layers[1:]:
         tan = tan * _slope(arn.f, a)  # (n, ..., H)
         tan = (tan.reshape(-1, tan.shape[-1]) @ (layer.weight * layer.mask).T).reshape(tan.shape[:-1] + (-1,))
         a = layer(arn.f(a))
     if arn.skip_layer is not None:
         a = a + arn.skip_layer(torch.cat([ctx.expand(x.shape[:-1] + ctx.shape[-1:]), x], dim=-1))
-        tan = tan + (arn.skip_layer.weight * arn.skip_layer.mask)[:, c:].T.reshape(lead + (-1,))
+        tan = tan + (arn.skip_layer.weight * arn.skip_layer.mask)[:, c:].T.contiguous().reshape(lead + (-1,))
     single = arn.output_multiplier == 1 or arn.count_params == 1
     params = _made_params(arn, a)
     params = (params,) if single else tuple(params)
