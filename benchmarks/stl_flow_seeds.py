@@ -115,10 +115,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for g in a.guides.split(","):
         for o in a.objectives.split(","):
-            rs = [run(g, o, s, x, epochs=a.epochs, clip_norm=a.clip_norm, warm_start=a.warm_start)
-                  for s in range(a.first_seed, a.first_seed + a.seeds)]
-            for s, r in zip(range(a.first_seed, a.first_seed + a.seeds), rs):
-                print(f"  seed {s}: {r}", flush=True)
+            rs = []
+            for s in range(a.first_seed, a.first_seed + a.seeds):
+                rs.append(run(g, o, s, x, epochs=a.epochs, clip_norm=a.clip_norm, warm_start=a.warm_start))
+                print(f"  {g} {o} seed {s}: {rs[-1]}", flush=True)
             gaps = sorted(r["gap"] for r in rs if r["gap"] is not None)
             div = sum(r["diverged"] for r in rs)
             ok = sum(gp <= 0.05 for gp in gaps)
