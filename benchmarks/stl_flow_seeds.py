@@ -91,8 +91,8 @@ def run(guide_name: str, objective: str, seed: int, x: torch.Tensor, *, epochs: 
     except TrainingError as e:
         return {"diverged": True, "loss": math.nan, "gap": None, "seconds": time.perf_counter() - t0,
                 "error": str(e).splitlines()[0]}
-    loss = float(r.history[-1]["train_loss"])
-    return {"diverged": False, "loss": loss, "gap": elbo_gap(guide, x, eval_particles, eval_rows),
+    loss, first = float(r.history[-1]["train_loss"]), float(r.history[0]["train_loss"])
+    return {"diverged": False, "loss": loss, "first_loss": first, "gap": elbo_gap(guide, x, eval_particles, eval_rows),
             "seconds": time.perf_counter() - t0}
 
 
