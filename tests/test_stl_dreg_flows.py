@@ -37,11 +37,12 @@ def test_the_model_is_the_issues():
 
 @pytest.mark.parametrize("guide,objective", [("iaf", "stl"), ("planar", "dreg")])
 def test_two_seeds_train_without_divergence(guide, objective):
-    """The fast version: two seeds, 400 rows, 4 epochs; no divergence, and the training loss comes down."""
+    """The fast version: two seeds, 400 rows, 15 epochs; no divergence, and the training loss comes down."""
     x = lg.data(440)
     for seed in (0, 1):
-        # 16 steps: a warm start of 8 (the default 200 would cover them all), then the estimator itself
-        r = lg.run(guide, objective, seed, x, epochs=4, warm_start=8, eval_particles=50, eval_rows=100)
+        # 60 steps: a warm start of 40 (the default 200 would cover them all), then 20 of the estimator itself
+        # (with a warm start of 8, iaf + stl climbs from 19 to 36 nats in 16 steps: why the warm start exists)
+        r = lg.run(guide, objective, seed, x, epochs=15, warm_start=40, eval_particles=50, eval_rows=100)
         assert not r["diverged"], r.get("error")
         assert math.isfinite(r["loss"]) and math.isfinite(r["gap"])
         assert r["loss"] < r["first_loss"], r
