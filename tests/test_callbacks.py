@@ -183,3 +183,15 @@ def test_patience_counts_validations(digits, capsys):
     assert after == validated[-2:] and run.history[-1]["epoch"] == validated[-1] < 40
     assert all(e % 2 == 0 for e in validated)
     assert "no validation improvement for 2 validations" in capsys.readouterr().out
+
+
+def test_example_runs_quick(tmp_path):
+    pytest.importorskip("tensorboard", reason='needs tensorboard: pip install "pyrovi[tensorboard]"')
+    import runpy
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                          "callbacks_tensorboard.py")
+    results = runpy.run_path(script, run_name="example")["main"](["--quick", "--out", str(tmp_path)])
+    assert results["validated_epochs"] == [2, 4] and results["checkpoints"] == [1, 2, 3, 4]
+    assert [s for s, _ in results["val_loss_from_tensorboard"]] == [results["steps"] // 2, results["steps"]]
+    assert (tmp_path / "step_losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
