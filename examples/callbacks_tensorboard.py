@@ -77,9 +77,8 @@ def main(argv=None) -> dict:
     train = events.Scalars("epoch/train_loss")
     ax.plot([e.step for e in train], [e.value for e in train], "o-", label="epoch train loss")
     ax.plot(*zip(*val), "s--", label="validation loss (every 2nd epoch and the last)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss = -ELBO (nats / datapoint)")
-    ax.set_title("What the callback and the TensorBoard logger saw")
+    ax.set(xlabel="optimizer step", ylabel="loss = -ELBO (nats / datapoint)",
+           title="What the callback and the TensorBoard logger saw")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
