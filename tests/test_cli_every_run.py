@@ -8,6 +8,7 @@ it in-process: exit 0, the files it promises, no traceback.
 import argparse
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -102,6 +103,10 @@ def _report(d, kind, capsys, tmp_path, runs):
     _ok(capsys, ["report", d])
     for f in ("report.md", "report.html") + (() if kind in NO_DECODER else ("reconstructions.png",)):
         assert os.path.isfile(os.path.join(d, f)), f
+    with open(os.path.join(d, "report.html"), encoding="utf-8") as fh:
+        page = fh.read()
+    links = re.findall(r'href="#([^"]+)"', page)  # the contents line links every section, and the ids exist
+    assert {"setup", "training", "figures"} <= set(links) and all(f'id="{a}"' in page for a in links), links
 
 
 def _train_prior(d, kind, capsys, tmp_path, runs):
