@@ -195,3 +195,13 @@ def test_example_runs_quick(tmp_path):
     assert results["validated_epochs"] == [2, 4] and results["checkpoints"] == [1, 2, 3, 4]
     assert [s for s, _ in results["val_loss_from_tensorboard"]] == [results["steps"] // 2, results["steps"]]
     assert (tmp_path / "step_losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_val_every_may_change_on_resume_and_lr_still_may_not(digits, tmp_path):
+    d = str(tmp_path / "r")
+    pv.fit(*_vae(digits), digits, epochs=1, out=d, **TINY)
+    run = pv.fit(*_vae(digits), digits, epochs=4, val_every=3, out=d, resume=True, **TINY)
+    assert [h["val_loss"] is not None for h in run.history] == [True, False, True, True]
+    assert run.config["train"]["val_every"] == 3  # config.json records what the epochs after the resume used
+    with pytest.raises(ConfigError, match="only epochs, patience and val_every may change"):
+        pv.fit(*_vae(digits), digits, epochs=5, out=d, resume=True, **{**TINY, "lr": 0.5})
