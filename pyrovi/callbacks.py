@@ -4,16 +4,13 @@ A callback is an object with any of the hooks of :class:`Callback` (subclass it 
 override what you need); pass a list as ``pyrovi.fit(..., callbacks=[...])``. The loop
 of :mod:`pyrovi.loop` calls them on rank 0 only (one process: always), in list order:
 
-=====================================  =====================================================
-hook                                   when
-=====================================  =====================================================
-``on_train_begin(state)``              before the first epoch of this fit (also on resume)
-``on_step_end(state, record)``         after every optimizer step
-``on_epoch_end(state, record)``        after every epoch, once its history row exists
-``on_checkpoint(state, path)``         after the epoch's checkpoint was written to ``path``
-``on_train_end(state)``                when training stops: finished, early-stopped, or
-                                       stopped by an error or Ctrl-C (release resources here)
-=====================================  =====================================================
+| hook | when |
+| --- | --- |
+| ``on_train_begin(state)`` | before the first epoch of this fit (also on resume) |
+| ``on_step_end(state, record)`` | after every optimizer step |
+| ``on_epoch_end(state, record)`` | after every epoch, once its history row exists |
+| ``on_checkpoint(state, path)`` | after the epoch's checkpoint was written to ``path`` |
+| ``on_train_end(state)`` | when training stops: finished, early-stopped, or stopped by an error or Ctrl-C |
 
 pyrovi's own progress bar (:class:`pyrovi.progress.TrainingBar`) and loggers
 (:mod:`pyrovi.loggers`) are callbacks like yours; ``fit(progress=..., logger=...)``
@@ -33,7 +30,7 @@ from typing import Any, Optional
 
 from .errors import ConfigError, PyroviError, TrainingError
 
-__all__ = ["Callback", "State", "HOOKS", "check_callbacks"]
+__all__ = ["Callback", "State", "HOOKS", "check_callbacks", "Dispatch"]
 
 #: the hooks a callback may define
 HOOKS = ("on_train_begin", "on_step_end", "on_epoch_end", "on_checkpoint", "on_train_end")

@@ -430,7 +430,7 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
     watch = DivergenceWatch(world, cfg, loop, ckpt_path)
     hooks = Dispatch(callbacks, world, State(run, loop["epoch"], loop["step"], cfg.epochs,
                                              ckpt_path and os.path.dirname(ckpt_path), world.size))
-    every = getattr(cfg, "val_every", 1)
+    every = cfg.val_every
     try:
         hooks.begin(loop)
         while loop["epoch"] < cfg.epochs:

@@ -28,10 +28,13 @@ import torch
 from . import data as data_mod
 from . import guides as guides_mod
 from . import inputs
+from . import loggers
 from . import objectives as objectives_mod
 from ._version import __version__
+from .callbacks import check_callbacks
 from .errors import ConfigError, DataError, SeedWarning, check_positive, check_seed, lookup
 from .loop import BatchLoss, World, train, train_step
+from .progress import TrainingBar
 from .run import Run, resolve_device
 from .train_state import adam
 
@@ -320,11 +323,9 @@ def fit(
                       val_fraction=val_fraction, data_plate=data_plate, dtype=_dtype_name(dtype),
                       val_every=val_every)
     cfg.validate()
-    from . import callbacks as callbacks_mod, loggers, progress as progress_mod
-
-    hooks = callbacks_mod.check_callbacks(callbacks) + loggers.resolve(logger, out)
+    hooks = check_callbacks(callbacks) + loggers.resolve(logger, out)  # the bar and loggers are callbacks too
     if progress:
-        hooks.append(progress_mod.TrainingBar())
+        hooks.append(TrainingBar())
     if out is not None and not isinstance(out, (str, os.PathLike)):
         raise ConfigError(f"out must be a directory path (str), got {type(out).__name__} {out!r}")
     for flag, value in (("resume", resume), ("overwrite", overwrite)):
