@@ -132,13 +132,40 @@ class BatchLoss:
     """
 
     def __init__(self, objective, model, guide, *, global_sites: bool, data_plate: str = "data",
-                 full: bool = False, pass_y: bool = False, model_kwargs: Optional[dict] = None):
+                 full: bool = False, pass_y: bool = False, model_kwargs: Optional[dict] = None,
+                 semi_supervised: bool = False, extra_loss=None):
         self.objective, self.model, self.guide = objective, model, guide
         self.global_sites, self.data_plate, self.full = global_sites, data_plate, full
         self.pass_y, self.model_kwargs = pass_y, dict(model_kwargs or {})
+        self.semi_supervised, self.extra_loss = semi_supervised, extra_loss
 
     def __call__(self, x, y=None, n: Optional[int] = None, beta: float = 1.0) -> torch.Tensor:
-        """Loss of the batch ``x`` (B rows) drawn from ``n`` rows (default B): a scalar, nats per datapoint."""
+        """Loss of the batch ``x`` (B rows) drawn from ``n`` rows (default B): a scalar, nats per datapoint.
+
+        Semi-supervised (``semi_supervised=True``): the labelled rows of the batch
+        (:func:`pyrovi.inputs.labelled_rows`) are one call ``model(x_l, y_l)``, the rest one call
+        ``model(x_u)`` (y=None); the loss is their row-weighted mean. ``extra_loss(x_l, y_l,
+        **model_kwargs)`` (any loss fit was given, e.g. the M2 classifier's -alpha log q(y|x),
+        summed over the rows it gets: the labelled rows, or every row when not semi-supervised)
+        is added and divided by B like the bound's per-datapoint terms.
+        """
+        b = x.shape[0]
+        if self.semi_supervised and y is not None:
+            from .inputs import labelled_rows
+
+            lab = labelled_rows(y)
+            xl, yl = x[lab], y[lab]
+            # fit refuses global sites with semi_supervised: each call is its own mean over its rows
+            loss = sum(self._bound(xp, yp, xp.shape[0], beta) * xp.shape[0]
+                       for xp, yp in ((xl, yl), (x[~lab], None)) if xp.shape[0]) / b
+        else:
+            loss, xl, yl = self._bound(x, y, n, beta), x, y
+        if self.extra_loss is not None and xl.shape[0]:
+            loss = loss + self.extra_loss(xl, yl, **self.model_kwargs) / b
+        return loss
+
+    def _bound(self, x, y=None, n: Optional[int] = None, beta: float = 1.0) -> torch.Tensor:
+        """Minus the objective's bound of ``x`` (B rows out of ``n``), nats per datapoint."""
         b = x.shape[0]
         n = b if n is None else n
         model, guide = self.model, self.guide
@@ -516,6 +543,24 @@ def train(world: World, spec: dict) -> Run:
         raise
 
 
+def _probes(run, train_, rows: int, semi: bool) -> list:
+    """``[(args, kwargs)]`` of the calls that find plates, sites and parameters on the first ``rows`` rows.
+
+    Semi-supervised: the labelled call ``model(x_l, y_l)`` (first labelled rows) and the
+    unlabelled call ``model(x_u)``, unlabelled first (it has the most latent sites); each only when
+    the data has such rows.
+    """
+    y = train_.y
+    if not semi or y is None:
+        return [run.call_args(train_.x[:rows], None if y is None else y[:rows])]
+    from .inputs import labelled_rows
+
+    lab = labelled_rows(y)
+    calls = [run.call_args(train_.x[m][:rows], y[m][:rows] if has_y else None)
+             for m, has_y in ((~lab, False), (lab, True)) if bool(m.any())]
+    return calls
+
+
 def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[str]) -> Run:
     """:func:`train` after the run directory is prepared (and locked, on rank 0)."""
     model, guide, obj, cfg = spec["model"], spec["guide"], spec["obj"], spec["cfg"]
@@ -539,12 +584,15 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
     with run.scope():
         rows = len(train_) if cfg.batch_size is None else min(cfg.batch_size, len(train_))
-        probe, kw = run.call_args(train_.x[:rows], None if train_.y is None else train_.y[:rows])
+        probes = _probes(run, train_, rows, getattr(cfg, "semi_supervised", False))
+        probe, kw = probes[0]
+        extra = spec.get("extra_loss")
         with default_device(dev):  # pyro.param inits and lazy autoguide params land on `dev`
-            obj.max_plate_nesting = guess_max_plate_nesting(model, guide, probe, kw)
+            obj.max_plate_nesting = max(guess_max_plate_nesting(model, guide, a, kw) for a, _ in probes)
             obj.data_plate = cfg.data_plate
             shape = structure(model, guide, probe, kw, cfg.data_plate)
-            params = discover_params(model, guide, lambda: obj(model, guide, *probe, **kw))
+            params = discover_params(model, guide, lambda: [obj(model, guide, *a, **kw) for a, _ in probes] + (
+                [extra(*probes[-1][0][:2], **kw)] if extra is not None and len(probes[-1][0]) > 1 else []))
         if not params:
             raise ConfigError("found no trainable parameters in model or guide")
         check_structure(shape, guide, cfg, len(train_))
@@ -561,8 +609,14 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
             world.on_rank0("writing config.json", lambda: write_json(os.path.join(out, CONFIG), config))
         best = best_from_checkpoint(ckpt_path, dev) if resuming and cfg.patience is not None else {}
         common = dict(global_sites=shape["global_sites"], data_plate=cfg.data_plate, full=cfg.batch_size is None,
-                      pass_y=run.pass_y, model_kwargs=spec["model_kwargs"])
-        loss_fn = BatchLoss(step_obj, model, guide, **common)
+                      pass_y=run.pass_y, model_kwargs=spec["model_kwargs"],
+                      semi_supervised=getattr(cfg, "semi_supervised", False))
+        if common["semi_supervised"] and shape["global_sites"]:
+            raise ConfigError("semi_supervised=True needs every sample site inside the data plate "
+                              f"{cfg.data_plate!r}: the labelled and unlabelled calls of a batch would each count "
+                              "a global latent once. Fit global latents without semi-supervision, or name the "
+                              "per-datapoint plate with data_plate=")
+        loss_fn = BatchLoss(step_obj, model, guide, extra_loss=extra, **common)  # extra terms train, never validate
         val_fn = BatchLoss(obj, model, guide, **common)
         m = len(train_) // world.size  # rows per rank per epoch
         steps = math.ceil(m / ((cfg.batch_size and cfg.batch_size // world.size) or shape["subsample_size"] or m))

@@ -59,6 +59,8 @@ class TrainConfig:
     val_fraction: float = 0.1  # held out of raw arrays that come without a validation split; 0 = none
     data_plate: str = "data"  # name of the model's plate over datapoints (minibatch scaling N/B)
     dtype: Optional[str] = None  # "float32" | "float64"; None: the model's own parameter dtype
+    semi_supervised: bool = False  # y marks missing labels (-1 / NaN rows): those rows call model(x) without y
+    extra_loss: Optional[str] = None  # name of the extra loss callable added in training (recorded, not called)
 
     def validate(self) -> None:
         """Raise :class:`~pyrovi.ConfigError` naming the first option that is out of range."""
@@ -84,6 +86,8 @@ class TrainConfig:
                               f"got {self.data_plate!r}")
         if self.dtype is not None:
             self.dtype = str(lookup(DTYPES, self.dtype, "dtype")).replace("torch.", "")
+        if not isinstance(self.semi_supervised, bool):
+            raise ConfigError(f"semi_supervised must be True or False, got {self.semi_supervised!r}")
 
 
 def _dtype_name(dtype) -> Optional[str]:
@@ -112,13 +116,32 @@ def _check_data(model, split: data_mod.Split, name: str, cfg: TrainConfig, binar
     nc = getattr(model, "num_classes", None) if labels else None
     data_mod.validate(split.x, name=name, likelihood=likelihood if binarize is None else "bernoulli",
                       y=split.y if labels else None, num_classes=nc)
-    inputs.check_targets(split, name)
+    inputs.check_targets(split, name, cfg.semi_supervised)
     obs = getattr(model, "obs_shape", None)
     if obs is not None and tuple(split.x.shape[1:]) != tuple(obs):
         raise DataError(f"{name} items have shape {tuple(split.x.shape[1:])} but the model expects {tuple(obs)}; "
                         "build the model with the data's shape (e.g. VAE(data.shape, ...))")
     if labels and split.y is None:
         raise DataError(f"{type(model).__name__} conditions on labels but {name} has none; pass (x, y)")
+
+
+def _callable_name(fn, what: str) -> Optional[str]:
+    """The name ``config.json`` records for a user callable (None stays None); not callable -> ConfigError."""
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise ConfigError(f"{what} must be a callable returning a scalar loss tensor (nats), got {type(fn).__name__}")
+    return getattr(fn, "__qualname__", type(fn).__qualname__)
+
+
+def _check_semi_supervised(model, train) -> None:
+    """Semi-supervised data needs a model called both as ``model(x, y)`` and ``model(x)``."""
+    if isinstance(getattr(model, "uses_labels", None), bool):
+        raise ConfigError(f"semi_supervised=True needs a model that infers missing labels, called as model(x) for "
+                          f"them; pyrovi's {type(model).__name__} needs y for every row")
+    if not inputs.takes_y(model):
+        raise ConfigError("semi_supervised=True calls the model as model(x, y) for labelled rows and model(x) for "
+                          "the rest; this model takes no y (write it as def model(x, y=None))")
 
 
 def _describe(obj, kind: str) -> dict:
@@ -219,6 +242,8 @@ def fit(
     num_nodes: int = 1,
     accelerator: str = "auto",
     dtype: Any = None,
+    semi_supervised: bool = False,
+    extra_loss: Optional[Any] = None,
 ) -> Run:
     """Train ``guide`` and ``model`` on ``data`` by maximizing ``objective``.
 
@@ -308,7 +333,8 @@ def fit(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=0 if seed is None else seed,
                       patience=patience, beta=beta,
                       warmup=warmup, clip_norm=clip_norm, lr_schedule=lr_schedule, weight_decay=weight_decay,
-                      val_fraction=val_fraction, data_plate=data_plate, dtype=_dtype_name(dtype))
+                      val_fraction=val_fraction, data_plate=data_plate, dtype=_dtype_name(dtype),
+                      semi_supervised=semi_supervised, extra_loss=_callable_name(extra_loss, "extra_loss"))
     cfg.validate()
     if out is not None and not isinstance(out, (str, os.PathLike)):
         raise ConfigError(f"out must be a directory path (str), got {type(out).__name__} {out!r}")
@@ -324,12 +350,17 @@ def fit(
     if not callable(model):
         raise ConfigError(f"model must be a Pyro model (a callable), got {type(model).__name__}")
     obj = objectives_mod.get(objective, particles=particles, alpha=alpha)
-    train_, val, ds, data_desc = inputs.training_data(data, seed=cfg.seed, val_fraction=cfg.val_fraction)
+    train_, val, ds, data_desc = inputs.training_data(data, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                                                         semi_supervised=cfg.semi_supervised)
     binarize = ds.binarize if ds is not None else None
     _check_data(model, train_, "training data", cfg, binarize)
     if len(val):  # val_fraction=0: no validation split
         _check_data(model, val, "validation data", cfg, binarize)
-    example, _ = inputs.call_args(model, train_.x[:2], None if train_.y is None else train_.y[:2], model_kwargs)
+    if cfg.semi_supervised:
+        _check_semi_supervised(model, train_)
+    # semi-supervised: the example call (Auto's tracing, guide set-up) is an unlabelled one, model(x)
+    ex_y = None if train_.y is None or cfg.semi_supervised else train_.y[:2]
+    example, _ = inputs.call_args(model, train_.x[:2], ex_y, model_kwargs)
     if seed_given:
         _warn_unseeded(cfg.seed, model, guide)
     # Whatever fit builds below (default guide, lazy set-up) is drawn from the seed, on a stream of its own: not
@@ -350,7 +381,7 @@ def fit(
     if dt not in DTYPES.values():
         raise ConfigError(f"model/guide parameters are {dt}; pass dtype=torch.float32 or dtype=torch.float64")
     cfg.dtype = str(dt).replace("torch.", "")
-    spec = dict(model=model, guide=guide, obj=obj, cfg=cfg, train=train_, val=val, ds=ds, dtype=dt,
+    spec = dict(model=model, guide=guide, obj=obj, cfg=cfg, train=train_, val=val, ds=ds, dtype=dt, extra_loss=extra_loss,
                 binarize=binarize, model_kwargs=model_kwargs, out=None if out is None else os.fspath(out),
                 resume=resume, overwrite=overwrite, progress=progress,
                 config=_run_config(model, guide, obj, cfg, train_, val, ds, data_desc, inputs.takes_y(model),

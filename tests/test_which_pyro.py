@@ -93,3 +93,88 @@ def test_one_d_vector_is_n_items_passed_as_given(tmp_path):
     assert abs(m["log_likelihood"] - exact) < 0.05  # a near-exact guide: IWAE is log p(x) up to MC noise
     loaded = pv.load_run(str(tmp_path / "r"), model=model, guide=_local_guide)
     assert abs(pv.evaluate(loaded, x[:100], k=64, progress=False)["log_likelihood"] - exact) < 0.05
+
+
+# --------------------------------------------------------------------------- semi-supervised
+
+
+class TinyM2(torch.nn.Module):
+    """Pyro's SS-VAE M2 in miniature: y one-hot, observed when given, inferred by q(y|x) when not."""
+
+    def __init__(self, d=6, k=3, z=2):
+        super().__init__()
+        self.k, self.z = k, z
+        self.enc_y = torch.nn.Linear(d, k)
+        self.enc_z = torch.nn.Linear(d + k, 2 * z)
+        self.dec = torch.nn.Linear(z + k, d)
+        self.calls = []
+
+    def model(self, xs, ys=None):
+        self.calls.append(None if ys is None else ys.clone())
+        pyro.module("m2", self)
+        b = xs.shape[0]
+        with pyro.plate("data"):  # no size, as Pyro's SS-VAE writes it
+            zs = pyro.sample("z", dist.Normal(xs.new_zeros(b, self.z), 1.0).to_event(1))
+            ys = pyro.sample("y", dist.OneHotCategorical(xs.new_ones(b, self.k) / self.k), obs=ys)
+            pyro.sample("x", dist.Bernoulli(logits=self.dec(torch.cat([zs, ys], -1))).to_event(1), obs=xs)
+
+    def guide(self, xs, ys=None):
+        with pyro.plate("data"):
+            if ys is None:
+                ys = pyro.sample("y", dist.OneHotCategorical(logits=self.enc_y(xs)))
+            loc, log_s = self.enc_z(torch.cat([xs, ys], -1)).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, log_s.exp()).to_event(1))
+
+    def aux_loss(self, xs, ys):
+        """alpha * -log q(y|x) summed over the labelled rows (the M2 auxiliary classifier loss)."""
+        return -50.0 * dist.OneHotCategorical(logits=self.enc_y(xs)).log_prob(ys).sum()
+
+
+def _semi_data(n=40, d=6, k=3, labelled=10):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(n, d, generator=g) < 0.5).float()
+    y = torch.nn.functional.one_hot(torch.arange(n) % k, k).float()
+    y[labelled:] = float("nan")  # missing labels: rows of NaN
+    return x, y
+
+
+def test_semi_supervised_calls_model_with_and_without_y_and_trains_the_aux_term(tmp_path):
+    from pyrovi.loop import BatchLoss
+    from pyrovi.objectives import get
+
+    x, y = _semi_data()
+    m2 = TinyM2()
+    run = pv.fit(m2.model, m2.guide, (x, y), semi_supervised=True, extra_loss=m2.aux_loss, epochs=2, batch_size=8,
+                 val_fraction=0.25, progress=False, figures=False, out=str(tmp_path / "r"))
+    given = [c for c in m2.calls if c is not None]
+    assert given and any(c is None for c in m2.calls)
+    assert all(bool(torch.isfinite(c).all()) and bool((c.sum(-1) == 1).all()) for c in given)  # never a marker
+    assert run.config["train"]["semi_supervised"] and run.config["train"]["extra_loss"] == "TinyM2.aux_loss"
+    # the aux term is what trains q(y|x) on labelled rows: the bound alone never calls enc_y on them
+    xl, yl = x[:8], y[:8]
+    for extra in (None, m2.aux_loss):
+        m2.zero_grad()
+        with run.scope():
+            BatchLoss(get("elbo"), m2.model, m2.guide, global_sites=False, pass_y=True, semi_supervised=True,
+                      extra_loss=extra)(xl, yl).backward()
+        g = m2.enc_y.weight.grad
+        if extra is None:
+            assert g is None or float(g.abs().sum()) == 0.0
+        else:  # d/dW of 50 * mean_rows(-log softmax(W x + b)[y]) / 1: nonzero for non-constant x
+            assert float(g.abs().sum()) > 1.0
+    # resume refuses a fit without the run's extra loss, naming it
+    with pytest.raises(ConfigError, match="extra_loss=None"):
+        pv.fit(m2.model, m2.guide, (x, y), semi_supervised=True, epochs=3, batch_size=8, val_fraction=0.25,
+               progress=False, figures=False, out=str(tmp_path / "r"), resume=True)
+
+
+def test_semi_supervised_errors_name_the_cause():
+    x, y = _semi_data()
+    y[12, 0] = 1.0  # a row half NaN
+    m2 = TinyM2()
+    with pytest.raises(pv.errors.DataError, match="partly NaN"):
+        pv.fit(m2.model, m2.guide, (x, y), semi_supervised=True, progress=False, figures=False)
+    with pytest.raises(pv.errors.DataError, match="no labels"):
+        pv.fit(m2.model, m2.guide, x, semi_supervised=True, progress=False, figures=False)
+    with pytest.raises(ConfigError, match="takes no y"):
+        pv.fit(lambda x: m2.model(x), m2.guide, _semi_data(), semi_supervised=True, progress=False, figures=False)
