@@ -35,7 +35,7 @@ from . import data as data_mod
 from .checkpoint import read_json, write_json
 from .errors import ConfigError, PyroviError, TrainingError
 from .run import CHECKPOINT, CONFIG, METRICS, Run, default_device, discover_params, empty_param_state, release_run
-from .train_state import best_from_checkpoint, new_loop, prepare_out, restore, save_checkpoint, scheduler, adam
+from .train_state import best_from_checkpoint, make_optimizer, new_loop, prepare_out, restore, save_checkpoint, scheduler
 from .traces import ScalePlate, guess_max_plate_nesting, structure
 
 __all__ = ["World", "BatchLoss", "train", "train_step", "batch_step", "mean_loss", "record_epoch", "finish",
@@ -597,7 +597,7 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
             raise ConfigError("found no trainable parameters in model or guide")
         check_structure(shape, guide, cfg, len(train_))
         params = world.own(params)
-        opt = adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(params, cfg, spec.get("optimizer_class"))
         sched = scheduler(opt, cfg)
         loop = new_loop()
         resuming = world.broadcast(bool(spec["resume"] and ckpt_path and os.path.isfile(ckpt_path)))

@@ -33,7 +33,7 @@ from ._version import __version__
 from .errors import ConfigError, DataError, SeedWarning, check_positive, check_seed, lookup
 from .loop import BatchLoss, World, train, train_step
 from .run import Run, resolve_device
-from .train_state import adam
+from .train_state import adam, check_optimizer_kwargs, optimizer_class
 
 __all__ = ["fit", "train_step", "TrainConfig", "LR_SCHEDULES", "BatchLoss", "DTYPES", "adam"]
 
@@ -48,7 +48,7 @@ class TrainConfig:
 
     epochs: int = 20  # passes over the training split
     batch_size: Optional[int] = 128  # datapoints per step; None = the whole training set every step
-    lr: float = 1e-3  # Adam learning rate
+    lr: float = 1e-3  # the optimizer's learning rate
     seed: int = 0  # seeds parameters' draws, particles, shuffling
     patience: Optional[int] = None  # early stopping: epochs without val improvement; None = off
     beta: float = 1.0  # weight of the latent (KL) terms; beta-VAE when != 1
@@ -59,6 +59,8 @@ class TrainConfig:
     val_fraction: float = 0.1  # held out of raw arrays that come without a validation split; 0 = none
     data_plate: str = "data"  # name of the model's plate over datapoints (minibatch scaling N/B)
     dtype: Optional[str] = None  # "float32" | "float64"; None: the model's own parameter dtype
+    optimizer: str = "adam"  # a name of pyrovi.train_state.OPTIMIZERS, or the dotted path of a user's class
+    optimizer_kwargs: Optional[dict] = None  # its keyword arguments besides lr and weight_decay (e.g. betas)
     semi_supervised: bool = False  # y marks missing labels (-1 / NaN rows): those rows call model(x) without y
     extra_loss: Optional[str] = None  # name of the extra loss callable added in training (recorded, not called)
 
@@ -244,6 +246,8 @@ def fit(
     dtype: Any = None,
     semi_supervised: bool = False,
     extra_loss: Optional[Any] = None,
+    optimizer: Any = "adam",
+    optimizer_kwargs: Optional[dict] = None,
 ) -> Run:
     """Train ``guide`` and ``model`` on ``data`` by maximizing ``objective``.
 
@@ -273,7 +277,7 @@ def fit(
             passes the whole training set every step (full-data mode), for models that subsample
             themselves with ``pyro.plate("data", len(x), subsample_size=B)`` (then an epoch is
             N/B steps) or full-batch training.
-        lr: Adam learning rate.
+        lr: the optimizer's learning rate.
         seed: seeds particles, shuffling, the validation hold-out and every weight
             ``fit`` draws itself: ``pyro.param`` initial values, a default guide
             (``guide=None``) and a guide built without ``example=`` (set up on the first
@@ -288,7 +292,23 @@ def fit(
         warmup: epochs of linear KL warm-up of beta from 0.
         clip_norm: gradient-norm clipping (None: off).
         lr_schedule: ``"constant"``, ``"cosine"`` or ``"exponential"`` (stepped per epoch).
-        weight_decay: Adam weight decay.
+        weight_decay: the optimizer's weight decay (L2 for Adam, decoupled for AdamW).
+        optimizer: ``"adam"`` (default: torch's Adam, fused kernel), ``"adamw"``, ``"sgd"``,
+            ``"rmsprop"``, ``"adagrad"``, ``"clippedadam"`` (Pyro's ClippedAdam), case-insensitive,
+            or any ``torch.optim.Optimizer`` subclass (e.g. ``torch.optim.SGD``). Recorded in
+            ``config.json`` (a class outside the list by its dotted path); resume must use the same.
+        optimizer_kwargs: its keyword arguments besides ``lr``/``weight_decay``, e.g.
+            ``{"betas": [0.9, 0.99]}`` or ``{"momentum": 0.9}`` (numbers, strings, lists: recorded as JSON).
+        semi_supervised: ``data`` is ``(x, y)`` with some labels missing, marked ``y = -1`` (integer
+            labels) or a row of NaN (one-hot or real ``y``). Each batch's labelled rows are one call
+            ``model(x_l, y_l)``, its other rows one call ``model(x_u)`` (y=None: the model and guide
+            infer y), as in Pyro's SS-VAE. Needs a model ``def model(x, y=None)`` with every sample
+            site in the data plate.
+        extra_loss: a callable ``extra_loss(x, y, **model_kwargs) -> scalar tensor`` (nats, summed over
+            its rows) added to the training loss of every batch, divided by the batch size like the
+            bound's terms; called on the labelled rows (semi-supervised) or all rows. E.g. the M2
+            auxiliary classifier loss ``-alpha * log q(y|x)``. Trains only: the validation loss is the
+            bound alone. Recorded by name; pass the same callable to resume.
         val_fraction: share of raw arrays held out for validation (datasets bring their own split).
             ``0``: no validation split (a small Bayesian data set keeps every row); early stopping
             and the best epoch then use the epoch's training loss, which the history records as
@@ -336,6 +356,9 @@ def fit(
                       val_fraction=val_fraction, data_plate=data_plate, dtype=_dtype_name(dtype),
                       semi_supervised=semi_supervised, extra_loss=_callable_name(extra_loss, "extra_loss"))
     cfg.validate()
+    cfg.optimizer, opt_cls = optimizer_class(optimizer)
+    cfg.optimizer_kwargs = check_optimizer_kwargs(opt_cls, optimizer_kwargs, lr=cfg.lr,
+                                                  weight_decay=cfg.weight_decay) or None
     if out is not None and not isinstance(out, (str, os.PathLike)):
         raise ConfigError(f"out must be a directory path (str), got {type(out).__name__} {out!r}")
     for flag, value in (("resume", resume), ("overwrite", overwrite)):
@@ -382,6 +405,7 @@ def fit(
         raise ConfigError(f"model/guide parameters are {dt}; pass dtype=torch.float32 or dtype=torch.float64")
     cfg.dtype = str(dt).replace("torch.", "")
     spec = dict(model=model, guide=guide, obj=obj, cfg=cfg, train=train_, val=val, ds=ds, dtype=dt, extra_loss=extra_loss,
+                optimizer_class=opt_cls,
                 binarize=binarize, model_kwargs=model_kwargs, out=None if out is None else os.fspath(out),
                 resume=resume, overwrite=overwrite, progress=progress,
                 config=_run_config(model, guide, obj, cfg, train_, val, ds, data_desc, inputs.takes_y(model),

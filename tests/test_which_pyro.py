@@ -178,3 +178,89 @@ def test_semi_supervised_errors_name_the_cause():
         pv.fit(m2.model, m2.guide, x, semi_supervised=True, progress=False, figures=False)
     with pytest.raises(ConfigError, match="takes no y"):
         pv.fit(lambda x: m2.model(x), m2.guide, _semi_data(), semi_supervised=True, progress=False, figures=False)
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def _vae_like(x):
+    """A tiny amortized model on (N, 3) data (local latents only), for the optimizer matrix."""
+    dec = pyro.param("w", torch.ones(3))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(z[:, None] * dec, 1.0).to_event(1), obs=x)
+
+
+def _vae_like_guide(x):
+    a = pyro.param("a", torch.zeros(3))
+    s = pyro.param("s", torch.tensor(1.0), constraint=dist.constraints.positive)
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(x @ a, s))
+
+
+_X3 = torch.randn(40, 3, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("optimizer,kwargs", [
+    ("adamw", {"weight_decay": 0.01}), ("SGD", {"momentum": 0.9}), ("sgd", None), (torch.optim.RMSprop, None),
+    ("adagrad", None), ("clippedadam", {"clip_norm": 5.0, "lrd": 0.999}), ("adam", {"betas": [0.8, 0.99]}),
+])
+def test_optimizer_by_name_or_class_records_and_resumes(tmp_path, optimizer, kwargs):
+    from pyrovi.train_state import optimizer_class
+
+    out = str(tmp_path / "r")
+    kw = dict(epochs=1, batch_size=10, lr=0.01, progress=False, figures=False, out=out, optimizer=optimizer,
+              optimizer_kwargs=kwargs)
+    run = pv.fit(_vae_like, _vae_like_guide, _X3, **kw)
+    name, cls = optimizer_class(optimizer)
+    assert run.config["train"]["optimizer"] == name and run.config["train"]["optimizer_kwargs"] == kwargs
+    kw["epochs"] = 2
+    resumed = pv.fit(_vae_like, _vae_like_guide, _X3, resume=True, **kw)  # check_checkpoint passes its state
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert pv.load_run(out, model=_vae_like, guide=_vae_like_guide).config["train"]["optimizer"] == name
+    with pytest.raises(ConfigError, match="optimizer="):
+        pv.fit(_vae_like, _vae_like_guide, _X3, **dict(kw, optimizer="adam" if name != "adam" else "sgd",
+                                                      optimizer_kwargs=None, epochs=3), resume=True)
+
+
+def test_optimizer_errors_and_the_default_stays_fused_adam(tmp_path):
+    from pyrovi.train import TrainConfig
+    from pyrovi.train_state import make_optimizer
+
+    with pytest.raises(ConfigError, match="unknown optimizer 'adamax'; valid optimizers: adagrad, adam, adamw"):
+        pv.fit(_vae_like, _vae_like_guide, _X3, optimizer="adamax", progress=False, figures=False)
+    with pytest.raises(ConfigError, match="SGD does not take optimizer_kwargs"):
+        pv.fit(_vae_like, _vae_like_guide, _X3, optimizer="sgd", optimizer_kwargs={"betas": [0.9, 0.9]},
+               progress=False, figures=False)
+    with pytest.raises(ConfigError, match="weight_decay is given twice"):
+        pv.fit(_vae_like, _vae_like_guide, _X3, optimizer="adamw", weight_decay=0.1,
+               optimizer_kwargs={"weight_decay": 0.01}, progress=False, figures=False)
+    opt = make_optimizer([torch.zeros(2, requires_grad=True)], TrainConfig())
+    assert type(opt) is torch.optim.Adam and opt.defaults["fused"] and opt.defaults["betas"] == (0.9, 0.999)
+
+
+def test_a_tampered_state_of_another_optimizer_is_refused(tmp_path):
+    from pyrovi.checkpoint import load_tensors, save_tensors
+    from pyrovi.errors import CheckpointError
+
+    out = str(tmp_path / "r")
+    kw = dict(epochs=1, batch_size=10, progress=False, figures=False, out=out, optimizer="clippedadam")
+    pv.fit(_vae_like, _vae_like_guide, _X3, **kw)
+    path = os.path.join(out, "checkpoint.safetensors")
+    tensors, meta = load_tensors(path)
+    key = next(k for k in tensors if k.endswith("/exp_avg_sq"))
+    tensors[key] = -tensors[key] - 1.0
+    save_tensors(path, tensors, meta)
+    with pytest.raises(CheckpointError, match="negative"):
+        pv.fit(_vae_like, _vae_like_guide, _X3, resume=True, **dict(kw, epochs=2))
+
+
+def test_cli_optimizer_flags(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--epochs", "1", "--latent-dim", "2", "--hidden", "8", "--out", out, "--no-progress",
+                 "--optimizer", "SGD", "--optimizer-kwargs", '{"momentum": 0.9}', "--lr", "0.01"]) == 0
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)["train"]
+    assert cfg["optimizer"] == "sgd" and cfg["optimizer_kwargs"] == {"momentum": 0.9}
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "x"), "--optimizer-kwargs", "{momentum"]) == 2
+    assert "--optimizer-kwargs must be JSON" in capsys.readouterr().err
