@@ -264,3 +264,33 @@ def test_cli_optimizer_flags(tmp_path, capsys):
     assert cfg["optimizer"] == "sgd" and cfg["optimizer_kwargs"] == {"momentum": 0.9}
     assert main(["train", "--epochs", "1", "--out", str(tmp_path / "x"), "--optimizer-kwargs", "{momentum"]) == 2
     assert "--optimizer-kwargs must be JSON" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- diagnose with any y
+
+
+def _cond_model(x, y=None):
+    """z ~ N(0, 1), x | z, y ~ N(z + sum(y), 1): y of any shape is passed and used."""
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        shift = y.reshape(len(x), -1).sum(-1)
+        pyro.sample("obs", dist.Normal(z + shift, 1.0), obs=x)
+
+
+def _cond_guide(x, y=None):
+    s = pyro.param("s", torch.tensor(1.0), constraint=dist.constraints.positive)
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal((x - y.reshape(len(x), -1).sum(-1)) / 2, s))
+
+
+@pytest.mark.parametrize("y_shape", [(), (4,), (2, 3)])
+def test_diagnose_keeps_y_of_any_shape(y_shape):
+    g = torch.Generator().manual_seed(0)
+    n = 30
+    y = torch.nn.functional.one_hot(torch.arange(n) % 4, 4).float() if y_shape == (4,) else \
+        torch.randn((n,) + y_shape, generator=g) * 0.1
+    x = torch.randn(n, generator=g)
+    run = pv.fit(_cond_model, _cond_guide, (x, y), epochs=1, batch_size=10, progress=False, figures=False)
+    idata = pv.diagnose(run, (x[:6], y[:6]), n=6, particles=8, save=False, warn=False)
+    label = idata.constant_data["label"]
+    assert label.shape == (6,) + y_shape and float(abs(label.values - y[:6].numpy()).max()) == 0.0
