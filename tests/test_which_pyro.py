@@ -294,3 +294,25 @@ def test_diagnose_keeps_y_of_any_shape(y_shape):
     idata = pv.diagnose(run, (x[:6], y[:6]), n=6, particles=8, save=False, warn=False)
     label = idata.constant_data["label"]
     assert label.shape == (6,) + y_shape and float(abs(label.values - y[:6].numpy()).max()) == 0.0
+
+
+# --------------------------------------------------------------------------- unsized data plate
+
+
+_DEC = torch.nn.Linear(2, 5)
+
+
+def _unsized_plate_model(x):
+    """The SS-VAE/CVAE way of writing the data plate: pyro.plate("data") with no size."""
+    pyro.module("dec", _DEC)
+    with pyro.plate("data"):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), 2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(_DEC(z), 1.0).to_event(1), obs=x)
+
+
+def test_auto_guide_on_a_data_plate_without_size():
+    x = torch.randn(50, 5, generator=torch.Generator().manual_seed(0))
+    run = pv.fit(_unsized_plate_model, None, x, epochs=2, batch_size=10, progress=False, figures=False)
+    assert isinstance(run.guide, pv.guides.Auto) and list(run.guide.sites) == ["z"]
+    m = pv.evaluate(run, x[:10], k=8, save=False, progress=False)
+    assert m["log_likelihood"] >= m["elbo"] - 1e-4 and m["latents"]["z"]["dims"] == 2
