@@ -132,7 +132,9 @@ def load(seed: int, labels: int, quick: bool):
     xt, yt = ds.test.x, nn.functional.one_hot(ds.test.y, 10).float()
     if quick:
         x, y, xt, yt = x[:400], y[:400], xt[:100], yt[:100]
-    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:labels]
+    # which labels to keep: a stream of its own (a generator seeded with `seed` alone would give the very
+    # permutation the training loops shuffle with, so the first batches would hold every labelled row)
+    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(10_000 + seed))[:labels]
     sup = torch.zeros(len(x), dtype=torch.bool)
     sup[keep] = True
     return x, y, sup, xt, yt

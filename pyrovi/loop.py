@@ -38,7 +38,7 @@ from .run import CHECKPOINT, CONFIG, METRICS, Run, default_device, discover_para
 from .train_state import best_from_checkpoint, make_optimizer, new_loop, prepare_out, restore, save_checkpoint, scheduler
 from .traces import ScalePlate, guess_max_plate_nesting, structure
 
-__all__ = ["World", "BatchLoss", "train", "train_step", "batch_step", "mean_loss", "record_epoch", "finish",
+__all__ = ["World", "BatchLoss", "Parts", "train", "train_step", "batch_step", "mean_loss", "record_epoch", "finish",
            "check_structure", "diverged", "optimizer_state_finite", "DivergenceWatch", "DIVERGENCE_MARGIN",
            "DIVERGENCE_FACTOR"]
 
@@ -132,40 +132,13 @@ class BatchLoss:
     """
 
     def __init__(self, objective, model, guide, *, global_sites: bool, data_plate: str = "data",
-                 full: bool = False, pass_y: bool = False, model_kwargs: Optional[dict] = None,
-                 semi_supervised: bool = False, extra_loss=None):
+                 full: bool = False, pass_y: bool = False, model_kwargs: Optional[dict] = None):
         self.objective, self.model, self.guide = objective, model, guide
         self.global_sites, self.data_plate, self.full = global_sites, data_plate, full
         self.pass_y, self.model_kwargs = pass_y, dict(model_kwargs or {})
-        self.semi_supervised, self.extra_loss = semi_supervised, extra_loss
 
     def __call__(self, x, y=None, n: Optional[int] = None, beta: float = 1.0) -> torch.Tensor:
-        """Loss of the batch ``x`` (B rows) drawn from ``n`` rows (default B): a scalar, nats per datapoint.
-
-        Semi-supervised (``semi_supervised=True``): the labelled rows of the batch
-        (:func:`pyrovi.inputs.labelled_rows`) are one call ``model(x_l, y_l)``, the rest one call
-        ``model(x_u)`` (y=None); the loss is their row-weighted mean. ``extra_loss(x_l, y_l,
-        **model_kwargs)`` (any loss fit was given, e.g. the M2 classifier's -alpha log q(y|x),
-        summed over the rows it gets: the labelled rows, or every row when not semi-supervised)
-        is added and divided by B like the bound's per-datapoint terms.
-        """
-        b = x.shape[0]
-        if self.semi_supervised and y is not None:
-            from .inputs import labelled_rows
-
-            lab = labelled_rows(y)
-            xl, yl = x[lab], y[lab]
-            # fit refuses global sites with semi_supervised: each call is its own mean over its rows
-            loss = sum(self._bound(xp, yp, xp.shape[0], beta) * xp.shape[0]
-                       for xp, yp in ((xl, yl), (x[~lab], None)) if xp.shape[0]) / b
-        else:
-            loss, xl, yl = self._bound(x, y, n, beta), x, y
-        if self.extra_loss is not None and xl.shape[0]:
-            loss = loss + self.extra_loss(xl, yl, **self.model_kwargs) / b
-        return loss
-
-    def _bound(self, x, y=None, n: Optional[int] = None, beta: float = 1.0) -> torch.Tensor:
-        """Minus the objective's bound of ``x`` (B rows out of ``n``), nats per datapoint."""
+        """Loss of the batch ``x`` (B rows) drawn from ``n`` rows (default B): a scalar, nats per datapoint."""
         b = x.shape[0]
         n = b if n is None else n
         model, guide = self.model, self.guide
@@ -176,6 +149,51 @@ class BatchLoss:
         # beta goes to the objective, which keeps its fast path under KL warm-up
         loss = self.objective.loss(model, guide, args, self.model_kwargs, beta=beta)
         return loss / (n if (scaled or self.full) else b)
+
+
+class Parts:
+    """An objective over a batch that may hold unlabelled rows, plus extra loss terms (nats, summed).
+
+    .. math::
+
+        \\ell = -\\mathcal L(x_l, y_l) - \\mathcal L(x_u) + \\text{extra}(x_l, y_l)
+
+    Semi-supervised (``semi_supervised=True``, Pyro's SS-VAE): the batch's labelled rows
+    (:func:`pyrovi.inputs.labelled_rows`) are one call ``model(x_l, y_l)``, the others one call
+    ``model(x_u)`` (y=None: model and guide infer y); each part that has rows is scored by
+    ``objective``. ``extra_loss(x, y, **model_kwargs)`` (e.g. the M2 classifier's
+    ``-alpha log q(y|x)``, summed over its rows) is added on the labelled rows, or on every row
+    when not semi-supervised. :class:`BatchLoss` divides the sum by the batch size as always.
+
+    It wraps the objective *inside* what the world evaluates (N ranks: one DDP forward and one
+    collective per step however a rank's rows split). Other attributes are the objective's.
+    """
+
+    def __init__(self, objective, *, semi_supervised: bool = False, extra_loss=None):
+        self.objective, self.semi_supervised, self.extra_loss = objective, semi_supervised, extra_loss
+
+    def __getattr__(self, name):  # only for names Parts lacks: max_plate_nesting, path_counts, config, ...
+        if name == "objective":  # not set yet (unpickling, copying)
+            raise AttributeError(name)
+        return getattr(self.objective, name)
+
+    def loss(self, model, guide, args: tuple = (), kwargs: Optional[dict] = None, *, beta: float = 1.0
+             ) -> torch.Tensor:
+        """``-bound`` of every part of the batch ``args = (x[, y])`` plus the extra terms (nats, summed over rows)."""
+        kwargs = dict(kwargs or {})
+        x, y = args[0], (args[1] if len(args) > 1 else None)
+        if self.semi_supervised and y is not None:
+            from .inputs import labelled_rows
+
+            lab = labelled_rows(y)
+            xl, yl = x[lab], y[lab]
+            parts = [a for a in ((xl, yl), (x[~lab],)) if a[0].shape[0]]
+        else:
+            parts, xl, yl = [tuple(args)], x, y
+        loss = sum(self.objective.loss(model, guide, a, kwargs, beta=beta) for a in parts)
+        if self.extra_loss is not None and xl.shape[0]:
+            loss = loss + self.extra_loss(xl, yl, **kwargs)
+        return loss
 
 
 # --------------------------------------------------------------------------- structure
@@ -586,13 +604,13 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
         rows = len(train_) if cfg.batch_size is None else min(cfg.batch_size, len(train_))
         probes = _probes(run, train_, rows, getattr(cfg, "semi_supervised", False))
         probe, kw = probes[0]
-        extra = spec.get("extra_loss")
+        extra_fn = spec.get("extra_loss")
         with default_device(dev):  # pyro.param inits and lazy autoguide params land on `dev`
             obj.max_plate_nesting = max(guess_max_plate_nesting(model, guide, a, kw) for a, _ in probes)
             obj.data_plate = cfg.data_plate
             shape = structure(model, guide, probe, kw, cfg.data_plate)
             params = discover_params(model, guide, lambda: [obj(model, guide, *a, **kw) for a, _ in probes] + (
-                [extra(*probes[-1][0][:2], **kw)] if extra is not None and len(probes[-1][0]) > 1 else []))
+                [extra_fn(*probes[-1][0][:2], **kw)] if extra_fn is not None and len(probes[-1][0]) > 1 else []))
         if not params:
             raise ConfigError("found no trainable parameters in model or guide")
         check_structure(shape, guide, cfg, len(train_))
@@ -604,20 +622,22 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
         if resuming:
             loop = restore(ckpt_path, run, opt, sched, shuffle_gen, config, dev)
         start_epoch, earlier = loop["epoch"], _held_out_metrics(out) if resuming else {}
-        step_obj = world.objective(obj, model, guide, params)  # N ranks: DDP broadcasts rank 0's weights here
-        if out is not None:
-            world.on_rank0("writing config.json", lambda: write_json(os.path.join(out, CONFIG), config))
-        best = best_from_checkpoint(ckpt_path, dev) if resuming and cfg.patience is not None else {}
-        common = dict(global_sites=shape["global_sites"], data_plate=cfg.data_plate, full=cfg.batch_size is None,
-                      pass_y=run.pass_y, model_kwargs=spec["model_kwargs"],
-                      semi_supervised=getattr(cfg, "semi_supervised", False))
-        if common["semi_supervised"] and shape["global_sites"]:
+        semi = getattr(cfg, "semi_supervised", False)
+        if semi and shape["global_sites"]:
             raise ConfigError("semi_supervised=True needs every sample site inside the data plate "
                               f"{cfg.data_plate!r}: the labelled and unlabelled calls of a batch would each count "
                               "a global latent once. Fit global latents without semi-supervision, or name the "
                               "per-datapoint plate with data_plate=")
-        loss_fn = BatchLoss(step_obj, model, guide, extra_loss=extra, **common)  # extra terms train, never validate
-        val_fn = BatchLoss(obj, model, guide, **common)
+        # the labelled/unlabelled calls and extra terms go inside what the world evaluates (DDP: one forward)
+        inner = Parts(obj, semi_supervised=semi, extra_loss=extra_fn) if semi or extra_fn is not None else obj
+        step_obj = world.objective(inner, model, guide, params)  # N ranks: DDP broadcasts rank 0's weights here
+        if out is not None:
+            world.on_rank0("writing config.json", lambda: write_json(os.path.join(out, CONFIG), config))
+        best = best_from_checkpoint(ckpt_path, dev) if resuming and cfg.patience is not None else {}
+        common = dict(global_sites=shape["global_sites"], data_plate=cfg.data_plate, full=cfg.batch_size is None,
+                      pass_y=run.pass_y, model_kwargs=spec["model_kwargs"])
+        loss_fn = BatchLoss(step_obj, model, guide, **common)
+        val_fn = BatchLoss(Parts(obj, semi_supervised=True) if semi else obj, model, guide, **common)  # no extra
         m = len(train_) // world.size  # rows per rank per epoch
         steps = math.ceil(m / ((cfg.batch_size and cfg.batch_size // world.size) or shape["subsample_size"] or m))
         before = dict(getattr(obj, "path_counts", {}))

@@ -2,6 +2,7 @@
 unsized data plates, semi-supervised data with extra loss terms (docs/which-pyro-code.md)."""
 
 import json
+import math
 import os
 
 import pyro
@@ -98,6 +99,12 @@ def test_one_d_vector_is_n_items_passed_as_given(tmp_path):
 # --------------------------------------------------------------------------- semi-supervised
 
 
+def _cat(*ts):
+    """Concatenate on the last dim, broadcasting the batch dims (particles on the left), as Pyro's MLP does."""
+    batch = torch.broadcast_shapes(*(t.shape[:-1] for t in ts))
+    return torch.cat([t.expand(batch + t.shape[-1:]) for t in ts], -1)
+
+
 class TinyM2(torch.nn.Module):
     """Pyro's SS-VAE M2 in miniature: y one-hot, observed when given, inferred by q(y|x) when not."""
 
@@ -116,13 +123,13 @@ class TinyM2(torch.nn.Module):
         with pyro.plate("data"):  # no size, as Pyro's SS-VAE writes it
             zs = pyro.sample("z", dist.Normal(xs.new_zeros(b, self.z), 1.0).to_event(1))
             ys = pyro.sample("y", dist.OneHotCategorical(xs.new_ones(b, self.k) / self.k), obs=ys)
-            pyro.sample("x", dist.Bernoulli(logits=self.dec(torch.cat([zs, ys], -1))).to_event(1), obs=xs)
+            pyro.sample("x", dist.Bernoulli(logits=self.dec(_cat(zs, ys))).to_event(1), obs=xs)
 
     def guide(self, xs, ys=None):
         with pyro.plate("data"):
             if ys is None:
                 ys = pyro.sample("y", dist.OneHotCategorical(logits=self.enc_y(xs)))
-            loc, log_s = self.enc_z(torch.cat([xs, ys], -1)).chunk(2, -1)
+            loc, log_s = self.enc_z(_cat(xs, ys)).chunk(2, -1)
             pyro.sample("z", dist.Normal(loc, log_s.exp()).to_event(1))
 
     def aux_loss(self, xs, ys):
@@ -139,7 +146,7 @@ def _semi_data(n=40, d=6, k=3, labelled=10):
 
 
 def test_semi_supervised_calls_model_with_and_without_y_and_trains_the_aux_term(tmp_path):
-    from pyrovi.loop import BatchLoss
+    from pyrovi.loop import BatchLoss, Parts
     from pyrovi.objectives import get
 
     x, y = _semi_data()
@@ -155,8 +162,8 @@ def test_semi_supervised_calls_model_with_and_without_y_and_trains_the_aux_term(
     for extra in (None, m2.aux_loss):
         m2.zero_grad()
         with run.scope():
-            BatchLoss(get("elbo"), m2.model, m2.guide, global_sites=False, pass_y=True, semi_supervised=True,
-                      extra_loss=extra)(xl, yl).backward()
+            BatchLoss(Parts(get("elbo"), semi_supervised=True, extra_loss=extra), m2.model, m2.guide,
+                      global_sites=False, pass_y=True)(xl, yl).backward()
         g = m2.enc_y.weight.grad
         if extra is None:
             assert g is None or float(g.abs().sum()) == 0.0
@@ -316,3 +323,33 @@ def test_auto_guide_on_a_data_plate_without_size():
     assert isinstance(run.guide, pv.guides.Auto) and list(run.guide.sites) == ["z"]
     m = pv.evaluate(run, x[:10], k=8, save=False, progress=False)
     assert m["log_likelihood"] >= m["elbo"] - 1e-4 and m["latents"]["z"]["dims"] == 2
+
+
+@pytest.fixture
+def restore_environ():
+    """Lightning's spawn launcher sets MASTER_PORT in this process; put the environment back afterwards."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.slow
+def test_semi_supervised_under_ddp_and_full_batch(tmp_path, restore_environ):
+    pytest.importorskip("lightning")
+    x, y = _semi_data(n=48, labelled=16)
+    torch.manual_seed(0)
+    m2 = TinyM2()
+    before = m2.enc_y.weight.detach().clone()
+    kw = dict(semi_supervised=True, extra_loss=m2.aux_loss, epochs=2, val_fraction=0.25, progress=False,
+              figures=False)
+    run = pv.fit(m2.model, m2.guide, (x, y), batch_size=8, strategy="ddp_spawn", devices=2, accelerator="cpu",
+                 out=str(tmp_path / "ddp"), **kw)
+    assert run.config["distributed"]["world_size"] == 2 and len(run.history) == 2
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in run.history)
+    assert not torch.equal(m2.enc_y.weight, before)  # rank 0's trained weights came back
+    loaded = pv.load_run(str(tmp_path / "ddp"), model=m2.model, guide=m2.guide)
+    m = pv.evaluate(loaded, (x[:6], y[:6]), k=4, save=False, progress=False)  # unlabelled rows: model(x)
+    assert math.isfinite(m["elbo"])
+    full = pv.fit(m2.model, m2.guide, (x, y), batch_size=None, **kw)
+    assert all(math.isfinite(h["train_loss"]) for h in full.history)
