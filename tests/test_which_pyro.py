@@ -51,17 +51,6 @@ def test_val_fraction_zero_keeps_every_row_and_stops_on_the_training_loss(tmp_pa
         pv.fit(_mean_model, _mean_guide, x1, val_fraction=-0.1, progress=False, figures=False)
 
 
-def test_cli_val_fraction_zero(tmp_path):
-    out = str(tmp_path / "run")
-    assert main(["train", "--epochs", "1", "--latent-dim", "2", "--hidden", "8", "--out", out, "--no-progress",
-                 "--val-fraction", "0"]) == 0
-    with open(os.path.join(out, "config.json")) as f:
-        cfg = json.load(f)
-    assert cfg["data"]["n_val"] == 0 and cfg["train"]["val_fraction"] == 0
-    with open(os.path.join(out, "metrics.json")) as f:
-        assert json.load(f)["val_loss_is"] == "train_loss"
-
-
 # --------------------------------------------------------------------------- 1-D data
 
 
@@ -262,13 +251,17 @@ def test_a_tampered_state_of_another_optimizer_is_refused(tmp_path):
         pv.fit(_vae_like, _vae_like_guide, _X3, resume=True, **dict(kw, epochs=2))
 
 
-def test_cli_optimizer_flags(tmp_path, capsys):
+def test_cli_optimizer_and_val_fraction_flags(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", "--epochs", "1", "--latent-dim", "2", "--hidden", "8", "--out", out, "--no-progress",
-                 "--optimizer", "SGD", "--optimizer-kwargs", '{"momentum": 0.9}', "--lr", "0.01"]) == 0
+                 "--optimizer", "SGD", "--optimizer-kwargs", '{"momentum": 0.9}', "--lr", "0.01",
+                 "--val-fraction", "0"]) == 0
     with open(os.path.join(out, "config.json")) as f:
-        cfg = json.load(f)["train"]
-    assert cfg["optimizer"] == "sgd" and cfg["optimizer_kwargs"] == {"momentum": 0.9}
+        cfg = json.load(f)
+    assert cfg["train"]["optimizer"] == "sgd" and cfg["train"]["optimizer_kwargs"] == {"momentum": 0.9}
+    assert cfg["data"]["n_val"] == 0 and cfg["train"]["val_fraction"] == 0
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["val_loss_is"] == "train_loss"
     assert main(["train", "--epochs", "1", "--out", str(tmp_path / "x"), "--optimizer-kwargs", "{momentum"]) == 2
     assert "--optimizer-kwargs must be JSON" in capsys.readouterr().err
 
@@ -323,15 +316,6 @@ def test_auto_guide_on_a_data_plate_without_size():
     assert isinstance(run.guide, pv.guides.Auto) and list(run.guide.sites) == ["z"]
     m = pv.evaluate(run, x[:10], k=8, save=False, progress=False)
     assert m["log_likelihood"] >= m["elbo"] - 1e-4 and m["latents"]["z"]["dims"] == 2
-
-
-@pytest.fixture
-def restore_environ():
-    """Lightning's spawn launcher sets MASTER_PORT in this process; put the environment back afterwards."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.mark.slow
