@@ -337,3 +337,13 @@ def test_semi_supervised_under_ddp_and_full_batch(tmp_path, restore_environ):
     assert math.isfinite(m["elbo"])
     full = pv.fit(m2.model, m2.guide, (x, y), batch_size=None, **kw)
     assert all(math.isfinite(h["train_loss"]) for h in full.history)
+
+
+def test_an_unsized_plate_whose_size_cannot_be_read_says_so():
+    def model(x):
+        with pyro.plate("data"):
+            pyro.sample("z", dist.Normal(0.0, 1.0))  # no batch dim: the plate's size is nowhere
+            pyro.sample("x", dist.Normal(0.0, 1.0).expand([len(x), 5]).to_event(1), obs=x)
+
+    with pytest.raises(ConfigError, match="plate 'data' has no size"):
+        pv.guides.Auto(model, example=torch.zeros(2, 5))
