@@ -96,6 +96,11 @@ def _changed_options(saved, now) -> list:
     """
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return []
+    from dataclasses import asdict
+
+    from .train import TrainConfig  # an option newer than the run: the run trained with its default
+
+    saved = {**asdict(TrainConfig()), **saved}
     return [f"{k}={now.get(k)!r} (the run has {saved.get(k)!r})" for k in sorted(set(saved) | set(now))
             if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
 

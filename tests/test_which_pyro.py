@@ -347,3 +347,18 @@ def test_an_unsized_plate_whose_size_cannot_be_read_says_so():
 
     with pytest.raises(ConfigError, match="plate 'data' has no size"):
         pv.guides.Auto(model, example=torch.zeros(2, 5))
+
+
+def test_a_run_from_before_the_new_options_resumes(tmp_path):
+    """Checkpoints written before optimizer=/semi_supervised= existed trained with their defaults."""
+    from pyrovi.checkpoint import load_tensors, save_tensors
+
+    out = str(tmp_path / "r")
+    kw = dict(batch_size=10, progress=False, figures=False, out=out)
+    pv.fit(_vae_like, _vae_like_guide, _X3, epochs=1, **kw)
+    path = os.path.join(out, "checkpoint.safetensors")
+    tensors, meta = load_tensors(path)
+    for k in ("optimizer", "optimizer_kwargs", "semi_supervised", "extra_loss"):
+        del meta["config"]["train"][k]
+    save_tensors(path, tensors, meta)
+    assert len(pv.fit(_vae_like, _vae_like_guide, _X3, epochs=2, resume=True, **kw).history) == 2
