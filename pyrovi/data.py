@@ -131,7 +131,7 @@ def validate(
     """
     if x.dim() < 1:  # a 1-D vector is N scalar items, passed to the model as given (shape (N,))
         raise DataError(
-            f"{name} must have one row per item, shape (N,) or (N, D...); got a scalar. "
+            f"{name} must have one row per item, shape (N,) or (N, D...); got a scalar (shape ()). "
             "Reshape a single item with x[None]."
         )
     if x.shape[0] < min_rows:
