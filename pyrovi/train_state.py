@@ -160,6 +160,9 @@ def adam(params, *, lr: float, weight_decay: float = 0.0, **kwargs) -> torch.opt
     """
     params = list(params)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # betas from JSON
+    if kwargs.get("fused", True) is not True or kwargs.get("foreach"):  # the user chose the implementation
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **kwargs)
+    kwargs.pop("fused", None)
     try:
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
