@@ -83,6 +83,10 @@ def _same(a: dict, b: dict, keys) -> list:
     return [k for k in keys if a.get(k) != b.get(k)]
 
 
+#: training options added after runs were first saved, with their defaults (:class:`pyrovi.train.TrainConfig`'s):
+#: a run whose config lacks one trained with that default, so resuming it with the default is no change
+LATER_OPTION_DEFAULTS = {"optimizer": "adam", "optimizer_kwargs": None, "semi_supervised": False, "extra_loss": None}
+
 #: training options a resume may change: how long to go on, and when to stop early
 RESUME_MAY_CHANGE = ("epochs", "patience")
 
@@ -96,11 +100,7 @@ def _changed_options(saved, now) -> list:
     """
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return []
-    from dataclasses import asdict
-
-    from .train import TrainConfig  # an option newer than the run: the run trained with its default
-
-    saved = {**asdict(TrainConfig()), **saved}
+    saved = {**LATER_OPTION_DEFAULTS, **saved}  # an option newer than the run: the run trained with its default
     return [f"{k}={now.get(k)!r} (the run has {saved.get(k)!r})" for k in sorted(set(saved) | set(now))
             if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
 

@@ -362,3 +362,13 @@ def test_a_run_from_before_the_new_options_resumes(tmp_path):
         del meta["config"]["train"][k]
     save_tensors(path, tensors, meta)
     assert len(pv.fit(_vae_like, _vae_like_guide, _X3, epochs=2, resume=True, **kw).history) == 2
+
+
+def test_later_option_defaults_are_trainconfigs():
+    from dataclasses import asdict
+
+    from pyrovi.train import TrainConfig
+    from pyrovi.train_state import LATER_OPTION_DEFAULTS
+
+    defaults = asdict(TrainConfig())
+    assert all(defaults[k] == v for k, v in LATER_OPTION_DEFAULTS.items())
