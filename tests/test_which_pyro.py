@@ -162,6 +162,10 @@ def test_semi_supervised_calls_model_with_and_without_y_and_trains_the_aux_term(
     with pytest.raises(ConfigError, match="extra_loss=None"):
         pv.fit(m2.model, m2.guide, (x, y), semi_supervised=True, epochs=3, batch_size=8, val_fraction=0.25,
                progress=False, figures=False, out=str(tmp_path / "r"), resume=True)
+    resumed = pv.fit(m2.model, m2.guide, (x, y), semi_supervised=True, extra_loss=m2.aux_loss, epochs=3,
+                     batch_size=8, val_fraction=0.25, progress=False, figures=False, out=str(tmp_path / "r"),
+                     resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
 
 
 def test_semi_supervised_errors_name_the_cause():
