@@ -74,7 +74,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=20, help="passes over the training split")
     g.add_argument("--batch-size", type=int, default=128, help="datapoints per optimizer step")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--lr", type=float, default=1e-3, help="the optimizer's learning rate")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds the data split, the initial weights and every draw: equal seeds, equal runs")
     g.add_argument("--patience", type=int, default=None,
@@ -85,6 +85,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=0, help="epochs of linear KL warm-up")
     g.add_argument("--clip-norm", type=float, default=None, help="gradient-norm clipping (default: off)")
     g.add_argument("--lr-schedule", default="constant", help="constant | cosine | exponential")
+    g.add_argument("--optimizer", default="adam",
+                   help="adam | adamw | sgd | rmsprop | adagrad | clippedadam (default: adam)")
+    g.add_argument("--optimizer-kwargs", default=None, metavar="JSON",
+                   help='the optimizer\'s keyword arguments as JSON, e.g. \'{"betas": [0.9, 0.99]}\' (default: none)')
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the data held out for validation (default: 0.1); 0: none, early stopping "
+                        "then watches the training loss")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g = p.add_argument_group("scale-out (PyTorch Lightning; pip install \"pyrovi[distributed]\")")
     g.add_argument("--strategy", default=None, help="ddp | ddp_spawn: data-parallel training (default: one process)")
@@ -102,6 +109,18 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--evaluate-k", type=int, default=0,
                    help="after training, evaluate on the test split with K importance samples (0: skip)")
     _progress_arg(p)
+
+
+def _json_arg(text, flag: str):
+    """A flag's JSON value (None stays None); malformed JSON is a one-line ConfigError."""
+    if text is None:
+        return None
+    from .errors import ConfigError
+
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{flag} must be JSON, e.g. '{{\"momentum\": 0.9}}'; got {text!r:.60} ({e})") from None
 
 
 def _progress_arg(p) -> None:
@@ -188,7 +207,7 @@ def _train(args) -> int:
 
     check_positive("--evaluate-k", args.evaluate_k, integer=True, allow_zero=True)  # before hours of training
     binarize = None if args.binarize == "none" else args.binarize
-    ds = data.load(args.data, seed=args.seed, binarize=binarize)
+    ds = data.load(args.data, seed=args.seed, binarize=binarize, split=(args.val_fraction, 0.1))
     import pyro
 
     pyro.set_rng_seed(args.seed)  # torch, numpy, random: the initial weights of model and guide follow --seed
@@ -199,6 +218,8 @@ def _train(args) -> int:
               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=out,
               resume=args.resume, overwrite=args.overwrite, patience=args.patience, beta=args.beta,
               warmup=args.warmup, clip_norm=args.clip_norm, lr_schedule=args.lr_schedule, device=args.device,
+              val_fraction=args.val_fraction, optimizer=args.optimizer,
+              optimizer_kwargs=_json_arg(args.optimizer_kwargs, "--optimizer-kwargs"),
               progress=_progress(args), strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes,
               val_every=args.val_every, logger=args.logger)
     if run.directory is None and args.strategy:  # a DDP rank other than 0: rank 0 reports and evaluates

@@ -36,10 +36,10 @@ from .callbacks import Dispatch, State
 from .checkpoint import read_json, write_json
 from .errors import ConfigError, PyroviError, TrainingError
 from .run import CHECKPOINT, CONFIG, METRICS, Run, default_device, discover_params, empty_param_state, release_run
-from .train_state import best_from_checkpoint, new_loop, prepare_out, restore, save_checkpoint, scheduler, adam
+from .train_state import best_from_checkpoint, make_optimizer, new_loop, prepare_out, restore, save_checkpoint, scheduler
 from .traces import ScalePlate, guess_max_plate_nesting, structure
 
-__all__ = ["World", "BatchLoss", "train", "train_step", "batch_step", "mean_loss", "record_epoch", "finish",
+__all__ = ["World", "BatchLoss", "Parts", "train", "train_step", "batch_step", "mean_loss", "record_epoch", "finish",
            "check_structure", "diverged", "optimizer_state_finite", "DivergenceWatch", "DIVERGENCE_MARGIN",
            "DIVERGENCE_FACTOR"]
 
@@ -150,6 +150,51 @@ class BatchLoss:
         # beta goes to the objective, which keeps its fast path under KL warm-up
         loss = self.objective.loss(model, guide, args, self.model_kwargs, beta=beta)
         return loss / (n if (scaled or self.full) else b)
+
+
+class Parts:
+    """An objective over a batch that may hold unlabelled rows, plus extra loss terms (nats, summed).
+
+    .. math::
+
+        \\ell = -\\mathcal L(x_l, y_l) - \\mathcal L(x_u) + \\text{extra}(x_l, y_l)
+
+    Semi-supervised (``semi_supervised=True``, Pyro's SS-VAE): the batch's labelled rows
+    (:func:`pyrovi.inputs.labelled_rows`) are one call ``model(x_l, y_l)``, the others one call
+    ``model(x_u)`` (y=None: model and guide infer y); each part that has rows is scored by
+    ``objective``. ``extra_loss(x, y, **model_kwargs)`` (e.g. the M2 classifier's
+    ``-alpha log q(y|x)``, summed over its rows) is added on the labelled rows, or on every row
+    when not semi-supervised. :class:`BatchLoss` divides the sum by the batch size as always.
+
+    It wraps the objective *inside* what the world evaluates (N ranks: one DDP forward and one
+    collective per step however a rank's rows split). Other attributes are the objective's.
+    """
+
+    def __init__(self, objective, *, semi_supervised: bool = False, extra_loss=None):
+        self.objective, self.semi_supervised, self.extra_loss = objective, semi_supervised, extra_loss
+
+    def __getattr__(self, name):  # only for names Parts lacks: max_plate_nesting, path_counts, config, ...
+        if name == "objective":  # not set yet (unpickling, copying)
+            raise AttributeError(name)
+        return getattr(self.objective, name)
+
+    def loss(self, model, guide, args: tuple = (), kwargs: Optional[dict] = None, *, beta: float = 1.0
+             ) -> torch.Tensor:
+        """``-bound`` of every part of the batch ``args = (x[, y])`` plus the extra terms (nats, summed over rows)."""
+        kwargs = dict(kwargs or {})
+        x, y = args[0], (args[1] if len(args) > 1 else None)
+        if self.semi_supervised and y is not None:
+            from .inputs import labelled_rows
+
+            lab = labelled_rows(y)
+            xl, yl = x[lab], y[lab]
+            parts = [a for a in ((xl, yl), (x[~lab],)) if a[0].shape[0]]
+        else:
+            parts, xl, yl = [tuple(args)], x, y
+        loss = sum(self.objective.loss(model, guide, a, kwargs, beta=beta) for a in parts)
+        if self.extra_loss is not None and xl.shape[0]:
+            loss = loss + self.extra_loss(xl, yl, **kwargs)
+        return loss
 
 
 # --------------------------------------------------------------------------- structure
@@ -458,8 +503,12 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
             watch.end_epoch(opt)  # before this epoch's checkpoint: a diverged epoch is never saved
             watch.first = None
             ep = loop["epoch"] + 1
-            val_loss = (mean_loss(val_fn, val, None if full else max(per_rank, 256), world)
-                        if ep % every == 0 or ep >= cfg.epochs else None)
+            if not len(val):  # no validation split (val_fraction=0): early stopping and the best epoch use the
+                val_loss = total / seen  # training loss, known every epoch whatever val_every says
+            elif ep % every == 0 or ep >= cfg.epochs:
+                val_loss = mean_loss(val_fn, val, None if full else max(per_rank, 256), world)
+            else:
+                val_loss = None
             secs = time.perf_counter() - t0
             record_epoch(run, loop, cfg, best, train_loss=total / seen, val_loss=val_loss, lr=lr_now, beta=beta,
                          secs=secs, seen=seen, ckpt_path=ckpt_path)
@@ -529,6 +578,24 @@ def train(world: World, spec: dict) -> Run:
         raise
 
 
+def _probes(run, train_, rows: int, semi: bool) -> list:
+    """``[(args, kwargs)]`` of the calls that find plates, sites and parameters on the first ``rows`` rows.
+
+    Semi-supervised: the labelled call ``model(x_l, y_l)`` (first labelled rows) and the
+    unlabelled call ``model(x_u)``, unlabelled first (it has the most latent sites); each only when
+    the data has such rows.
+    """
+    y = train_.y
+    if not semi or y is None:
+        return [run.call_args(train_.x[:rows], None if y is None else y[:rows])]
+    from .inputs import labelled_rows
+
+    lab = labelled_rows(y)
+    calls = [run.call_args(train_.x[m][:rows], y[m][:rows] if has_y else None)
+             for m, has_y in ((~lab, False), (lab, True)) if bool(m.any())]
+    return calls
+
+
 def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[str]) -> Run:
     """:func:`train` after the run directory is prepared (and locked, on rank 0)."""
     model, guide, obj, cfg = spec["model"], spec["guide"], spec["obj"], spec["cfg"]
@@ -552,31 +619,42 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
     with run.scope():
         rows = len(train_) if cfg.batch_size is None else min(cfg.batch_size, len(train_))
-        probe, kw = run.call_args(train_.x[:rows], None if train_.y is None else train_.y[:rows])
+        probes = _probes(run, train_, rows, getattr(cfg, "semi_supervised", False))
+        probe, kw = probes[0]
+        extra_fn = spec.get("extra_loss")
         with default_device(dev):  # pyro.param inits and lazy autoguide params land on `dev`
-            obj.max_plate_nesting = guess_max_plate_nesting(model, guide, probe, kw)
+            obj.max_plate_nesting = max(guess_max_plate_nesting(model, guide, a, kw) for a, _ in probes)
             obj.data_plate = cfg.data_plate
             shape = structure(model, guide, probe, kw, cfg.data_plate)
-            params = discover_params(model, guide, lambda: obj(model, guide, *probe, **kw))
+            params = discover_params(model, guide, lambda: [obj(model, guide, *a, **kw) for a, _ in probes] + (
+                [extra_fn(*probes[-1][0][:2], **kw)] if extra_fn is not None and len(probes[-1][0]) > 1 else []))
         if not params:
             raise ConfigError("found no trainable parameters in model or guide")
         check_structure(shape, guide, cfg, len(train_))
         params = world.own(params)
-        opt = adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(params, cfg, spec.get("optimizer_class"))
         sched = scheduler(opt, cfg)
         loop = new_loop()
         resuming = world.broadcast(bool(spec["resume"] and ckpt_path and os.path.isfile(ckpt_path)))
         if resuming:
             loop = restore(ckpt_path, run, opt, sched, shuffle_gen, config, dev)
         start_epoch, earlier = loop["epoch"], _held_out_metrics(out) if resuming else {}
-        step_obj = world.objective(obj, model, guide, params)  # N ranks: DDP broadcasts rank 0's weights here
+        semi = getattr(cfg, "semi_supervised", False)
+        if semi and shape["global_sites"]:
+            raise ConfigError("semi_supervised=True needs every sample site inside the data plate "
+                              f"{cfg.data_plate!r}: the labelled and unlabelled calls of a batch would each count "
+                              "a global latent once. Fit global latents without semi-supervision, or name the "
+                              "per-datapoint plate with data_plate=")
+        # the labelled/unlabelled calls and extra terms go inside what the world evaluates (DDP: one forward)
+        inner = Parts(obj, semi_supervised=semi, extra_loss=extra_fn) if semi or extra_fn is not None else obj
+        step_obj = world.objective(inner, model, guide, params)  # N ranks: DDP broadcasts rank 0's weights here
         if out is not None:
             world.on_rank0("writing config.json", lambda: write_json(os.path.join(out, CONFIG), config))
         best = best_from_checkpoint(ckpt_path, dev) if resuming and cfg.patience is not None else {}
         common = dict(global_sites=shape["global_sites"], data_plate=cfg.data_plate, full=cfg.batch_size is None,
                       pass_y=run.pass_y, model_kwargs=spec["model_kwargs"])
         loss_fn = BatchLoss(step_obj, model, guide, **common)
-        val_fn = BatchLoss(obj, model, guide, **common)
+        val_fn = BatchLoss(Parts(obj, semi_supervised=True) if semi else obj, model, guide, **common)  # no extra
         m = len(train_) // world.size  # rows per rank per epoch
         steps = math.ceil(m / ((cfg.batch_size and cfg.batch_size // world.size) or shape["subsample_size"] or m))
         before = dict(getattr(obj, "path_counts", {}))
@@ -586,6 +664,8 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
         if best and loop["best_epoch"] != loop["epoch"]:
             run.load_state_tensors(best, {})  # early stopping hands back the best-validation weights
     extra = {"steps": loop["step"], "estimator_path": _path_name(calls), "estimator_calls": calls}
+    if len(val) == 0:
+        extra["val_loss_is"] = "train_loss"  # val_fraction=0: no validation split
     if world.size > 1:
         extra["world_size"] = world.size
     run.metrics = finish(run, loop, **extra)

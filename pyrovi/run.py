@@ -161,6 +161,9 @@ class Run:
         The one calling rule of fit, evaluate and diagnose: ``y`` is passed when the
         model takes it, ``model_kwargs`` always (see :mod:`pyrovi.inputs`).
         """
+        if y is not None and (self.config or {}).get("train", {}).get("semi_supervised") and \
+                not bool(inputs.labelled_rows(y).all()):
+            y = None  # a semi-supervised run's rows with missing labels: model(x), the model infers y
         return inputs.call_args(self.model, x, y, self.model_kwargs, self.pass_y)
 
     def __repr__(self) -> str:

@@ -36,7 +36,7 @@ from .errors import ConfigError, DataError, SeedWarning, check_positive, check_s
 from .loop import BatchLoss, World, train, train_step
 from .progress import TrainingBar
 from .run import Run, resolve_device
-from .train_state import adam
+from .train_state import adam, check_optimizer_kwargs, optimizer_class
 
 __all__ = ["fit", "train_step", "TrainConfig", "LR_SCHEDULES", "BatchLoss", "DTYPES", "adam"]
 
@@ -51,7 +51,7 @@ class TrainConfig:
 
     epochs: int = 20  # passes over the training split
     batch_size: Optional[int] = 128  # datapoints per step; None = the whole training set every step
-    lr: float = 1e-3  # Adam learning rate
+    lr: float = 1e-3  # the optimizer's learning rate
     seed: int = 0  # seeds parameters' draws, particles, shuffling
     patience: Optional[int] = None  # early stopping: epochs without val improvement; None = off
     beta: float = 1.0  # weight of the latent (KL) terms; beta-VAE when != 1
@@ -59,10 +59,14 @@ class TrainConfig:
     clip_norm: Optional[float] = None  # gradient-norm clipping; None = off
     lr_schedule: str = "constant"  # "constant" | "cosine" | "exponential" (per epoch)
     weight_decay: float = 0.0
-    val_fraction: float = 0.1  # held out of raw arrays that come without a validation split
+    val_fraction: float = 0.1  # held out of raw arrays that come without a validation split; 0 = none
     data_plate: str = "data"  # name of the model's plate over datapoints (minibatch scaling N/B)
     dtype: Optional[str] = None  # "float32" | "float64"; None: the model's own parameter dtype
     val_every: int = 1  # validate after every N-th epoch and the last; others' val_loss is None (empty in CSV)
+    optimizer: str = "adam"  # a name of pyrovi.train_state.OPTIMIZERS, or the dotted path of a user's class
+    optimizer_kwargs: Optional[dict] = None  # its keyword arguments besides lr and weight_decay (e.g. betas)
+    semi_supervised: bool = False  # y marks missing labels (-1 / NaN rows): those rows call model(x) without y
+    extra_loss: Optional[str] = None  # name of the extra loss callable added in training (recorded, not called)
 
     def validate(self) -> None:
         """Raise :class:`~pyrovi.ConfigError` naming the first option that is out of range."""
@@ -80,14 +84,17 @@ class TrainConfig:
         # names are case-insensitive; store the canonical one (the scheduler compares it exactly)
         self.lr_schedule = lookup({s: s for s in LR_SCHEDULES}, self.lr_schedule, "lr_schedule")
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if not (isinstance(self.val_fraction, (int, float)) and not isinstance(self.val_fraction, bool)
+                and 0 <= self.val_fraction < 1):
+            raise ConfigError(f"val_fraction must be in [0, 1) (0: no validation split), got {self.val_fraction!r}")
         if not isinstance(self.data_plate, str) or not self.data_plate:
             raise ConfigError(f"data_plate must be the name of the model's plate over datapoints, "
                               f"got {self.data_plate!r}")
         if self.dtype is not None:
             self.dtype = str(lookup(DTYPES, self.dtype, "dtype")).replace("torch.", "")
         check_positive("val_every", self.val_every, integer=True)
+        if not isinstance(self.semi_supervised, bool):
+            raise ConfigError(f"semi_supervised must be True or False, got {self.semi_supervised!r}")
 
 
 def _dtype_name(dtype) -> Optional[str]:
@@ -116,13 +123,32 @@ def _check_data(model, split: data_mod.Split, name: str, cfg: TrainConfig, binar
     nc = getattr(model, "num_classes", None) if labels else None
     data_mod.validate(split.x, name=name, likelihood=likelihood if binarize is None else "bernoulli",
                       y=split.y if labels else None, num_classes=nc)
-    inputs.check_targets(split, name)
+    inputs.check_targets(split, name, cfg.semi_supervised)
     obs = getattr(model, "obs_shape", None)
     if obs is not None and tuple(split.x.shape[1:]) != tuple(obs):
         raise DataError(f"{name} items have shape {tuple(split.x.shape[1:])} but the model expects {tuple(obs)}; "
                         "build the model with the data's shape (e.g. VAE(data.shape, ...))")
     if labels and split.y is None:
         raise DataError(f"{type(model).__name__} conditions on labels but {name} has none; pass (x, y)")
+
+
+def _callable_name(fn, what: str) -> Optional[str]:
+    """The name ``config.json`` records for a user callable (None stays None); not callable -> ConfigError."""
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise ConfigError(f"{what} must be a callable returning a scalar loss tensor (nats), got {type(fn).__name__}")
+    return getattr(fn, "__qualname__", type(fn).__qualname__)
+
+
+def _check_semi_supervised(model, train) -> None:
+    """Semi-supervised data needs a model called both as ``model(x, y)`` and ``model(x)``."""
+    if isinstance(getattr(model, "uses_labels", None), bool):
+        raise ConfigError(f"semi_supervised=True needs a model that infers missing labels, called as model(x) for "
+                          f"them; pyrovi's {type(model).__name__} needs y for every row")
+    if not inputs.takes_y(model):
+        raise ConfigError("semi_supervised=True calls the model as model(x, y) for labelled rows and model(x) for "
+                          "the rest; this model takes no y (write it as def model(x, y=None))")
 
 
 def _describe(obj, kind: str) -> dict:
@@ -226,6 +252,10 @@ def fit(
     val_every: int = 1,
     callbacks: Optional[list] = None,
     logger: Any = None,
+    semi_supervised: bool = False,
+    extra_loss: Optional[Any] = None,
+    optimizer: Any = "adam",
+    optimizer_kwargs: Optional[dict] = None,
 ) -> Run:
     """Train ``guide`` and ``model`` on ``data`` by maximizing ``objective``.
 
@@ -255,7 +285,7 @@ def fit(
             passes the whole training set every step (full-data mode), for models that subsample
             themselves with ``pyro.plate("data", len(x), subsample_size=B)`` (then an epoch is
             N/B steps) or full-batch training.
-        lr: Adam learning rate.
+        lr: the optimizer's learning rate.
         seed: seeds particles, shuffling, the validation hold-out and every weight
             ``fit`` draws itself: ``pyro.param`` initial values, a default guide
             (``guide=None``) and a guide built without ``example=`` (set up on the first
@@ -270,8 +300,27 @@ def fit(
         warmup: epochs of linear KL warm-up of beta from 0.
         clip_norm: gradient-norm clipping (None: off).
         lr_schedule: ``"constant"``, ``"cosine"`` or ``"exponential"`` (stepped per epoch).
-        weight_decay: Adam weight decay.
+        weight_decay: the optimizer's weight decay (L2 for Adam, decoupled for AdamW).
+        optimizer: ``"adam"`` (default: torch's Adam, fused kernel), ``"adamw"``, ``"sgd"``,
+            ``"rmsprop"``, ``"adagrad"``, ``"clippedadam"`` (Pyro's ClippedAdam), case-insensitive,
+            or any ``torch.optim.Optimizer`` subclass (e.g. ``torch.optim.SGD``). Recorded in
+            ``config.json`` (a class outside the list by its dotted path); resume must use the same.
+        optimizer_kwargs: its keyword arguments besides ``lr``/``weight_decay``, e.g.
+            ``{"betas": [0.9, 0.99]}`` or ``{"momentum": 0.9}`` (numbers, strings, lists: recorded as JSON).
+        semi_supervised: ``data`` is ``(x, y)`` with some labels missing, marked ``y = -1`` (integer
+            labels) or a row of NaN (one-hot or real ``y``). Each batch's labelled rows are one call
+            ``model(x_l, y_l)``, its other rows one call ``model(x_u)`` (y=None: the model and guide
+            infer y), as in Pyro's SS-VAE. Needs a model ``def model(x, y=None)`` with every sample
+            site in the data plate.
+        extra_loss: a callable ``extra_loss(x, y, **model_kwargs) -> scalar tensor`` (nats, summed over
+            its rows) added to the training loss of every batch, divided by the batch size like the
+            bound's terms; called on the labelled rows (semi-supervised) or all rows. E.g. the M2
+            auxiliary classifier loss ``-alpha * log q(y|x)``. Trains only: the validation loss is the
+            bound alone. Recorded by name; pass the same callable to resume.
         val_fraction: share of raw arrays held out for validation (datasets bring their own split).
+            ``0``: no validation split (a small Bayesian data set keeps every row); early stopping
+            and the best epoch then use the epoch's training loss, which the history records as
+            ``val_loss`` too (``metrics.json`` says ``"val_loss_is": "train_loss"``).
         model_kwargs: extra keyword arguments passed to every model and guide call.
         data_plate: name of the model's plate over datapoints (default ``"data"``).
         out: run directory; checkpoints are written there after every epoch.
@@ -321,8 +370,12 @@ def fit(
                       patience=patience, beta=beta,
                       warmup=warmup, clip_norm=clip_norm, lr_schedule=lr_schedule, weight_decay=weight_decay,
                       val_fraction=val_fraction, data_plate=data_plate, dtype=_dtype_name(dtype),
-                      val_every=val_every)
+                      val_every=val_every, semi_supervised=semi_supervised,
+                      extra_loss=_callable_name(extra_loss, "extra_loss"))
     cfg.validate()
+    cfg.optimizer, opt_cls = optimizer_class(optimizer)
+    cfg.optimizer_kwargs = check_optimizer_kwargs(opt_cls, optimizer_kwargs, lr=cfg.lr,
+                                                  weight_decay=cfg.weight_decay) or None
     hooks = check_callbacks(callbacks) + loggers.resolve(logger, out)  # the bar and loggers are callbacks too
     if progress:
         hooks.append(TrainingBar())
@@ -340,11 +393,17 @@ def fit(
     if not callable(model):
         raise ConfigError(f"model must be a Pyro model (a callable), got {type(model).__name__}")
     obj = objectives_mod.get(objective, particles=particles, alpha=alpha)
-    train_, val, ds, data_desc = inputs.training_data(data, seed=cfg.seed, val_fraction=cfg.val_fraction)
+    train_, val, ds, data_desc = inputs.training_data(data, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                                                         semi_supervised=cfg.semi_supervised)
     binarize = ds.binarize if ds is not None else None
     _check_data(model, train_, "training data", cfg, binarize)
-    _check_data(model, val, "validation data", cfg, binarize)
-    example, _ = inputs.call_args(model, train_.x[:2], None if train_.y is None else train_.y[:2], model_kwargs)
+    if len(val):  # val_fraction=0: no validation split
+        _check_data(model, val, "validation data", cfg, binarize)
+    if cfg.semi_supervised:
+        _check_semi_supervised(model, train_)
+    # semi-supervised: the example call (Auto's tracing, guide set-up) is an unlabelled one, model(x)
+    ex_y = None if train_.y is None or cfg.semi_supervised else train_.y[:2]
+    example, _ = inputs.call_args(model, train_.x[:2], ex_y, model_kwargs)
     if seed_given:
         _warn_unseeded(cfg.seed, model, guide)
     # Whatever fit builds below (default guide, lazy set-up) is drawn from the seed, on a stream of its own: not
@@ -365,7 +424,8 @@ def fit(
     if dt not in DTYPES.values():
         raise ConfigError(f"model/guide parameters are {dt}; pass dtype=torch.float32 or dtype=torch.float64")
     cfg.dtype = str(dt).replace("torch.", "")
-    spec = dict(model=model, guide=guide, obj=obj, cfg=cfg, train=train_, val=val, ds=ds, dtype=dt,
+    spec = dict(model=model, guide=guide, obj=obj, cfg=cfg, train=train_, val=val, ds=ds, dtype=dt, extra_loss=extra_loss,
+                optimizer_class=opt_cls,
                 binarize=binarize, model_kwargs=model_kwargs, out=None if out is None else os.fspath(out),
                 resume=resume, overwrite=overwrite, progress=progress, callbacks=hooks,
                 config=_run_config(model, guide, obj, cfg, train_, val, ds, data_desc, inputs.takes_y(model),

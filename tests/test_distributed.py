@@ -282,15 +282,6 @@ def test_pyro_params_of_plain_functions_become_parameters_ddp_averages():
         assert torch.allclose(params[0].grad, -x.sum(0))
 
 
-@pytest.fixture
-def restore_environ():
-    """Lightning's spawn launcher sets MASTER_PORT in this process; put the environment back afterwards."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 @pytest.mark.slow
 @needs_lightning
 def test_ddp_spawn_brings_weights_back_and_resumes_the_same_trajectory(digits, tmp_path, restore_environ):

@@ -179,9 +179,15 @@ def discover_latents(model, example: tuple, data_plate: str = "data", kwargs: Op
         if plate_dim is not None and f.dim != plate_dim:
             raise ConfigError(f"plate {data_plate!r} appears at dims {plate_dim} and {f.dim}")
         plate_dim, size = f.dim, f.size
-        if math.prod(fn.batch_shape) != f.size:
+        if size == -1:  # pyro.plate(name) without a size: the site's batch shape gives it
+            if len(fn.batch_shape) < -f.dim:
+                raise ConfigError(f"plate {data_plate!r} has no size and latent site {n!r} has no batch dim at "
+                                  f"dim {f.dim} (batch shape {tuple(fn.batch_shape)}): give the plate its size, "
+                                  f"pyro.plate({data_plate!r}, len(x)), or shape the site's batch as the data's rows")
+            size = fn.batch_shape[f.dim]
+        if math.prod(fn.batch_shape) != size:
             raise ConfigError(f"latent site {n!r} has batch shape {tuple(fn.batch_shape)} but plate "
-                              f"{data_plate!r} has size {f.size}; move per-datapoint dims into the event with .to_event")
+                              f"{data_plate!r} has size {size}; move per-datapoint dims into the event with .to_event")
         sites[n] = _spec(fn.event_shape, fn.support)
     if not sites:
         raise ConfigError(f"{name} has no latent sample sites (found only observed sites); nothing to guide")
