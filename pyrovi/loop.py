@@ -466,7 +466,7 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
     Validates after every ``cfg.val_every``-th epoch and after the last one; ``callbacks``
     (progress bar and loggers included) are called on rank 0 (:mod:`pyrovi.callbacks`).
     """
-    model, guide, obj = run.model, run.guide, run.objective
+    model, guide = run.model, run.guide
     n = len(train)
     full = cfg.batch_size is None
     per_rank = None if full else cfg.batch_size // world.size  # rows per rank per step
