@@ -54,6 +54,7 @@ from .errors import ConfigError, check_positive, lookup
 from .stop_gradient import ScaleLatentGradients, StopGradientScorer
 from .stratify import strata
 from .traces import ScaleLatents, guess_max_plate_nesting
+from .vimco import check_particles, vimco_bound
 from .weights import LogWeights, log_weights
 
 __all__ = ["Objective", "ELBO", "MeanFieldELBO", "IWAE", "Renyi", "STL", "DReG", "get", "names", "OBJECTIVES",
@@ -271,6 +272,9 @@ class Renyi(Objective):
         else:
             lw = log_weights(model, guide, *args, particles=self.particles, max_plate_nesting=depth,
                              data_plate=self.data_plate, **kwargs)
+            if lw.score_sites:  # discrete guide draws: VIMCO's score term (Mnih & Rezende 2016)
+                check_particles(self.particles, self.name, lw.score_sites)
+                return vimco_bound(lw, self.alpha)
         return iw_bound(lw, self.alpha)
 
 
