@@ -103,7 +103,8 @@ def structure(model, guide, args, kwargs, data_plate: str = "data") -> dict:
     Returns ``{"data_plate": bool, "global_sites": bool, "local_latents": [names],
     "subsample_size": int or None}``: whether any site lies in the plate named
     ``data_plate``; whether any site (of model or guide) lies outside it; the model's
-    latent sites inside it, in trace order; the plate's size when it subsamples itself
+    latent sites inside it, in trace order (leaving out sites marked for enumeration that the guide does not
+    draw: they are summed out); the plate's size when it subsamples itself
     (``pyro.plate(name, N, subsample_size=B)``).
     """
     with poutine.block(), torch.no_grad():
@@ -119,6 +120,8 @@ def structure(model, guide, args, kwargs, data_plate: str = "data") -> dict:
             if frame.full_size is not None and frame.size < frame.full_size:
                 info["subsample_size"] = int(frame.size)
             if tr is model_tr and not site["is_observed"] and name not in info["local_latents"]:
+                if name not in guide_tr.nodes and site["infer"].get("enumerate") in ("parallel", "sequential"):
+                    continue  # summed out (pyrovi.enumeration): the guide keeps no parameters for it
                 info["local_latents"].append(name)
     return info
 
