@@ -82,6 +82,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=0, help="epochs of linear KL warm-up")
     g.add_argument("--clip-norm", type=float, default=None, help="gradient-norm clipping (default: off)")
     g.add_argument("--lr-schedule", default="constant", help="constant | cosine | exponential")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the data held out for validation (default: 0.1); 0: none, early stopping "
+                        "then watches the training loss")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g = p.add_argument_group("scale-out (PyTorch Lightning; pip install \"pyrovi[distributed]\")")
     g.add_argument("--strategy", default=None, help="ddp | ddp_spawn: data-parallel training (default: one process)")
@@ -182,7 +185,7 @@ def _train(args) -> int:
 
     check_positive("--evaluate-k", args.evaluate_k, integer=True, allow_zero=True)  # before hours of training
     binarize = None if args.binarize == "none" else args.binarize
-    ds = data.load(args.data, seed=args.seed, binarize=binarize)
+    ds = data.load(args.data, seed=args.seed, binarize=binarize, split=(args.val_fraction, 0.1))
     import pyro
 
     pyro.set_rng_seed(args.seed)  # torch, numpy, random: the initial weights of model and guide follow --seed
@@ -193,6 +196,7 @@ def _train(args) -> int:
               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=out,
               resume=args.resume, overwrite=args.overwrite, patience=args.patience, beta=args.beta,
               warmup=args.warmup, clip_norm=args.clip_norm, lr_schedule=args.lr_schedule, device=args.device,
+              val_fraction=args.val_fraction,
               progress=_tty_progress(args), strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes)
     if run.directory is None and args.strategy:  # a DDP rank other than 0: rank 0 reports and evaluates
         return 0

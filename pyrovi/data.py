@@ -125,14 +125,14 @@ def validate(
 ) -> None:
     """Check data up front; raise :class:`DataError` saying what was found and how to fix it.
 
-    Checks: at least ``min_rows`` rows, rank >= 2 (``(N, D...)``), finite values,
+    Checks: at least ``min_rows`` rows, rank >= 1 (``(N,)`` scalar items or ``(N, D...)``), finite values,
     values in [0, 1] for a Bernoulli likelihood, labels integer in
     ``[0, num_classes)`` with one label per row.
     """
-    if x.dim() < 2:
+    if x.dim() < 1:  # a 1-D vector is N scalar items, passed to the model as given (shape (N,))
         raise DataError(
-            f"{name} must have shape (N, D...) with one row per item; got shape {tuple(x.shape)}. "
-            "Reshape a single item with x[None] or a flat vector with x.reshape(N, -1)."
+            f"{name} must have one row per item, shape (N,) or (N, D...); got a scalar. "
+            "Reshape a single item with x[None]."
         )
     if x.shape[0] < min_rows:
         raise DataError(f"{name} has {x.shape[0]} rows; at least {min_rows} are needed")

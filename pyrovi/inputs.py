@@ -170,19 +170,21 @@ def training_data(data: Any, *, seed: int = 0, val_fraction: float = 0.1) -> tup
     A dataset name is loaded (seeded split); a :class:`~pyrovi.data.Dataset` brings its own
     train/validation splits (its test split is never touched); anything :func:`as_split`
     takes is split here, ``val_fraction`` of its rows (at least one) held out by a seeded
-    permutation.
+    permutation. ``val_fraction=0`` holds out nothing (an empty validation split; a Dataset's
+    own validation split may then be empty too).
     """
     ds = None if data is None else dataset(data, seed=seed)  # fit has no run whose data None could mean
     if ds is not None:
-        if len(ds.val) == 0:
-            raise DataError(f"dataset {ds.name!r} has an empty validation split; load it with split=(0.1, ...)")
+        if len(ds.val) == 0 and val_fraction > 0:
+            raise DataError(f"dataset {ds.name!r} has an empty validation split; load it with split=(0.1, ...), "
+                            "or pass val_fraction=0 to train without validation")
         return ds.train, ds.val, ds, dict(ds.source)
     whole = as_split(data)
     data_mod.validate(whole.x, name="data", min_rows=2)
     check_targets(whole, "data")
     n = whole.x.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(n * val_fraction)))
+    n_val = max(1, int(round(n * val_fraction))) if val_fraction > 0 else 0
     tr, va = perm[n_val:], perm[:n_val]
     pick = lambda idx: data_mod.Split(whole.x[idx], None if whole.y is None else whole.y[idx])  # noqa: E731
     return pick(tr), pick(va), None, {"name": "arrays", "rows": n, "val_fraction": val_fraction}

@@ -445,7 +445,9 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
             total, seen = world.sum(total, seen)
             watch.end_epoch(opt)  # before this epoch's checkpoint: a diverged epoch is never saved
             watch.first = None
-            val_loss = mean_loss(val_fn, val, None if full else max(per_rank, 256), world)
+            # no validation split (val_fraction=0): early stopping and the best epoch use the training loss
+            val_loss = mean_loss(val_fn, val, None if full else max(per_rank, 256), world) if len(val) else \
+                total / seen
             secs = time.perf_counter() - t0
             record_epoch(run, loop, cfg, best, train_loss=total / seen, val_loss=val_loss, lr=lr_now, beta=beta,
                          secs=secs, seen=seen, ckpt_path=ckpt_path)
@@ -571,6 +573,8 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
         if best and loop["best_epoch"] != loop["epoch"]:
             run.load_state_tensors(best, {})  # early stopping hands back the best-validation weights
     extra = {"steps": loop["step"], "estimator_path": _path_name(calls), "estimator_calls": calls}
+    if len(val) == 0:
+        extra["val_loss_is"] = "train_loss"  # val_fraction=0: no validation split
     if world.size > 1:
         extra["world_size"] = world.size
     run.metrics = finish(run, loop, **extra)

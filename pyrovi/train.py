@@ -56,7 +56,7 @@ class TrainConfig:
     clip_norm: Optional[float] = None  # gradient-norm clipping; None = off
     lr_schedule: str = "constant"  # "constant" | "cosine" | "exponential" (per epoch)
     weight_decay: float = 0.0
-    val_fraction: float = 0.1  # held out of raw arrays that come without a validation split
+    val_fraction: float = 0.1  # held out of raw arrays that come without a validation split; 0 = none
     data_plate: str = "data"  # name of the model's plate over datapoints (minibatch scaling N/B)
     dtype: Optional[str] = None  # "float32" | "float64"; None: the model's own parameter dtype
 
@@ -76,8 +76,9 @@ class TrainConfig:
         # names are case-insensitive; store the canonical one (the scheduler compares it exactly)
         self.lr_schedule = lookup({s: s for s in LR_SCHEDULES}, self.lr_schedule, "lr_schedule")
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if not (isinstance(self.val_fraction, (int, float)) and not isinstance(self.val_fraction, bool)
+                and 0 <= self.val_fraction < 1):
+            raise ConfigError(f"val_fraction must be in [0, 1) (0: no validation split), got {self.val_fraction!r}")
         if not isinstance(self.data_plate, str) or not self.data_plate:
             raise ConfigError(f"data_plate must be the name of the model's plate over datapoints, "
                               f"got {self.data_plate!r}")
@@ -264,6 +265,9 @@ def fit(
         lr_schedule: ``"constant"``, ``"cosine"`` or ``"exponential"`` (stepped per epoch).
         weight_decay: Adam weight decay.
         val_fraction: share of raw arrays held out for validation (datasets bring their own split).
+            ``0``: no validation split (a small Bayesian data set keeps every row); early stopping
+            and the best epoch then use the epoch's training loss, which the history records as
+            ``val_loss`` too (``metrics.json`` says ``"val_loss_is": "train_loss"``).
         model_kwargs: extra keyword arguments passed to every model and guide call.
         data_plate: name of the model's plate over datapoints (default ``"data"``).
         out: run directory; checkpoints are written there after every epoch.
@@ -323,7 +327,8 @@ def fit(
     train_, val, ds, data_desc = inputs.training_data(data, seed=cfg.seed, val_fraction=cfg.val_fraction)
     binarize = ds.binarize if ds is not None else None
     _check_data(model, train_, "training data", cfg, binarize)
-    _check_data(model, val, "validation data", cfg, binarize)
+    if len(val):  # val_fraction=0: no validation split
+        _check_data(model, val, "validation data", cfg, binarize)
     example, _ = inputs.call_args(model, train_.x[:2], None if train_.y is None else train_.y[:2], model_kwargs)
     if seed_given:
         _warn_unseeded(cfg.seed, model, guide)
