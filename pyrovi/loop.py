@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from . import particles
 from .checkpoint import read_json, write_json
 from .errors import ConfigError, PyroviError, TrainingError
 from .run import CHECKPOINT, CONFIG, METRICS, Run, default_device, discover_params, empty_param_state, release_run
@@ -544,6 +545,7 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
             obj.max_plate_nesting = guess_max_plate_nesting(model, guide, probe, kw)
             obj.data_plate = cfg.data_plate
             shape = structure(model, guide, probe, kw, cfg.data_plate)
+            particles.settle(obj, spec.get("vectorize"), model, guide, probe, kw, config)
             params = discover_params(model, guide, lambda: obj(model, guide, *probe, **kw))
         if not params:
             raise ConfigError("found no trainable parameters in model or guide")

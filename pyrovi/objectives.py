@@ -508,7 +508,12 @@ def get(objective="elbo", **options) -> Objective:
         objective = objective.get("name")
     cls = lookup(OBJECTIVES, objective, "objective")
     options = {k: v for k, v in options.items() if v is not None}
+    vectorize = options.pop("vectorize", True)  # False: a run whose model needed its particles looped
+    if not isinstance(vectorize, bool):
+        raise ConfigError(f"objective option vectorize must be True or False, got {vectorize!r}")
     try:
-        return cls(**options)
+        obj = cls(**options)
     except TypeError as e:
         raise ConfigError(f"objective {objective!r} does not take options {sorted(options)}: {e}") from None
+    obj.vectorize = vectorize
+    return obj
