@@ -351,7 +351,7 @@ def hold_point_mass_globals(model, guide, args: tuple, kwargs: dict, data_plate:
     metrics are per datapoint given them, e.g. :math:`\log p(x_n \mid \hat\theta)`; ``held`` names them.
     ``exact``: the guide draws nothing random besides them (every draw is the same: one particle suffices).
     """
-    with poutine.block(), torch.no_grad():
+    with poutine.block(), torch.no_grad(), particles_mod.rng_neutral():
         guide_tr, model_tr = trace_pair(model, guide, args, kwargs)
     held, bad, exact = {}, [], True
     for name, site in model_tr.nodes.items():
@@ -433,6 +433,7 @@ def prepare(run, model, guide, args: tuple, kw: dict, mpn: int, vectorize: Optio
     """
     model, guide, held, exact = hold_point_mass_globals(model, guide, args, kw, run.data_plate)
     if vectorize is None and getattr(run.objective, "vectorize", True) is False:
+        particles_mod.announce(where, "found when the run was fit", particles)
         vectorize = False
     vec = particles_mod.decide(vectorize, model, guide, args, kw, mpn, run.data_plate, where, particles)
     return model, guide, held, exact, vec

@@ -431,6 +431,8 @@ class PyroELBO(Objective):
         #: the JSON-able options the object was built with (what :meth:`config` records)
         self.options = {k: v for k, v in vars(elbo).items() if k in _PYRO_OPTIONS
                         and isinstance(v, (bool, int, float)) and math.isfinite(v)}
+        if "max_plate_nesting" in self.options and elbo.vectorize_particles and elbo.num_particles > 1:
+            self.options["max_plate_nesting"] -= 1  # Pyro added its particle plate: record the depth as given
         self.vectorize = bool(elbo.vectorize_particles) or self.particles == 1
         self._given = elbo
         self._elbo = None

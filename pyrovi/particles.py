@@ -28,7 +28,7 @@ from pyro import poutine
 
 from .errors import ConfigError, PyroviError
 
-__all__ = ["vectorizes", "ParticleLoopWarning", "decide"]
+__all__ = ["vectorizes", "ParticleLoopWarning", "decide", "settle", "rng_neutral", "announce"]
 
 
 class ParticleLoopWarning(UserWarning):
@@ -41,7 +41,7 @@ def vectorizes(model, guide, args: tuple, kwargs: Optional[dict], max_plate_nest
     from .weights import log_weights
 
     try:
-        with poutine.block(), torch.no_grad():
+        with poutine.block(), torch.no_grad(), rng_neutral():
             lw = log_weights(model, guide, *args, particles=2, max_plate_nesting=max_plate_nesting,
                              data_plate=data_plate, **(kwargs or {}))
     except PyroviError:
@@ -52,6 +52,12 @@ def vectorizes(model, guide, args: tuple, kwargs: Optional[dict], max_plate_nest
     if lw.log_w.shape[0] != 2:
         return f"its log weights have shape {tuple(lw.log_w.shape)} under 2 particles, not (2, B)"
     return None
+
+
+def rng_neutral():
+    """Run a check without using up the caller's random stream (the draws after it are those without it)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def decide(vectorize: Optional[bool], model, guide, args: tuple, kwargs: Optional[dict], max_plate_nesting: int,
@@ -68,11 +74,16 @@ def decide(vectorize: Optional[bool], model, guide, args: tuple, kwargs: Optiona
     reason = vectorizes(model, guide, args, kwargs, max_plate_nesting, data_plate)
     if reason is None:
         return True
-    if particles > 1:  # one particle costs the same either way: nothing to say
-            warnings.warn(f"{where}: the model cannot take a leading particle dim ({reason}); its {particles} "
-                      f"particles are drawn one at a time, {particles} model and guide calls per step instead of 1 "
-                      "(pass vectorize=False to skip this probe)", ParticleLoopWarning, stacklevel=3)
+    announce(where, reason, particles)
     return False
+
+
+def announce(where: str, reason: str, particles: int) -> None:
+    """The one line that says the particles are looped, why, and what it costs (nothing to say for one)."""
+    if particles > 1:
+        warnings.warn(f"{where}: the model cannot take a leading particle dim ({reason}); its {particles} "
+                      f"particles are drawn one at a time, {particles} model and guide calls per step instead of 1",
+                      ParticleLoopWarning, stacklevel=4)
 
 
 def settle(obj, vectorize: Optional[bool], model, guide, args: tuple, kwargs: dict, config: dict) -> None:
