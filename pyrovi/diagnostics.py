@@ -442,8 +442,10 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
                                  coords={"datapoint": dp})
     idata.add_groups(observed_data=xr.Dataset(obs))
     if y_sel is not None:
+        y_np = y_sel.cpu().numpy()  # any shape: class labels (N,), one-hot (N, C), target images (N, H, W)
         idata.add_groups(constant_data=xr.Dataset(
-            {"label": xr.DataArray(y_sel.numpy(), dims=("datapoint",), coords={"datapoint": dp})}))
+            {"label": xr.DataArray(y_np, dims=["datapoint"] + [f"label_dim_{i}" for i in range(y_np.ndim - 1)],
+                                   coords={"datapoint": dp})}))
 
     summary, categories = _summary(khat, ess, r, lat, particles, skipped,
                                    point_mass=bool(getattr(run.guide, "point_mass", False)))
