@@ -31,6 +31,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .errors import ConfigError
+from .particles import rng_neutral
 from .traces import PARTICLE_PLATE, trace_pair
 
 __all__ = ["marked_sites", "summed_sites", "has_enumeration", "check_plates", "sum_out"]
@@ -52,7 +53,7 @@ def summed_sites(tr) -> list:
 def has_enumeration(model, guide, args: tuple, kwargs: Optional[dict] = None) -> dict:
     """One trace of guide and model (no gradients): ``{"model": [names], "guide": [names]}`` of sites marked for
     enumeration; the model's list leaves out sites the guide draws (replayed, not enumerated)."""
-    with poutine.block(), torch.no_grad():
+    with poutine.block(), torch.no_grad(), rng_neutral():  # a look that leaves the draws after it as they were
         guide_tr, model_tr = trace_pair(model, guide, args, kwargs or {})
     guide_marked = marked_sites(guide_tr)
     drawn = {n for n, s in guide_tr.nodes.items() if s["type"] == "sample"}
