@@ -31,8 +31,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .errors import ConfigError
-from .particles import rng_neutral
-from .traces import PARTICLE_PLATE, trace_pair
+from .traces import PARTICLE_PLATE, rng_neutral, trace_pair
 
 __all__ = ["marked_sites", "summed_sites", "has_enumeration", "check_plates", "sum_out"]
 

@@ -58,7 +58,7 @@ from . import particles as particles_mod
 from .progress import bar
 from .run import update_metrics
 from .errors import ConfigError, DataError, check_positive
-from .traces import data_dim, guess_max_plate_nesting, in_data_plate, trace_pair
+from .traces import data_dim, guess_max_plate_nesting, in_data_plate, rng_neutral, trace_pair
 from .weights import LogWeights, log_weights
 
 __all__ = ["evaluate", "iw_log_likelihood", "hold_point_mass_globals", "prepare", "Tally", "site_matrix", "latent_summary", "per_datapoint_weights", "seeded",
@@ -351,7 +351,7 @@ def hold_point_mass_globals(model, guide, args: tuple, kwargs: dict, data_plate:
     metrics are per datapoint given them, e.g. :math:`\log p(x_n \mid \hat\theta)`; ``held`` names them.
     ``exact``: the guide draws nothing random besides them (every draw is the same: one particle suffices).
     """
-    with poutine.block(), torch.no_grad(), particles_mod.rng_neutral():
+    with poutine.block(), torch.no_grad(), rng_neutral():
         guide_tr, model_tr = trace_pair(model, guide, args, kwargs)
     held, bad, exact = {}, [], True
     for name, site in model_tr.nodes.items():

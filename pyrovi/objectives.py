@@ -24,6 +24,12 @@ stl        ELBO; gradient without the score term of log q         pyrovi (Roeder
 dreg       IWAE; doubly reparameterized encoder gradient          pyrovi (Tucker et al. 2018)
 ========== ====================================================== ==================
 
+Discrete (non-reparameterized) guide sites: ``elbo``/``meanfield`` use Pyro's score-function
+estimator, ``iwae``/``renyi`` VIMCO (:mod:`pyrovi.vimco`), ``stl``/``dreg`` refuse them. Model sites
+marked for enumeration are summed out (:mod:`pyrovi.enumeration`; ``elbo`` through Pyro's
+``TraceEnum_ELBO``). Pyro's own ELBO objects are accepted too (:class:`PyroELBO`), and models that
+cannot take a particle dim get their particles one at a time (``vectorize``, :mod:`pyrovi.particles`).
+
 ``stl`` and ``dreg`` are gradient estimators, not new bounds: each returns
 the value of ``elbo``/``iwae`` for the same draws (to float rounding) and changes only
 the gradient (stop-gradient surrogates, see :mod:`pyrovi.stop_gradient`).

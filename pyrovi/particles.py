@@ -26,9 +26,12 @@ from typing import Optional
 import torch
 from pyro import poutine
 
+from . import fastpath
 from .errors import ConfigError, PyroviError
+from .traces import rng_neutral
+from .weights import log_weights
 
-__all__ = ["vectorizes", "ParticleLoopWarning", "decide", "settle", "rng_neutral", "announce"]
+__all__ = ["vectorizes", "ParticleLoopWarning", "decide", "settle", "announce"]
 
 
 class ParticleLoopWarning(UserWarning):
@@ -38,8 +41,6 @@ class ParticleLoopWarning(UserWarning):
 def vectorizes(model, guide, args: tuple, kwargs: Optional[dict], max_plate_nesting: int,
                data_plate: str = "data") -> Optional[str]:
     """None when model and guide run under a vectorized particle plate of size 2; else why not, in one line."""
-    from .weights import log_weights
-
     try:
         with poutine.block(), torch.no_grad(), rng_neutral():
             lw = log_weights(model, guide, *args, particles=2, max_plate_nesting=max_plate_nesting,
@@ -52,12 +53,6 @@ def vectorizes(model, guide, args: tuple, kwargs: Optional[dict], max_plate_nest
     if lw.log_w.shape[0] != 2:
         return f"its log weights have shape {tuple(lw.log_w.shape)} under 2 particles, not (2, B)"
     return None
-
-
-def rng_neutral():
-    """Run a check without using up the caller's random stream (the draws after it are those without it)."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    return torch.random.fork_rng(devices=devices)
 
 
 def decide(vectorize: Optional[bool], model, guide, args: tuple, kwargs: Optional[dict], max_plate_nesting: int,
@@ -92,8 +87,6 @@ def settle(obj, vectorize: Optional[bool], model, guide, args: tuple, kwargs: di
     An objective already told not to vectorize (a Pyro ELBO with ``vectorize_particles=False``) keeps it; pyrovi's
     own model/guide pairs on the fast path always vectorize; other pairs are probed unless ``vectorize`` says.
     """
-    from . import fastpath
-
     if vectorize is None and (obj.vectorize is False or (obj.fast and obj.has_fast_path and not kwargs
                                                           and fastpath.supported(model, guide, stratify=True))):
         return

@@ -27,7 +27,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 __all__ = ["PARTICLE_PLATE", "data_frame", "data_dim", "in_data_plate", "trace_pair", "structure",
-           "guess_max_plate_nesting", "ScaleLatents", "ScalePlate"]
+           "guess_max_plate_nesting", "rng_neutral", "ScaleLatents", "ScalePlate"]
 
 PARTICLE_PLATE = "num_particles_vectorized"  # Pyro's own name, so Pyro code treats it as particles
 
@@ -95,6 +95,13 @@ def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
                 if f.vectorized and f.dim is not None:
                     depth = max(depth, -f.dim)
     return depth
+
+
+def rng_neutral():
+    """Around a look at model and guide (a probe, a check): leave the caller's random stream as it was, so the
+    draws after the look are those without it."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def structure(model, guide, args, kwargs, data_plate: str = "data") -> dict:

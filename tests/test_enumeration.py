@@ -114,9 +114,10 @@ def test_log_weights_sum_enumerated_sites_out():
 
 def test_iwae_trains_on_enumerated_sites_and_meanfield_refuses():
     x = torch.randn(40) + 1.0
-    run = pv.fit(local_mixture, local_guide, x, objective="iwae", particles=4, epochs=1, batch_size=20,
-                 progress=False, figures=False)
-    assert math.isfinite(run.metrics["train_loss"])
+    for name in ("iwae", "stl", "dreg"):
+        run = pv.fit(local_mixture, local_guide, x, objective=name, particles=4, epochs=1, batch_size=20,
+                     progress=False, figures=False)
+        assert math.isfinite(run.metrics["train_loss"]), name
     with pytest.raises(ConfigError, match=r"meanfield.*\['c'\].*TraceEnum_ELBO"):
         pv.fit(local_mixture, local_guide, x, objective="meanfield", epochs=1, batch_size=20, progress=False,
                figures=False)
@@ -134,3 +135,19 @@ def test_pyro_elbo_objects_become_objectives():
         objectives.get(TraceGraph_ELBO())
     with pytest.raises(ConfigError, match="no known Pyro ELBO"):
         objectives.get({"name": "pyro", "class": "os.system", "options": {}})
+
+
+def test_enumerated_site_in_a_nested_plate_is_refused_by_name():
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("feature", x.shape[1], dim=-1):
+                c = pyro.sample("c", dist.Bernoulli(0.5), infer={"enumerate": "parallel"})
+                pyro.sample("x", dist.Normal(z + c, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            pyro.sample("z", dist.Normal(pyro.param("m", torch.zeros(x.shape[0], 1)), 1.0))
+
+    with pytest.raises(ConfigError, match=r"enumerated site 'c' lies in plate\(s\) \['feature'\]"):
+        log_weights(model, guide, torch.randn(3, 2), particles=2, max_plate_nesting=2)

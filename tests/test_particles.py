@@ -110,3 +110,31 @@ def test_dreg_refuses_looped_particles():
     with pytest.raises(ConfigError, match="dreg.*one at a time"):
         pv.fit(net.model, net.guide, cvae_data(), objective="dreg", particles=2, epochs=1, batch_size=20,
                vectorize=False, progress=False, figures=False)
+
+
+class GlobalMasked(MaskedCVAE):
+    """The masked model with a global latent scale: evaluate must say so before any particle runs."""
+
+    def model(self, x, y=None):
+        pyro.module("cvae", self)
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        b = x.shape[0]
+        with pyro.plate("data", b):
+            z = pyro.sample("z", dist.Normal(torch.zeros(b, Z), 1.0).to_event(1))
+            loc = self.dec(z)
+            mask = x == -1
+            pyro.sample("y", dist.Normal(loc[mask].view(b, -1), s).to_event(1), obs=y[mask].view(b, -1))
+
+    def guide(self, x, y=None):
+        pyro.sample("s", dist.LogNormal(pyro.param("s_loc", torch.tensor(0.0)), 0.5))
+        super().guide(x, y)
+
+
+def test_evaluate_checks_global_latents_before_any_particle():
+    net = GlobalMasked()
+    run = pv.fit(net.model, net.guide, cvae_data(), objective="elbo", epochs=1, batch_size=None, progress=False,
+                 figures=False)
+    with pytest.raises(ConfigError, match=r"site\(s\) \['s'\] outside it"):
+        pv.evaluate(run, cvae_data(), k=4, save=False)
+    with pytest.raises(ConfigError, match=r"site\(s\) \['s'\] outside it"):
+        pv.diagnose(run, cvae_data(), n=3, particles=4, save=False)
