@@ -572,7 +572,7 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     noise: dict = {}
     kls: dict = {}
     methods: dict = {}
-    held, vec = [], vectorize
+    held, vec, point = [], vectorize, False
     with run.scope(), seeded(seed), bar(-(-len(split) // batch_size), "evaluate", enabled=progress) as counter:
         mpn = run.objective.max_plate_nesting
         for i in range(0, len(split), batch_size):
@@ -583,7 +583,7 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
                 mpn = guess_max_plate_nesting(model, guide, args, kw)
             bmodel, bguide, held, exact, vec = prepare(run, model, guide, args, kw, mpn, vec, "evaluate", k)
             if exact:
-                k = 1  # the guide draws nothing random: every importance weight is the same
+                k, point = 1, True  # the guide draws nothing random: every importance weight is the same
             r = iw_log_likelihood(bmodel, bguide, *args, k=k, chunk=chunk, max_plate_nesting=mpn,
                                   data_plate=run.data_plate, vectorize=vec, **kw)
             for key in per_point:
@@ -605,7 +605,7 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     out["log_likelihood_se_over_data"] = sd / math.sqrt(n)
     out["log_likelihood_se"] = out["log_likelihood_se_over_data"]  # former name, kept for compatibility
     var = cat["log_likelihood_mc_var"]
-    if getattr(run.guide, "point_mass", False) or k == 1:
+    if getattr(run.guide, "point_mass", False) or point:
         out["log_likelihood_mc_se"] = 0.0  # every draw is the same z: the estimate is exact for this guide
     else:
         out["log_likelihood_mc_se"] = None if var is None else float(var.double().sum().sqrt() / n)

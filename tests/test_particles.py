@@ -138,3 +138,12 @@ def test_evaluate_checks_global_latents_before_any_particle():
         pv.evaluate(run, cvae_data(), k=4, save=False)
     with pytest.raises(ConfigError, match=r"site\(s\) \['s'\] outside it"):
         pv.diagnose(run, cvae_data(), n=3, particles=4, save=False)
+
+
+def test_a_looped_run_config_rebuilds_a_looping_objective():
+    from pyrovi import objectives
+
+    assert objectives.get({"name": "iwae", "particles": 3, "vectorize": False}).vectorize is False
+    assert objectives.get("iwae").vectorize is True
+    with pytest.raises(ConfigError, match="vectorize must be True or False"):
+        objectives.get({"name": "iwae", "vectorize": "no"})
