@@ -432,6 +432,8 @@ def prepare(run, model, guide, args: tuple, kw: dict, mpn: int, vectorize: Optio
     Returns ``(model, guide, held, exact, vectorize)``.
     """
     model, guide, held, exact = hold_point_mass_globals(model, guide, args, kw, run.data_plate)
+    if exact and where == "evaluate":
+        particles = 1  # evaluate draws one particle when every draw is the same
     if vectorize is None and getattr(run.objective, "vectorize", True) is False:
         particles_mod.announce(where, "found when the run was fit", particles)
         vectorize = False

@@ -58,13 +58,14 @@ def svi_map():
 
 
 @pytest.mark.parametrize("objective", ["elbo", "pyro-object"])
-def test_gmm_tutorial_trains_like_svi_and_evaluates_exactly(svi_map, objective):
+def test_gmm_tutorial_trains_like_svi_and_evaluates_exactly(svi_map, objective, tmp_path):
     obj = TraceEnum_ELBO(max_plate_nesting=1) if objective == "pyro-object" else "elbo"
     guide = gmm_guide()
     # Adam with torch's defaults on both sides (the tutorial's betas=(0.8, 0.99) need fit's optimizer option);
     # full batch, no validation rows: one step per epoch, as svi.step(data)
+    out = str(tmp_path / "gmm") if objective == "pyro-object" else None
     run = pv.fit(gmm, guide, GMM_DATA, objective=obj, val_fraction=0, epochs=STEPS[objective], batch_size=None,
-                 lr=0.1, seed=0, progress=False, figures=False)
+                 lr=0.1, seed=0, progress=False, figures=False, out=out)
     with run.scope():
         got = {k: v.detach() for k, v in guide().items()}
     ref = svi_map[STEPS[objective]]
@@ -84,6 +85,10 @@ def test_gmm_tutorial_trains_like_svi_and_evaluates_exactly(svi_map, objective):
                                                        "vectorize_particles": False,
                                                        "strict_enumeration_warning": True,
                                                        "tail_adaptive_beta": -1.0}}
+        again = pv.load_run(out, model=gmm, guide=gmm_guide())  # the config rebuilds the same Pyro ELBO
+        assert isinstance(again.objective, objectives.PyroELBO)
+        assert again.objective.config() == run.config["objective"]
+        assert pv.evaluate(again, GMM_DATA, save=False)["log_likelihood"] == pytest.approx(float(exact), abs=1e-5)
 
 
 def local_mixture(x):
