@@ -51,12 +51,15 @@ def summed_sites(tr) -> list:
 
 def has_enumeration(model, guide, args: tuple, kwargs: Optional[dict] = None) -> dict:
     """One trace of guide and model (no gradients): ``{"model": [names], "guide": [names]}`` of sites marked for
-    enumeration; the model's list leaves out sites the guide draws (replayed, not enumerated)."""
+    enumeration; the model's list leaves out sites the guide draws (replayed, not enumerated). ``"score"``: the
+    guide's latent sites drawn without ``rsample`` (discrete), which need a score-function term."""
     with poutine.block(), torch.no_grad(), rng_neutral():  # a look that leaves the draws after it as they were
         guide_tr, model_tr = trace_pair(model, guide, args, kwargs or {})
     guide_marked = marked_sites(guide_tr)
     drawn = {n for n, s in guide_tr.nodes.items() if s["type"] == "sample"}
-    return {"model": [n for n in marked_sites(model_tr) if n not in drawn], "guide": guide_marked}
+    score = [n for n, st in guide_tr.nodes.items() if st["type"] == "sample" and not st["is_observed"]
+             and not site_is_subsample(st) and not getattr(st["fn"], "has_rsample", True)]
+    return {"model": [n for n in marked_sites(model_tr) if n not in drawn], "guide": guide_marked, "score": score}
 
 
 def check_plates(model_tr, names: list, data_plate: str) -> None:

@@ -24,8 +24,8 @@ stl        ELBO; gradient without the score term of log q         pyrovi (Roeder
 dreg       IWAE; doubly reparameterized encoder gradient          pyrovi (Tucker et al. 2018)
 ========== ====================================================== ==================
 
-Discrete (non-reparameterized) guide sites: ``elbo``/``meanfield`` use Pyro's score-function
-estimator, ``iwae``/``renyi`` VIMCO (:mod:`pyrovi.vimco`), ``stl``/``dreg`` refuse them. Model sites
+Discrete (non-reparameterized) guide sites: ``elbo`` uses Pyro's score-function estimator,
+``iwae``/``renyi`` VIMCO (:mod:`pyrovi.vimco`); ``meanfield``, ``stl`` and ``dreg`` refuse them. Model sites
 marked for enumeration are summed out (:mod:`pyrovi.enumeration`; ``elbo`` through Pyro's
 ``TraceEnum_ELBO``). Pyro's own ELBO objects are accepted too (:class:`PyroELBO`), and models that
 cannot take a particle dim get their particles one at a time (``vectorize``, :mod:`pyrovi.particles`).
@@ -195,6 +195,10 @@ class _PyroObjective(Objective):
                 raise ConfigError(f"objective {self.name!r} samples the site(s) {marked['model'] + marked['guide']} "
                                   "marked for enumeration instead of summing them out; use objective='elbo' (Pyro's "
                                   "TraceEnum_ELBO), 'iwae' or 'renyi'")
+            if marked["score"] and self.pyro_class is TraceMeanField_ELBO:
+                raise ConfigError(f"objective 'meanfield' needs a reparameterized guide, but the guide draws the "
+                                  f"site(s) {marked['score']} without rsample (discrete); use 'elbo' (score "
+                                  "function), 'iwae' or 'renyi' (VIMCO)")
             self._elbo = self.pyro_elbo(depth, enumerate=enum)
         return -self._elbo.differentiable_loss(model, guide, *args, **kwargs)
 

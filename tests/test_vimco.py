@@ -107,8 +107,11 @@ def test_vimco_needs_two_particles():
                progress=False, figures=False)
 
 
-def test_stl_dreg_refuse_discrete_guide_site():
+def test_stl_dreg_meanfield_refuse_discrete_guide_site():
     for name in ("stl", "dreg"):
         with pytest.raises(ConfigError, match="Bernoulli"):
             pv.fit(toy_model, toy_guide, toy_data(100), objective=name, particles=2, epochs=1, batch_size=50,
                    progress=False, figures=False)
+    with pytest.raises(ConfigError, match=r"meanfield.*\['z'\] without rsample"):
+        pv.fit(toy_model, toy_guide, toy_data(100), objective="meanfield", epochs=1, batch_size=50,
+               progress=False, figures=False)
