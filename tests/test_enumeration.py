@@ -156,3 +156,17 @@ def test_enumerated_site_in_a_nested_plate_is_refused_by_name():
 
     with pytest.raises(ConfigError, match=r"enumerated site 'c' lies in plate\(s\) \['feature'\]"):
         log_weights(model, guide, torch.randn(3, 2), particles=2, max_plate_nesting=2)
+
+
+@pytest.mark.slow  # the same training as the GMM test above, plus the tutorial's search over 100 initializations
+def test_gmm_example_runs():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "gmm_enumeration.py")
+    spec = importlib.util.spec_from_file_location("gmm_enumeration", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--steps", "5"])
+    assert out["max_abs_diff"] < 1e-3
+    assert out["log_likelihood"] == pytest.approx(out["exact"], abs=1e-5)
