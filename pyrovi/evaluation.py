@@ -353,18 +353,23 @@ def hold_point_mass_globals(model, guide, args: tuple, kwargs: dict, data_plate:
     """
     with poutine.block(), torch.no_grad(), rng_neutral():
         guide_tr, model_tr = trace_pair(model, guide, args, kwargs)
-    held, bad, exact = {}, [], True
-    for name, site in model_tr.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
+    def sites(tr):
+        return [(n, st) for n, st in tr.nodes.items() if st["type"] == "sample" and not site_is_subsample(st)
+                and not st["infer"].get("_deterministic")]
+
+    # a guide-only global (an autoguide's joint latent) makes the Delta sites it feeds random: nothing is held then
+    aux = [n for n, st in sites(guide_tr) if n not in model_tr.nodes and not in_data_plate(st, data_plate)]
+    held, bad, exact = {}, [], not aux
+    for name, site in sites(model_tr):
+        if in_data_plate(site, data_plate):
             continue
         q = guide_tr.nodes.get(name)
-        if not in_data_plate(site, data_plate):
-            if not site["is_observed"] and q is not None and isinstance(_unwrap(q["fn"]), Delta):
-                held[name] = q["value"].detach()
-            else:
-                bad.append(name)
-    for name, site in guide_tr.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site) or name in held:
+        if not aux and not site["is_observed"] and q is not None and isinstance(_unwrap(q["fn"]), Delta):
+            held[name] = q["value"].detach()
+        else:
+            bad.append(name)
+    for name, site in sites(guide_tr):
+        if name in held:
             continue
         if not in_data_plate(site, data_plate) and name not in bad:
             bad.append(name)

@@ -147,3 +147,35 @@ def test_a_looped_run_config_rebuilds_a_looping_objective():
     assert objectives.get("iwae").vectorize is True
     with pytest.raises(ConfigError, match="vectorize must be True or False"):
         objectives.get({"name": "iwae", "vectorize": "no"})
+
+
+def test_regression_tutorial_with_sampled_linear_weights():
+    """Pyro's Bayesian-regression tutorial: nn.Linear with PyroSample weights cannot take a particle dim."""
+    from pyro.infer.autoguide import AutoDiagonalNormal
+    from pyro.nn import PyroModule, PyroSample
+
+    class BayesianRegression(PyroModule):
+        def __init__(self, in_features, out_features):
+            super().__init__()
+            self.linear = PyroModule[nn.Linear](in_features, out_features)
+            self.linear.weight = PyroSample(dist.Normal(0., 1.).expand([out_features, in_features]).to_event(2))
+            self.linear.bias = PyroSample(dist.Normal(0., 10.).expand([out_features]).to_event(1))
+
+        def forward(self, x, y=None):
+            sigma = pyro.sample("sigma", dist.Uniform(0., 10.))
+            mean = self.linear(x).squeeze(-1)
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
+            return mean
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(50, generator=g)
+    model = BayesianRegression(3, 1)
+    with pytest.warns(ParticleLoopWarning, match="RuntimeError"):
+        run = pv.fit(model, AutoDiagonalNormal(model), (x, y), objective="iwae", particles=4, epochs=3,
+                     batch_size=None, lr=0.05, progress=False, figures=False)
+    assert math.isfinite(run.metrics["train_loss"])
+    # its latents are global: evaluate says so by name, before any particle runs
+    with pytest.raises(ConfigError, match=r"\['sigma', 'linear.weight', 'linear.bias', '_AutoDiagonalNormal_latent'\]"):
+        pv.evaluate(run, (x, y), k=10, save=False)
