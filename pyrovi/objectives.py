@@ -512,6 +512,10 @@ def get(objective="elbo", **options) -> Objective:
     if isinstance(objective, Objective):
         return objective
     if isinstance(objective, pyro.infer.ELBO):  # anything SVI takes as its loss
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:
+            raise ConfigError(f"objective {type(objective).__name__}(...) is a Pyro ELBO object: set its own options "
+                              f"(num_particles=, alpha=, ...) instead of {given}")
         return _from_pyro(objective)
     if isinstance(objective, dict) and objective.get("name") == PyroELBO.name:
         return PyroELBO.from_config(objective)

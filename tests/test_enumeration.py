@@ -138,6 +138,8 @@ def test_pyro_elbo_objects_become_objectives():
     assert isinstance(renyi, objectives.Renyi) and renyi.alpha == 0.5 and renyi.particles == 4
     with pytest.raises(ConfigError, match="TraceGraph_ELBO.*differentiable_loss"):
         objectives.get(TraceGraph_ELBO())
+    with pytest.raises(ConfigError, match=r"Pyro ELBO object: set its own options .*\['particles'\]"):
+        objectives.get(Trace_ELBO(), particles=4, alpha=None)
     with pytest.raises(ConfigError, match="no known Pyro ELBO"):
         objectives.get({"name": "pyro", "class": "os.system", "options": {}})
 
