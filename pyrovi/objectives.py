@@ -522,6 +522,10 @@ def get(objective="elbo", **options) -> Objective:
     if isinstance(objective, dict):
         options = {**{k: v for k, v in objective.items() if k != "name"}, **options}
         objective = objective.get("name")
+    if not isinstance(objective, str):
+        raise ConfigError(f"objective must be a name ({', '.join(names())}), a pyrovi Objective or a Pyro ELBO "
+                          f"object (Trace_ELBO(), TraceEnum_ELBO(), ...), got {type(objective).__name__} "
+                          f"{objective!r:.60}")
     cls = lookup(OBJECTIVES, objective, "objective")
     options = {k: v for k, v in options.items() if v is not None}
     vectorize = options.pop("vectorize", True)  # False: a run whose model needed its particles looped

@@ -140,6 +140,8 @@ def test_pyro_elbo_objects_become_objectives():
         objectives.get(TraceGraph_ELBO())
     with pytest.raises(ConfigError, match=r"Pyro ELBO object: set its own options .*\['particles'\]"):
         objectives.get(Trace_ELBO(), particles=4, alpha=None)
+    with pytest.raises(ConfigError, match="a pyrovi Objective or a Pyro ELBO object"):
+        objectives.get(3)
     with pytest.raises(ConfigError, match="no known Pyro ELBO"):
         objectives.get({"name": "pyro", "class": "os.system", "options": {}})
 
