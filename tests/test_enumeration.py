@@ -1,13 +1,15 @@
 """Enumerated discrete sites (config_enumerate) and Pyro's ELBO objects as objectives."""
 
+import importlib.util
 import math
+import os
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enumerate
+from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
 from pyro.infer.autoguide import AutoDelta
 
 import pyrovi as pv
@@ -15,20 +17,18 @@ from pyrovi import objectives
 from pyrovi.errors import ConfigError
 from pyrovi.weights import log_weights
 
-K = 2
-GMM_DATA = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])
+
+def _example():
+    """examples/gmm_enumeration.py: Pyro's GMM tutorial model, unchanged (https://pyro.ai/examples/gmm.html)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "gmm_enumeration.py")
+    spec = importlib.util.spec_from_file_location("gmm_enumeration", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-@config_enumerate
-def gmm(data):  # Pyro's GMM tutorial model, unchanged (https://pyro.ai/examples/gmm.html)
-    weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(K)))
-    scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
-    with pyro.plate("components", K):
-        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
-    with pyro.plate("data", len(data)):
-        assignment = pyro.sample("assignment", dist.Categorical(weights))
-        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
-
+EXAMPLE = _example()
+gmm, GMM_DATA = EXAMPLE.model, EXAMPLE.data
 
 # the tutorial's best initialization of 100 seeds (seed 13), fixed so both trainings start from it
 INIT = {"weights": torch.tensor([0.5, 0.5]), "scale": (GMM_DATA.var() / 2).sqrt(), "locs": torch.tensor([10.0, 1.0])}
@@ -164,13 +164,6 @@ def test_enumerated_site_in_a_nested_plate_is_refused_by_name():
 
 @pytest.mark.slow  # the same training as the GMM test above, plus the tutorial's search over 100 initializations
 def test_gmm_example_runs():
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "gmm_enumeration.py")
-    spec = importlib.util.spec_from_file_location("gmm_enumeration", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = mod.main(["--steps", "5"])
+    out = EXAMPLE.main(["--steps", "5"])
     assert out["max_abs_diff"] < 1e-3
     assert out["log_likelihood"] == pytest.approx(out["exact"], abs=1e-5)
