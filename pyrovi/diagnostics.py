@@ -53,7 +53,7 @@ from . import inputs
 from .run import update_metrics
 from .errors import ConfigError, check_positive
 from .progress import bar
-from .evaluation import Tally, latent_summary, per_datapoint_weights, seeded
+from .evaluation import Tally, latent_summary, per_datapoint_weights, prepare, seeded
 from .traces import data_dim, guess_max_plate_nesting, in_data_plate
 
 __all__ = [
@@ -277,7 +277,7 @@ def _deterministic_draws(site, rank: int, data_plate: str, s: int, b: int) -> Op
 @torch.no_grad()
 def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indices: Optional[Sequence[int]] = None,
              chunk: Optional[int] = None, seed: int = 0, save: bool = True, warn: bool = True,
-             max_deterministic: int = 10_000_000, progress: bool = False):
+             max_deterministic: int = 10_000_000, progress: bool = False, vectorize: Optional[bool] = None):
     """Posterior draws of ``run``'s guide for chosen datapoints, as ``arviz.InferenceData``, with PSIS k-hat.
 
     Args:
@@ -294,6 +294,8 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
         max_deterministic: deterministic sites with more numbers than this are left out.
         progress: show progress over the chunks of particles (:func:`pyrovi.progress.bar`:
             a tqdm bar on a terminal, whole lines in a log).
+        vectorize: as for :func:`pyrovi.evaluate`: draw the particles vectorized, one at a time (False), or
+            probe (None). Global latents are checked, and point-mass ones held, before any particles.
 
     Returns:
         ``arviz.InferenceData`` with groups
@@ -351,13 +353,16 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
         mpn = run.objective.max_plate_nesting
         if mpn is None:
             mpn = guess_max_plate_nesting(model, guide, args, kw)
+        model, guide, _, _, vec = prepare(run, model, guide, args, kw, mpn, vectorize, "diagnose", particles)
+        if not vec:
+            chunk = 1
         rank = mpn + 1
         done = 0
         counter = bar(particles, "diagnose", enabled=progress, unit="draw")
         while done < particles:
             s = min(chunk, particles - done)
             lw = per_datapoint_weights(model, guide, *args, particles=s, max_plate_nesting=mpn, data_plate=plate,
-                                       **kw)
+                                       vectorize=vec, **kw)
             tally.add(lw, rank)
             stats["log_weight"].append(lw.log_w.cpu())  # (s, B)
             stats["log_likelihood"].append(lw.log_lik.cpu())
@@ -561,8 +566,11 @@ def posterior_means(run, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, p
             if mpn is None:
                 mpn = guess_max_plate_nesting(model, guide, args, kw)
             tally = Tally(run.data_plate)
-            tally.add(per_datapoint_weights(model, guide, *args, particles=particles, max_plate_nesting=mpn,
-                                            data_plate=run.data_plate, **kw), mpn + 1)
+            vec = getattr(run.objective, "vectorize", True)  # False: a model whose particles fit had to loop
+            for _ in range(1 if vec else particles):
+                tally.add(per_datapoint_weights(model, guide, *args, particles=particles if vec else 1,
+                                                max_plate_nesting=mpn, data_plate=run.data_plate, vectorize=vec,
+                                                **kw), mpn + 1)
             for name, st in tally.result()["latents"].items():
                 out.setdefault(name, []).append(st["mean"].cpu())
     return {k: torch.cat(v) for k, v in out.items()}

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from .callbacks import Dispatch, State
+from . import particles
 from .checkpoint import read_json, write_json
 from .errors import ConfigError, PyroviError, TrainingError
 from .run import CHECKPOINT, CONFIG, METRICS, Run, default_device, discover_params, empty_param_state, release_run
@@ -626,6 +627,7 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
             obj.max_plate_nesting = max(guess_max_plate_nesting(model, guide, a, kw) for a, _ in probes)
             obj.data_plate = cfg.data_plate
             shape = structure(model, guide, probe, kw, cfg.data_plate)
+            particles.settle(obj, spec.get("vectorize"), model, guide, probe, kw, config)
             params = discover_params(model, guide, lambda: [obj(model, guide, *a, **kw) for a, _ in probes] + (
                 [extra_fn(*probes[-1][0][:2], **kw)] if extra_fn is not None and len(probes[-1][0]) > 1 else []))
         if not params:

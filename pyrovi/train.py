@@ -225,6 +225,7 @@ def fit(
     objective: Any = "elbo",
     particles: Optional[int] = None,
     alpha: Optional[float] = None,
+    vectorize: Optional[bool] = None,
     epochs: int = 20,
     batch_size: Optional[int] = 128,
     lr: float = 1e-3,
@@ -279,6 +280,9 @@ def fit(
             ``"dreg"`` (see :mod:`pyrovi.objectives`) or an Objective instance.
         particles: S, vectorized particles per datapoint (objective default if None).
         alpha: Rényi order for ``objective="renyi"``.
+        vectorize: draw the particles in one vectorized plate (True), one at a time (False: for models that
+            cannot take a leading particle dim, see :mod:`pyrovi.particles`), or None: probe once on Pyro's
+            traced path and loop, warning in one line, when the model cannot be vectorized.
         epochs: passes over the training split.
         batch_size: datapoints per optimizer step. ``batch_size=B`` slices B rows per step and
             weights the sites in ``data_plate`` by N/B (:class:`BatchLoss`); ``batch_size=None``
@@ -430,6 +434,7 @@ def fit(
                 resume=resume, overwrite=overwrite, progress=progress, callbacks=hooks,
                 config=_run_config(model, guide, obj, cfg, train_, val, ds, data_desc, inputs.takes_y(model),
                                    model_kwargs))
+    spec["vectorize"] = vectorize
     if distributed:
         run = dist_mod.launch(spec, strategy=strategy, devices=devices, num_nodes=num_nodes,
                               accelerator=accelerator, device=device)

@@ -242,7 +242,7 @@ LAYERS = [
      "pyrovi.callbacks", "pyrovi.loggers", "pyrovi.progress"),
     ("pyrovi.data",),
     ("pyrovi.inputs", "pyrovi.traces", "pyrovi.stratify", "pyrovi.stop_gradient", "pyrovi.weights",
-     "pyrovi.fastpath", "pyrovi.objectives"),
+     "pyrovi.fastpath", "pyrovi.objectives", "pyrovi.enumeration", "pyrovi.vimco", "pyrovi.particles"),
     ("pyrovi.models", "pyrovi.guides"),
     ("pyrovi.run",),
     ("pyrovi.train_state", "pyrovi.loop", "pyrovi.distributed"),
