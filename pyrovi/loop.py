@@ -229,6 +229,16 @@ def batch_step(loss_fn, opt, train, idx: torch.Tensor, n: int, cfg, loop: dict, 
     return loss, beta, xb.shape[0]
 
 
+def streamed_batches(train, order: torch.Tensor, batch_size: int):
+    """For a split streamed from disk (``x`` a :class:`pyrovi.images.LazyRows`): an iterator of the epoch's
+    batches as in-memory Splits on the training device, in ``order``; None for in-memory data."""
+    if torch.is_tensor(train.x) or not hasattr(train.x, "batches"):
+        return None
+    y = train.y
+    return (data_mod.Split(x, None if y is None else y[rows.to(y.device)])
+            for rows, x in train.x.batches(order, batch_size))
+
+
 # --------------------------------------------------------------------------- divergence
 
 #: A step's training loss counts as diverged when it exceeds the best step loss seen so far by more
@@ -431,9 +441,13 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
                     m.train()
             order = world.rows(n, loop["epoch"], cfg.seed, shuffle_gen).to(train.x.device)
             total, seen = 0.0, 0
+            stream = streamed_batches(train, order, len(order) if full else per_rank)
             for i in range(steps_per_epoch):
                 idx = order if full else order[i * per_rank:(i + 1) * per_rank]
-                loss, beta, rows = batch_step(loss_fn, opt, train, idx, n, cfg, loop, warm_steps, binarize, params,
+                src = train
+                if stream is not None:  # read from disk one batch ahead by the DataLoader's workers
+                    src, idx = next(stream), slice(None)
+                loss, beta, rows = batch_step(loss_fn, opt, src, idx, n, cfg, loop, warm_steps, binarize, params,
                                               ckpt_path, where=world.where)
                 watch.step(loss, beta)
                 b = n / steps_per_epoch if full else rows  # datapoints one step stands for
