@@ -36,6 +36,7 @@ from .checkpoint import read_json, write_json
 from .errors import ConfigError, PyroviError, TrainingError
 from .run import CHECKPOINT, CONFIG, METRICS, Run, default_device, discover_params, empty_param_state, release_run
 from .train_state import best_from_checkpoint, new_loop, prepare_out, restore, save_checkpoint, scheduler, adam
+from .precision import autocast, compile_nets, grad_scaler, tf32
 from .traces import ScalePlate, guess_max_plate_nesting, structure
 
 __all__ = ["World", "BatchLoss", "train", "train_step", "batch_step", "mean_loss", "record_epoch", "finish",
@@ -132,10 +133,13 @@ class BatchLoss:
     """
 
     def __init__(self, objective, model, guide, *, global_sites: bool, data_plate: str = "data",
-                 full: bool = False, pass_y: bool = False, model_kwargs: Optional[dict] = None):
+                 full: bool = False, pass_y: bool = False, model_kwargs: Optional[dict] = None,
+                 precision: Optional[str] = None):
         self.objective, self.model, self.guide = objective, model, guide
         self.global_sites, self.data_plate, self.full = global_sites, data_plate, full
         self.pass_y, self.model_kwargs = pass_y, dict(model_kwargs or {})
+        self.precision = precision  # mixed precision: the loss runs under autocast (pyrovi.precision)
+        self.scaler = None  # a GradScaler for "16-mixed", set by the loop
 
     def __call__(self, x, y=None, n: Optional[int] = None, beta: float = 1.0) -> torch.Tensor:
         """Loss of the batch ``x`` (B rows) drawn from ``n`` rows (default B): a scalar, nats per datapoint."""
@@ -147,7 +151,11 @@ class BatchLoss:
             model, guide = ScalePlate(self.data_plate, n / b)(model), ScalePlate(self.data_plate, n / b)(guide)
         args = (x, y) if (self.pass_y and y is not None) else (x,)
         # beta goes to the objective, which keeps its fast path under KL warm-up
-        loss = self.objective.loss(model, guide, args, self.model_kwargs, beta=beta)
+        if self.precision is None:
+            loss = self.objective.loss(model, guide, args, self.model_kwargs, beta=beta)
+        else:
+            with autocast(self.precision, x.device):
+                loss = self.objective.loss(model, guide, args, self.model_kwargs, beta=beta).float()
         return loss / (n if (scaled or self.full) else b)
 
 
@@ -192,11 +200,20 @@ def train_step(loss_fn, optimizer, x: torch.Tensor, y: Optional[torch.Tensor] = 
     if not math.isfinite(value):
         return value
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler = getattr(loss_fn, "scaler", None)  # "16-mixed": float16 gradients need loss scaling
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
     if clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(params or [p for grp in optimizer.param_groups for p in grp["params"]],
                                        clip_norm)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return value
 
 
@@ -574,13 +591,16 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
         best = best_from_checkpoint(ckpt_path, dev) if resuming and cfg.patience is not None else {}
         common = dict(global_sites=shape["global_sites"], data_plate=cfg.data_plate, full=cfg.batch_size is None,
                       pass_y=run.pass_y, model_kwargs=spec["model_kwargs"])
-        loss_fn = BatchLoss(step_obj, model, guide, **common)
-        val_fn = BatchLoss(obj, model, guide, **common)
+        loss_fn = BatchLoss(step_obj, model, guide, precision=getattr(cfg, "precision", None), **common)
+        loss_fn.scaler = grad_scaler(loss_fn.precision, dev)
+        val_fn = BatchLoss(obj, model, guide, **common)  # validation in full precision
+        compile_nets(getattr(cfg, "compile", None), model, guide)
         m = len(train_) // world.size  # rows per rank per epoch
         steps = math.ceil(m / ((cfg.batch_size and cfg.batch_size // world.size) or shape["subsample_size"] or m))
         before = dict(getattr(obj, "path_counts", {}))
-        _epochs(world, run, loss_fn, val_fn, train_, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
-                spec["binarize"], spec["progress"], best, steps)
+        with tf32(loss_fn.precision, dev):
+            _epochs(world, run, loss_fn, val_fn, train_, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
+                    spec["binarize"], spec["progress"], best, steps)
         calls = {k: v - before.get(k, 0) for k, v in getattr(obj, "path_counts", {}).items()}
         if best and loop["best_epoch"] != loop["epoch"]:
             run.load_state_tensors(best, {})  # early stopping hands back the best-validation weights

@@ -32,6 +32,7 @@ from . import objectives as objectives_mod
 from ._version import __version__
 from .errors import ConfigError, DataError, SeedWarning, check_positive, check_seed, lookup
 from .loop import BatchLoss, World, train, train_step
+from .precision import canonical_compile, canonical_precision
 from .run import Run, resolve_device
 from .train_state import adam
 
@@ -59,6 +60,8 @@ class TrainConfig:
     val_fraction: float = 0.1  # held out of raw arrays that come without a validation split
     data_plate: str = "data"  # name of the model's plate over datapoints (minibatch scaling N/B)
     dtype: Optional[str] = None  # "float32" | "float64"; None: the model's own parameter dtype
+    precision: Optional[str] = None  # None | "tf32" | "bf16" | "16-mixed" (pyrovi.precision); weights stay float32
+    compile: Optional[str] = None  # None (off) or a torch.compile mode for the model's and guide's nets
 
     def validate(self) -> None:
         """Raise :class:`~pyrovi.ConfigError` naming the first option that is out of range."""
@@ -83,6 +86,11 @@ class TrainConfig:
                               f"got {self.data_plate!r}")
         if self.dtype is not None:
             self.dtype = str(lookup(DTYPES, self.dtype, "dtype")).replace("torch.", "")
+        self.precision = canonical_precision(self.precision)
+        self.compile = canonical_compile(self.compile)
+        if self.precision in ("bf16", "16-mixed") and self.dtype == "float64":
+            raise ConfigError(f"precision={self.precision!r} (mixed precision) and dtype='float64' exclude each "
+                              "other; drop one of them")
 
 
 def _dtype_name(dtype) -> Optional[str]:
@@ -218,6 +226,8 @@ def fit(
     num_nodes: int = 1,
     accelerator: str = "auto",
     dtype: Any = None,
+    precision: Optional[str] = None,
+    compile: Any = None,
 ) -> Run:
     """Train ``guide`` and ``model`` on ``data`` by maximizing ``objective``.
 
@@ -287,6 +297,12 @@ def fit(
             model's own parameter dtype (``torch.set_default_dtype`` before building
             the model has the same effect). Stored in ``config.json``; ``load_run``
             restores it.
+        precision: None (float32 throughout, the default), ``"tf32"`` (TF32 matmuls on
+            CUDA), ``"bf16"`` or ``"16-mixed"``: the nets run under ``torch.autocast`` while the
+            loss, log q, the likelihood and the prior stay float32, and the weights float32
+            (:mod:`pyrovi.precision`).
+        compile: True or a ``torch.compile`` mode compiles the model's and guide's nets in place
+            (the first steps are slow while it compiles); None/False (default): eager.
 
     Returns:
         :class:`pyrovi.run.Run`. Losses in its history are in nats per
@@ -304,7 +320,8 @@ def fit(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=0 if seed is None else seed,
                       patience=patience, beta=beta,
                       warmup=warmup, clip_norm=clip_norm, lr_schedule=lr_schedule, weight_decay=weight_decay,
-                      val_fraction=val_fraction, data_plate=data_plate, dtype=_dtype_name(dtype))
+                      val_fraction=val_fraction, data_plate=data_plate, dtype=_dtype_name(dtype),
+                      precision=precision, compile=compile)
     cfg.validate()
     if out is not None and not isinstance(out, (str, os.PathLike)):
         raise ConfigError(f"out must be a directory path (str), got {type(out).__name__} {out!r}")
