@@ -158,7 +158,7 @@ class ImageFiles(torch.utils.data.Dataset):
                 im = im.convert("L" if self.mode == "grey" else "RGB")
                 if self.size is not None:
                     im = _resize(im, self.size)
-                a = np.asarray(im, dtype=np.uint8)
+                a = np.array(im, dtype=np.uint8)  # a writable copy: torch.from_numpy below
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataError(f"cannot read image {path!r}: {e}; remove or replace the file") from None
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, H, W)

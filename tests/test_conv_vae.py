@@ -8,7 +8,7 @@ import torch
 
 import pyrovi as pv
 from pyrovi import fastpath
-from pyrovi.cli import main
+from pyrovi.cli import main, model_config
 from pyrovi.distributions import DiscretizedLogistic
 from pyrovi.nets import ConvTrunk
 
@@ -115,21 +115,26 @@ def test_conv_needs_an_image_shape_and_a_known_arch():
 
 
 def test_cli_arch_conv(tmp_path):
+    """``pyrovi train --arch conv`` on a small image file: the run's config records the conv model."""
+    import numpy as np
+
+    path = str(tmp_path / "imgs.npz")
+    np.savez(path, x=(np.random.default_rng(0).random((40, 8, 8)) > 0.5).astype(np.float32))
     out = str(tmp_path / "run")
-    assert main(["train", "--arch", "conv", "--channels", "4", "--hidden", "16", "--latent-dim", "2",
-                 "--epochs", "1", "--out", out, "--no-progress", "--no-figures"]
-                if "--no-figures" in _train_flags() else
-                ["train", "--arch", "conv", "--channels", "4", "--hidden", "16", "--latent-dim", "2",
-                 "--epochs", "1", "--out", out, "--no-progress"]) == 0
+    assert main(["train", "--data", f"npz:{path}", "--arch", "conv", "--channels", "4", "--hidden", "16",
+                 "--latent-dim", "2", "--epochs", "1", "--batch-size", "16", "--out", out, "--no-progress"]) == 0
     cfg = pv.load_run(out).config["model"]
     assert cfg["arch"] == "conv" and cfg["channels"] == 4 and cfg["downsample"] == 2
+    args = _train_parser().parse_args(["--model", "vqvae"])  # the VQ-VAE's conv defaults stay as they were
+    vq = model_config(args, pv.data.load(f"npz:{path}"))
+    assert vq["channels"] == 64 and vq["downsample"] == 1
 
 
-def _train_flags():
+def _train_parser():
     import argparse
 
     from pyrovi.cli import _train_args
 
     p = argparse.ArgumentParser()
     _train_args(p)
-    return p.format_help()
+    return p
