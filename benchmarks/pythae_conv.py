@@ -70,11 +70,13 @@ def main(argv=None) -> dict:
     p.add_argument("--k", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="/tmp/pythae_conv_run")
+    p.add_argument("--test-rows", type=int, default=None, help="evaluate on the first N test images only")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     d = np.load(args.data)
     train, val, test = (torch.from_numpy(d[k]).float() for k in ("train", "val", "test"))
+    test = test if args.test_rows is None else test[:args.test_rows]
     cfg = VAEConfig(input_dim=(1, 28, 28), latent_dim=L, reconstruction_loss="bce")
     model = VAE(cfg, encoder=Encoder(), decoder=Decoder())
     tcfg = BaseTrainerConfig(output_dir=args.out, num_epochs=args.epochs, learning_rate=1e-3,
@@ -88,6 +90,7 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         nll = float(model.get_nll(test, n_samples=args.k, batch_size=min(args.k, 100)))
     row = {"library": "pythae", "model": "VAE (conv, same nets)", "epochs": args.epochs, "k": args.k,
+           "test_rows": len(test),
            "test_log_likelihood": -nll, "s_per_epoch": train_s / args.epochs, "eval_s": time.perf_counter() - t0,
            "params": sum(t.numel() for t in model.parameters())}
     print(json.dumps(row), flush=True)
