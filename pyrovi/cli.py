@@ -87,6 +87,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-norm", type=float, default=None, help="gradient-norm clipping (default: off)")
     g.add_argument("--lr-schedule", default="constant", help="constant | cosine | exponential")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--precision", default=None,
+                   help="32 | tf32 | bf16 | 16-mixed: mixed precision for the nets; loss and log-densities stay "
+                        "float32 (default: 32)")
+    g.add_argument("--compile", nargs="?", const="default", default=None,
+                   help="torch.compile the model's and guide's nets (optionally a mode, e.g. max-autotune; "
+                        "default: off)")
     g = p.add_argument_group("scale-out (PyTorch Lightning; pip install \"pyrovi[distributed]\")")
     g.add_argument("--strategy", default=None, help="ddp | ddp_spawn: data-parallel training (default: one process)")
     g.add_argument("--devices", type=int, default=1, help="processes (GPUs) per node with --strategy (default: 1)")
@@ -202,7 +208,8 @@ def _train(args) -> int:
               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=out,
               resume=args.resume, overwrite=args.overwrite, patience=args.patience, beta=args.beta,
               warmup=args.warmup, clip_norm=args.clip_norm, lr_schedule=args.lr_schedule, device=args.device,
-              progress=_tty_progress(args), strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes)
+              progress=_tty_progress(args), strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes,
+              precision=args.precision, compile=args.compile or None)
     if run.directory is None and args.strategy:  # a DDP rank other than 0: rank 0 reports and evaluates
         return 0
     print(f"run directory: {out}")
