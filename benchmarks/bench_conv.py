@@ -33,7 +33,7 @@ from torch import nn
 import pyrovi as pv
 from pyrovi.train import BatchLoss, adam, train_step
 
-from .bench_step import check_same_loss
+from .bench_step import check_same_loss, step_fn
 
 D, L, H, B, C = 784, 16, 256, 128, 32
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -89,14 +89,7 @@ def time_case(objective: str, K: int, steps: int, device: str, precision, arch: 
     p_opt = adam(list(model.parameters()) + list(guide.parameters()), lr=1e-3)
     h_opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
 
-    def hand(x):
-        loss = net.loss(x, objective, K)
-        h_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        h_opt.step()
-        return loss.item()
-
-    fns = (lambda x: train_step(loss_fn, p_opt, x), hand)
+    fns = (lambda x: train_step(loss_fn, p_opt, x), step_fn(lambda x: net.loss(x, objective, K), h_opt))
     times = ([], [])
     with pyro.get_param_store().scope():
         for i in range(warmup + steps):
