@@ -122,9 +122,12 @@ def test_cli_arch_conv(tmp_path):
     np.savez(path, x=(np.random.default_rng(0).random((40, 8, 8)) > 0.5).astype(np.float32))
     out = str(tmp_path / "run")
     assert main(["train", "--data", f"npz:{path}", "--arch", "conv", "--channels", "4", "--hidden", "16",
-                 "--latent-dim", "2", "--epochs", "1", "--batch-size", "16", "--out", out, "--no-progress"]) == 0
-    cfg = pv.load_run(out).config["model"]
+                 "--latent-dim", "2", "--epochs", "1", "--batch-size", "16", "--out", out, "--no-progress",
+                 "--precision", "bf16"]) == 0
+    back = pv.load_run(out)
+    cfg = back.config["model"]
     assert cfg["arch"] == "conv" and cfg["channels"] == 4 and cfg["downsample"] == 2
+    assert back.config["train"]["precision"] == "bf16" and back.config["train"]["compile"] is None
     args = _train_parser().parse_args(["--model", "vqvae"])  # the VQ-VAE's conv defaults stay as they were
     vq = model_config(args, pv.data.load(f"npz:{path}"))
     assert vq["channels"] == 64 and vq["downsample"] == 1
