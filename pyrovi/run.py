@@ -711,6 +711,6 @@ def read_history(path: str) -> list:
             try:
                 row[k] = int(v) if k == "epoch" else float(v)
             except (TypeError, ValueError):
-                row[k] = v
+                row[k] = None if v == "" else v  # an empty cell: e.g. val_loss of an epoch without validation
         out.append(row)
     return out

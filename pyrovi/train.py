@@ -28,11 +28,14 @@ import torch
 from . import data as data_mod
 from . import guides as guides_mod
 from . import inputs
+from . import loggers
 from . import objectives as objectives_mod
 from ._version import __version__
+from .callbacks import check_callbacks
 from .errors import ConfigError, DataError, SeedWarning, check_positive, check_seed, lookup
 from .loop import BatchLoss, World, train, train_step
 from .precision import canonical_compile, canonical_precision
+from .progress import TrainingBar
 from .run import Run, resolve_device
 from .train_state import adam
 
@@ -62,6 +65,7 @@ class TrainConfig:
     dtype: Optional[str] = None  # "float32" | "float64"; None: the model's own parameter dtype
     precision: Optional[str] = None  # None | "tf32" | "bf16" | "16-mixed" (pyrovi.precision); weights stay float32
     compile: Optional[str] = None  # None (off) or a torch.compile mode for the model's and guide's nets
+    val_every: int = 1  # validate after every N-th epoch and the last; others' val_loss is None (empty in CSV)
 
     def validate(self) -> None:
         """Raise :class:`~pyrovi.ConfigError` naming the first option that is out of range."""
@@ -91,6 +95,7 @@ class TrainConfig:
         if self.precision in ("bf16", "16-mixed") and self.dtype == "float64":
             raise ConfigError(f"precision={self.precision!r} (mixed precision) and dtype='float64' exclude each "
                               "other; drop one of them")
+        check_positive("val_every", self.val_every, integer=True)
 
 
 def _dtype_name(dtype) -> Optional[str]:
@@ -228,6 +233,9 @@ def fit(
     dtype: Any = None,
     precision: Optional[str] = None,
     compile: Any = None,
+    val_every: int = 1,
+    callbacks: Optional[list] = None,
+    logger: Any = None,
 ) -> Run:
     """Train ``guide`` and ``model`` on ``data`` by maximizing ``objective``.
 
@@ -303,6 +311,14 @@ def fit(
             (:mod:`pyrovi.precision`).
         compile: True or a ``torch.compile`` mode compiles the model's and guide's nets in place
             (the first steps are slow while it compiles); None/False (default): eager.
+        val_every: validate after every N-th epoch (and always after the last); the other
+            epochs' ``val_loss`` is None in ``run.history`` (an empty cell in ``history.csv``).
+            Early stopping's ``patience`` then counts validations, not epochs. May change on resume.
+        callbacks: :class:`pyrovi.callbacks.Callback` objects the loop calls on rank 0
+            (on_train_begin, on_step_end, on_epoch_end, on_checkpoint, on_train_end).
+        logger: ``"csv"`` (history.csv, always written), ``"tensorboard"`` (scalars per step
+            and per epoch into ``out/tensorboard``, :class:`pyrovi.loggers.TensorBoard`;
+            ``pip install "pyrovi[tensorboard]"``), or a list of these names.
 
     Returns:
         :class:`pyrovi.run.Run`. Losses in its history are in nats per
@@ -321,8 +337,11 @@ def fit(
                       patience=patience, beta=beta,
                       warmup=warmup, clip_norm=clip_norm, lr_schedule=lr_schedule, weight_decay=weight_decay,
                       val_fraction=val_fraction, data_plate=data_plate, dtype=_dtype_name(dtype),
-                      precision=precision, compile=compile)
+                      val_every=val_every, precision=precision, compile=compile)
     cfg.validate()
+    hooks = check_callbacks(callbacks) + loggers.resolve(logger, out)  # the bar and loggers are callbacks too
+    if progress:
+        hooks.append(TrainingBar())
     if out is not None and not isinstance(out, (str, os.PathLike)):
         raise ConfigError(f"out must be a directory path (str), got {type(out).__name__} {out!r}")
     for flag, value in (("resume", resume), ("overwrite", overwrite)):
@@ -364,7 +383,7 @@ def fit(
     cfg.dtype = str(dt).replace("torch.", "")
     spec = dict(model=model, guide=guide, obj=obj, cfg=cfg, train=train_, val=val, ds=ds, dtype=dt,
                 binarize=binarize, model_kwargs=model_kwargs, out=None if out is None else os.fspath(out),
-                resume=resume, overwrite=overwrite, progress=progress,
+                resume=resume, overwrite=overwrite, progress=progress, callbacks=hooks,
                 config=_run_config(model, guide, obj, cfg, train_, val, ds, data_desc, inputs.takes_y(model),
                                    model_kwargs))
     if distributed:
