@@ -55,7 +55,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="model name (default: vae; linear_gaussian: probabilistic PCA, W and b learned)")
     g.add_argument("--latent-dim", type=int, default=16, help="latent dimension L (default: 16)")
     g.add_argument("--hidden", type=_ints, default=(256,), help="hidden widths, e.g. 400 or 512,256 (default: 256)")
-    g.add_argument("--likelihood", default="bernoulli", help="bernoulli | gaussian (default: bernoulli)")
+    g.add_argument("--likelihood", default="bernoulli",
+                   help="bernoulli | gaussian | logistic (discretized, 8-bit images) (default: bernoulli)")
+    g.add_argument("--arch", default="mlp",
+                   help="mlp | conv: the VAE's decoder and the guide's encoder trunk (conv: --channels, "
+                        "--downsample; default: mlp)")
     g.add_argument("--sigma", type=float, default=1.0, help="Gaussian observation std delta (default: 1.0)")
     g.add_argument("--learn-sigma", action="store_true", help="learn the Gaussian std per pixel (default: fixed)")
     g.add_argument("--guide", default=None,
@@ -93,6 +97,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="share of the data held out for validation (default: 0.1); 0: none, early stopping "
                         "then watches the training loss")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--precision", default=None,
+                   help="32 | tf32 | bf16 | 16-mixed: mixed precision for the nets; loss and log-densities stay "
+                        "float32 (default: 32)")
+    g.add_argument("--compile", nargs="?", const="default", default=None,
+                   help="torch.compile the model's and guide's nets (optionally a mode, e.g. max-autotune; "
+                        "default: off)")
     g = p.add_argument_group("scale-out (PyTorch Lightning; pip install \"pyrovi[distributed]\")")
     g.add_argument("--strategy", default=None, help="ddp | ddp_spawn: data-parallel training (default: one process)")
     g.add_argument("--devices", type=int, default=1, help="processes (GPUs) per node with --strategy (default: 1)")
@@ -142,8 +152,9 @@ def _vq_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("VQ-VAE (--model vqvae; guide: codebook)")
     g.add_argument("--codebook", type=int, default=512, help="number of codes K (default: 512)")
     g.add_argument("--code-dim", type=int, default=16, help="size d of one code vector (default: 16)")
-    g.add_argument("--downsample", type=int, default=1, help="stride-2 stages data -> code grid (default: 1)")
-    g.add_argument("--channels", type=int, default=64, help="conv width (default: 64)")
+    g.add_argument("--downsample", type=int, default=None,
+                   help="stride-2 stages data -> code grid (default: 1; --arch conv: as many as divide H, W, at most 2)")
+    g.add_argument("--channels", type=int, default=None, help="conv width (default: 64; --arch conv: 32)")
     g.add_argument("--commitment", type=float, default=0.25, help="commitment weight beta (default: 0.25)")
     g.add_argument("--ema-decay", type=float, default=None, help="EMA codebook updates, e.g. 0.99 (default: off)")
     g.add_argument("--no-kmeans-init", action="store_true",
@@ -155,7 +166,8 @@ def _vq_train_args(p: argparse.ArgumentParser) -> None:
 def _vq_model_config(args, dataset) -> dict:
     vocab = getattr(dataset, "vocab", None)
     return {"name": "vqvae", "input_dim": dataset.shape[0], "num_codes": args.codebook, "code_dim": args.code_dim,
-            "downsample": args.downsample, "channels": args.channels,
+            "downsample": 1 if args.downsample is None else args.downsample,
+            "channels": 64 if args.channels is None else args.channels,
             "likelihood": "categorical" if vocab else args.likelihood, "sigma": args.sigma,
             "image_shape": dataset.image_shape, "vocab": vocab}
 
@@ -173,6 +185,9 @@ def model_config(args, dataset) -> dict:
     cfg = {"name": args.model, "input_dim": dataset.shape[0], "latent_dim": args.latent_dim,
            "hidden": list(args.hidden), "likelihood": args.likelihood, "sigma": args.sigma,
            "learn_sigma": args.learn_sigma, "image_shape": dataset.image_shape}
+    if args.arch.strip().lower() != "mlp":  # the conv options only where they apply (an MLP's config is unchanged)
+        cfg.update(arch=args.arch.strip().lower(), channels=32 if args.channels is None else args.channels,
+                   downsample=args.downsample)
     if getattr(lookup(models.MODELS, args.model, "model"), "uses_labels", False):  # e.g. conditional_vae
         if not dataset.num_classes:
             raise ConfigError(f"--model {args.model} conditions on labels but --data {args.data} has none")
@@ -221,7 +236,7 @@ def _train(args) -> int:
               val_fraction=args.val_fraction, optimizer=args.optimizer,
               optimizer_kwargs=_json_arg(args.optimizer_kwargs, "--optimizer-kwargs"),
               progress=_progress(args), strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes,
-              val_every=args.val_every, logger=args.logger)
+              val_every=args.val_every, logger=args.logger, precision=args.precision, compile=args.compile or None)
     if run.directory is None and args.strategy:  # a DDP rank other than 0: rank 0 reports and evaluates
         return 0
     print(f"run directory: {out}")

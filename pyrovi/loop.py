@@ -38,6 +38,7 @@ from .checkpoint import read_json, write_json
 from .errors import ConfigError, PyroviError, TrainingError
 from .run import CHECKPOINT, CONFIG, METRICS, Run, default_device, discover_params, empty_param_state, release_run
 from .train_state import best_from_checkpoint, make_optimizer, new_loop, prepare_out, restore, save_checkpoint, scheduler
+from .precision import autocast, compile_nets, grad_scaler, tf32
 from .traces import ScalePlate, guess_max_plate_nesting, structure
 
 __all__ = ["World", "BatchLoss", "Parts", "train", "train_step", "batch_step", "mean_loss", "record_epoch", "finish",
@@ -134,10 +135,13 @@ class BatchLoss:
     """
 
     def __init__(self, objective, model, guide, *, global_sites: bool, data_plate: str = "data",
-                 full: bool = False, pass_y: bool = False, model_kwargs: Optional[dict] = None):
+                 full: bool = False, pass_y: bool = False, model_kwargs: Optional[dict] = None,
+                 precision: Optional[str] = None):
         self.objective, self.model, self.guide = objective, model, guide
         self.global_sites, self.data_plate, self.full = global_sites, data_plate, full
         self.pass_y, self.model_kwargs = pass_y, dict(model_kwargs or {})
+        self.precision = precision  # mixed precision: the loss runs under autocast (pyrovi.precision)
+        self.scaler = None  # a GradScaler for "16-mixed", set by the loop
 
     def __call__(self, x, y=None, n: Optional[int] = None, beta: float = 1.0) -> torch.Tensor:
         """Loss of the batch ``x`` (B rows) drawn from ``n`` rows (default B): a scalar, nats per datapoint."""
@@ -149,7 +153,11 @@ class BatchLoss:
             model, guide = ScalePlate(self.data_plate, n / b)(model), ScalePlate(self.data_plate, n / b)(guide)
         args = (x, y) if (self.pass_y and y is not None) else (x,)
         # beta goes to the objective, which keeps its fast path under KL warm-up
-        loss = self.objective.loss(model, guide, args, self.model_kwargs, beta=beta)
+        if self.precision is None:
+            loss = self.objective.loss(model, guide, args, self.model_kwargs, beta=beta)
+        else:
+            with autocast(self.precision, x.device):
+                loss = self.objective.loss(model, guide, args, self.model_kwargs, beta=beta).float()
         return loss / (n if (scaled or self.full) else b)
 
 
@@ -239,11 +247,20 @@ def train_step(loss_fn, optimizer, x: torch.Tensor, y: Optional[torch.Tensor] = 
     if not math.isfinite(value):
         return value
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler = getattr(loss_fn, "scaler", None)  # "16-mixed": float16 gradients need loss scaling
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
     if clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(params or [p for grp in optimizer.param_groups for p in grp["params"]],
                                        clip_norm)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return value
 
 
@@ -274,6 +291,16 @@ def batch_step(loss_fn, opt, train, idx: torch.Tensor, n: int, cfg, loop: dict, 
             f"loss became {loss} at epoch {loop['epoch'] + 1}, step {loop['step'] + 1}{where}; "
             f"training stopped; {kept(loop, ckpt_path)}. Try a lower lr, clip_norm, or check the data.")
     return loss, beta, xb.shape[0]
+
+
+def streamed_batches(train, order: torch.Tensor, batch_size: int):
+    """For a split streamed from disk (``x`` a :class:`pyrovi.images.LazyRows`): an iterator of the epoch's
+    batches as in-memory Splits on the training device, in ``order``; None for in-memory data."""
+    if torch.is_tensor(train.x) or not hasattr(train.x, "batches"):
+        return None
+    y = train.y
+    return (data_mod.Split(x, None if y is None else y[rows.to(y.device)])
+            for rows, x in train.x.batches(order, batch_size))
 
 
 # --------------------------------------------------------------------------- divergence
@@ -487,9 +514,13 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
                     m.train()
             order = world.rows(n, loop["epoch"], cfg.seed, shuffle_gen).to(train.x.device)
             total, seen = 0.0, 0
+            stream = streamed_batches(train, order, len(order) if full else per_rank)
             for i in range(steps_per_epoch):
                 idx = order if full else order[i * per_rank:(i + 1) * per_rank]
-                loss, beta, rows = batch_step(loss_fn, opt, train, idx, n, cfg, loop, warm_steps, binarize, params,
+                src = train
+                if stream is not None:  # read from disk one batch ahead by the DataLoader's workers
+                    src, idx = next(stream), slice(None)
+                loss, beta, rows = batch_step(loss_fn, opt, src, idx, n, cfg, loop, warm_steps, binarize, params,
                                               ckpt_path, where=world.where)
                 watch.step(loss, beta)
                 b = n / steps_per_epoch if full else rows  # datapoints one step stands for
@@ -655,13 +686,17 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
         best = best_from_checkpoint(ckpt_path, dev) if resuming and cfg.patience is not None else {}
         common = dict(global_sites=shape["global_sites"], data_plate=cfg.data_plate, full=cfg.batch_size is None,
                       pass_y=run.pass_y, model_kwargs=spec["model_kwargs"])
-        loss_fn = BatchLoss(step_obj, model, guide, **common)
-        val_fn = BatchLoss(Parts(obj, semi_supervised=True) if semi else obj, model, guide, **common)  # no extra
+        loss_fn = BatchLoss(step_obj, model, guide, precision=getattr(cfg, "precision", None), **common)
+        loss_fn.scaler = grad_scaler(loss_fn.precision, dev)
+        # validation: the bound alone (no extra loss), in full precision
+        val_fn = BatchLoss(Parts(obj, semi_supervised=True) if semi else obj, model, guide, **common)
+        compile_nets(getattr(cfg, "compile", None), model, guide)
         m = len(train_) // world.size  # rows per rank per epoch
         steps = math.ceil(m / ((cfg.batch_size and cfg.batch_size // world.size) or shape["subsample_size"] or m))
         before = dict(getattr(obj, "path_counts", {}))
-        _epochs(world, run, loss_fn, val_fn, train_, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
-                spec["binarize"], spec.get("callbacks", ()), best, steps)
+        with tf32(loss_fn.precision, dev):
+            _epochs(world, run, loss_fn, val_fn, train_, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
+                    spec["binarize"], spec.get("callbacks", ()), best, steps)
         calls = {k: v - before.get(k, 0) for k, v in getattr(obj, "path_counts", {}).items()}
         if best and loop["best_epoch"] != loop["epoch"]:
             run.load_state_tensors(best, {})  # early stopping hands back the best-validation weights

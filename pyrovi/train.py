@@ -34,6 +34,7 @@ from ._version import __version__
 from .callbacks import check_callbacks
 from .errors import ConfigError, DataError, SeedWarning, check_positive, check_seed, lookup
 from .loop import BatchLoss, World, train, train_step
+from .precision import canonical_compile, canonical_precision
 from .progress import TrainingBar
 from .run import Run, resolve_device
 from .train_state import adam, check_optimizer_kwargs, optimizer_class
@@ -62,6 +63,8 @@ class TrainConfig:
     val_fraction: float = 0.1  # held out of raw arrays that come without a validation split; 0 = none
     data_plate: str = "data"  # name of the model's plate over datapoints (minibatch scaling N/B)
     dtype: Optional[str] = None  # "float32" | "float64"; None: the model's own parameter dtype
+    precision: Optional[str] = None  # None | "tf32" | "bf16" | "16-mixed" (pyrovi.precision); weights stay float32
+    compile: Optional[str] = None  # None (off) or a torch.compile mode for the model's and guide's nets
     val_every: int = 1  # validate after every N-th epoch and the last; others' val_loss is None (empty in CSV)
     optimizer: str = "adam"  # a name of pyrovi.train_state.OPTIMIZERS, or the dotted path of a user's class
     optimizer_kwargs: Optional[dict] = None  # its keyword arguments besides lr and weight_decay (e.g. betas)
@@ -92,6 +95,11 @@ class TrainConfig:
                               f"got {self.data_plate!r}")
         if self.dtype is not None:
             self.dtype = str(lookup(DTYPES, self.dtype, "dtype")).replace("torch.", "")
+        self.precision = canonical_precision(self.precision)
+        self.compile = canonical_compile(self.compile)
+        if self.precision in ("bf16", "16-mixed") and self.dtype == "float64":
+            raise ConfigError(f"precision={self.precision!r} (mixed precision) and dtype='float64' exclude each "
+                              "other; drop one of them")
         check_positive("val_every", self.val_every, integer=True)
         if not isinstance(self.semi_supervised, bool):
             raise ConfigError(f"semi_supervised must be True or False, got {self.semi_supervised!r}")
@@ -250,6 +258,8 @@ def fit(
     num_nodes: int = 1,
     accelerator: str = "auto",
     dtype: Any = None,
+    precision: Optional[str] = None,
+    compile: Any = None,
     val_every: int = 1,
     callbacks: Optional[list] = None,
     logger: Any = None,
@@ -348,6 +358,12 @@ def fit(
             model's own parameter dtype (``torch.set_default_dtype`` before building
             the model has the same effect). Stored in ``config.json``; ``load_run``
             restores it.
+        precision: None (float32 throughout, the default), ``"tf32"`` (TF32 matmuls on
+            CUDA), ``"bf16"`` or ``"16-mixed"``: the nets run under ``torch.autocast`` while the
+            loss, log q, the likelihood and the prior stay float32, and the weights float32
+            (:mod:`pyrovi.precision`).
+        compile: True or a ``torch.compile`` mode compiles the model's and guide's nets in place
+            (the first steps are slow while it compiles); None/False (default): eager.
         val_every: validate after every N-th epoch (and always after the last); the other
             epochs' ``val_loss`` is None in ``run.history`` (an empty cell in ``history.csv``).
             Early stopping's ``patience`` then counts validations, not epochs. May change on resume.
@@ -375,7 +391,7 @@ def fit(
                       warmup=warmup, clip_norm=clip_norm, lr_schedule=lr_schedule, weight_decay=weight_decay,
                       val_fraction=val_fraction, data_plate=data_plate, dtype=_dtype_name(dtype),
                       val_every=val_every, semi_supervised=semi_supervised,
-                      extra_loss=_callable_name(extra_loss, "extra_loss"))
+                      extra_loss=_callable_name(extra_loss, "extra_loss"), precision=precision, compile=compile)
     cfg.validate()
     cfg.optimizer, opt_cls = optimizer_class(optimizer)
     cfg.optimizer_kwargs = check_optimizer_kwargs(opt_cls, optimizer_kwargs, lr=cfg.lr,
