@@ -265,7 +265,10 @@ def _print_vq(run, ds, batch_size: int, save: bool = True) -> None:
 def _run_data(run, name):
     from .inputs import dataset
 
-    return dataset(name, run)  # None: the run's own data
+    ds = dataset(name, run)  # None: the run's own data
+    if ds is not None:
+        run.check_items(ds.train.x, f"--data {name}" if name else "the run's data")
+    return ds
 
 
 def _evaluate(args) -> int:

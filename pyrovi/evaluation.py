@@ -478,10 +478,6 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     data_mod.validate(split.x, name="evaluation data")
     if device is not None:
         run.to(device)
-    obs = getattr(run.model, "obs_shape", None)
-    if obs is not None and tuple(split.x.shape[1:]) != tuple(obs):
-        raise DataError(f"evaluation data items have shape {tuple(split.x.shape[1:])} but the model "
-                        f"expects {tuple(obs)}; evaluate on data shaped like the training data")
     dev = run.device
     dt = getattr(run, "dtype", torch.float32)
     D = split.x[0].numel()

@@ -163,6 +163,22 @@ class Run:
         """
         return inputs.call_args(self.model, x, y, self.model_kwargs, self.pass_y)
 
+    def check_items(self, x: torch.Tensor, what: str = "data") -> None:
+        """Refuse data ``x`` ``(N, *item)`` whose items are not shaped like the training data's.
+
+        The expected shape is the model's ``obs_shape`` (pyrovi's models) or the shape
+        ``config.json`` recorded at training; without either, nothing is checked.
+        A wrong shape would otherwise fail deep in the network with a matrix-size error.
+        """
+        want = getattr(self.model, "obs_shape", None)
+        if want is None:
+            want = (self.config.get("data") or {}).get("shape") if isinstance(self.config, dict) else None
+        if want is not None and torch.is_tensor(x) and tuple(x.shape[1:]) != tuple(want):
+            from .errors import DataError
+
+            raise DataError(f"{what} items have shape {tuple(x.shape[1:])} but the run was trained on items of "
+                            f"shape {tuple(want)}; use data shaped like the training data (or the run's own)")
+
     def __repr__(self) -> str:
         last = self.history[-1] if self.history else {}
         return (f"Run(model={type(self.model).__name__}, guide={type(self.guide).__name__}, "
@@ -424,6 +440,44 @@ def write_history(path: str, history: list) -> None:
     for row in history:
         w.writerow(row)
     atomic_write(path, buf.getvalue())
+    _APPENDED[os.path.realpath(path)] = (len(history), keys, os.path.getsize(path))
+
+
+#: history.csv files this process wrote: realpath -> (rows, columns, size in bytes) after its last write
+_APPENDED: dict = {}
+
+
+def append_history(path: str, history: list) -> None:
+    """Bring ``history.csv`` up to ``history`` by appending its last row (linear I/O over a run).
+
+    Called after every epoch, before the checkpoint that counts the row is written: a process
+    killed in between leaves a row (or part of one) past the checkpoint's count, which readers
+    ignore and a resume rewrites. The row is appended only when this process wrote the file's
+    previous rows and the file is still as it left it (same size); otherwise (the first epoch
+    of a process, a resume, a file changed by someone else) the whole file is rewritten atomically.
+    """
+    key = os.path.realpath(path)
+    known = _APPENDED.pop(key, None)
+    last = history[-1] if history else None
+    try:
+        same = known is not None and known[0] == len(history) - 1 and list(last) == known[1] and \
+            os.stat(path).st_size == known[2]
+    except OSError:
+        same = False
+    if not same:
+        return write_history(path, history)
+    buf = io.StringIO()
+    csv.DictWriter(buf, fieldnames=known[1]).writerow(last)
+    data = buf.getvalue().encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        view = memoryview(data)
+        while view:  # one write of ~150 bytes in practice; a kill leaves at most a partial last line
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _APPENDED[key] = (len(history), known[1], known[2] + len(data))
 
 
 def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", model_kwargs=None) -> Run:
@@ -502,8 +556,14 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
     from .inputs import check_model_kwargs
 
     history = read_history(os.path.join(directory, HISTORY))
-    if from_checkpoint and isinstance(meta.get("history"), list):
-        history = [h for h in meta["history"] if isinstance(h, dict)]
+    if from_checkpoint:  # history.csv may hold a row past the checkpoint (killed between the two writes)
+        from .train_state import checkpoint_history
+
+        try:
+            history = [h for h in checkpoint_history(weights, meta) if isinstance(h, dict)]
+        except CheckpointError as e:
+            warnings.warn(f"{e}; loaded without a history", stacklevel=2)
+            history = []
     run = Run(model, guide, objective, config, history=history,
               directory=directory, device=dev, metrics=metrics if isinstance(metrics, dict) else {},
               model_kwargs=check_model_kwargs(model_kwargs))
@@ -695,22 +755,97 @@ def _check_numbers(config: dict, nbytes: int, path: str) -> None:
             walk(config[key], key)
 
 
+#: columns of history.csv that every row has, as numbers (the epoch an integer)
+HISTORY_NUMBERS = ("epoch", "train_loss", "val_loss")
+
+
 def read_history(path: str) -> list:
-    """Read ``history.csv`` back into a list of dicts of floats (missing file: empty list)."""
+    """Read ``history.csv`` back into a list of dicts of floats (missing file: empty list).
+
+    Every row must have a whole ``epoch`` and numeric ``train_loss`` and ``val_loss``
+    (else :class:`CheckpointError`); an empty cell of another column reads as None. A last
+    line without its line end is a row a killed trainer was appending (past its checkpoint's
+    count, see :func:`append_history`) and is left out.
+    """
     if not os.path.lexists(path):
         return []
     raw = read_run_file(path, MAX_HISTORY_BYTES, "history")
+    if b"\n" in raw and not raw.endswith(b"\n"):
+        raw = raw[:raw.rfind(b"\n") + 1]
     try:
-        rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"), newline="")))
+        reader = csv.DictReader(io.StringIO(raw.decode("utf-8"), newline=""))
+        rows = list(reader)
+        header = reader.fieldnames
     except (UnicodeDecodeError, csv.Error) as e:  # e.g. a field over csv's size limit, or binary junk
-        raise CheckpointError(f"{path} is not a readable history CSV ({e}); it may be corrupt") from None
+        raise CheckpointError(f"{path} is not a readable history CSV ({str(e)[:100]}); it may be corrupt") from None
+    if header is not None and header != ["epoch"] and not set(HISTORY_NUMBERS) <= set(header):
+        raise CheckpointError(f"{path} has the columns {header[:8]!r:.200}, not those of a pyrovi history "
+                              f"({', '.join(HISTORY_NUMBERS)}, ...); it is corrupt or another file")
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
         row = {}
         for k, v in r.items():
             try:
-                row[k] = int(v) if k == "epoch" else float(v)
+                row[k] = int(v) if k == "epoch" else None if v == "" and k not in HISTORY_NUMBERS else float(v)
             except (TypeError, ValueError):
+                if k in HISTORY_NUMBERS or not isinstance(k, str):  # None: a row longer than the header
+                    raise CheckpointError(f"{path} row {i + 1} has {k}={v!r:.40}; pyrovi writes a number there, "
+                                          "so the file is corrupt or not a pyrovi history") from None
                 row[k] = v
+        lacks = [k for k in HISTORY_NUMBERS if k not in row]
+        if lacks:
+            raise CheckpointError(f"{path} has no column {lacks[0]!r}; it is not a pyrovi history (columns "
+                                  f"{list(row)[:8]!r:.200})")
         out.append(row)
     return out
+
+
+def read_summary(directory: str) -> tuple:
+    """``(config, metrics, history)`` of a run directory, checked as data, for tables (``pyrovi compare``).
+
+    Nothing is built or loaded: ``config.json`` has pyrovi's structure, ``metrics.json`` is a JSON
+    object whose numbers are numbers, ``history.csv`` is as :func:`read_history` reads it.
+    Anything else raises :class:`CheckpointError` naming the file and the entry.
+    """
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"run directory not found: {directory!r:.300}")
+    path = os.path.join(directory, CONFIG)
+    config = read_json(path, "run config")
+    _check_config(config, path)
+    obj = config["objective"]
+    for k in ("particles", "alpha"):
+        if obj.get(k) is not None and not _is_number(obj[k]):
+            raise CheckpointError(f"{path}: objective.{k} must be a number, got {obj[k]!r:.60}")
+    path = os.path.join(directory, METRICS)
+    metrics = read_json(path, "metrics") if os.path.lexists(path) else {}
+    check_metrics(metrics, path)
+    return config, metrics, read_history(os.path.join(directory, HISTORY))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: entries of metrics.json that pyrovi writes as numbers (or null): top level, and in its sections
+_METRIC_NUMBERS = ("epochs", "best_epoch", "train_loss", "val_loss", "train_seconds", "steps")
+
+
+def check_metrics(metrics, path: str) -> None:
+    """Refuse a ``metrics.json`` that is no JSON object, or has a non-number where pyrovi writes a number."""
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(metrics).__name__}")
+    for k in _METRIC_NUMBERS:
+        if metrics.get(k) is not None and not _is_number(metrics[k]):
+            raise CheckpointError(f"{path}: {k} must be a number, got {metrics[k]!r:.60}")
+    for sec in ("test", "diagnostics", "vq", "prior"):
+        if metrics.get(sec) is not None and not isinstance(metrics[sec], dict):
+            raise CheckpointError(f"{path}: {sec!r} must be a JSON object, got {type(metrics[sec]).__name__}")
+    test = metrics.get("test") or {}
+    for k in ("elbo", "log_likelihood", "k", "bits_per_dim", "active_units", "latent_units"):
+        if test.get(k) is not None and not _is_number(test[k]):
+            raise CheckpointError(f"{path}: test.{k} must be a number, got {test[k]!r:.60}")
+    bands = (metrics.get("diagnostics") or {}).get("khat_bands")
+    if bands is not None and not (isinstance(bands, dict) and all(
+            _is_number(bands.get(k)) for k in ("good", "fair", "bad"))):
+        raise CheckpointError(f"{path}: diagnostics.khat_bands must hold the numbers good, fair and bad, got "
+                              f"{bands!r:.80}")

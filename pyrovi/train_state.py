@@ -16,10 +16,10 @@ import torch
 from ._version import __version__
 from .checkpoint import load_tensors, save_tensors
 from .errors import CheckpointError, ConfigError, PyroviError, TrainingError
-from .run import CHECKPOINT, HISTORY, METRICS, WEIGHTS, lock_run
+from .run import CHECKPOINT, HISTORY, METRICS, WEIGHTS, append_history, lock_run, read_history
 
 __all__ = ["adam", "scheduler", "save_checkpoint", "restore", "best_from_checkpoint", "prepare_out", "new_loop",
-           "check_checkpoint", "check_history", "HISTORY_KEYS"]
+           "check_checkpoint", "check_history", "checkpoint_history", "HISTORY_KEYS"]
 
 
 def new_loop() -> dict:
@@ -66,11 +66,14 @@ def save_checkpoint(path, run, opt, sched, shuffle_gen, loop: dict, best: dict) 
         "constraints": run.param_constraints(),
         "optimizer": ometa,
         "scheduler": sched.state_dict(),
-        "history": run.history,
+        # the rows themselves are appended to history.csv (authoritative up to loop["epoch"] rows):
+        # a checkpoint holding the whole history made a run's I/O grow with the square of its epochs
+        "history_last": run.history[-1] if run.history else None,
         "loop": loop,
         "config": {k: run.config[k] for k in ("model", "guide", "objective", "train")},
     }
     try:
+        append_history(os.path.join(os.path.dirname(path), HISTORY), run.history)  # before the checkpoint counts it
         save_tensors(path, tensors, meta)
     except OSError as e:  # full disk, directory made read-only, ...: atomic_write kept the previous file
         raise TrainingError(f"could not write the checkpoint {path!r} after epoch {loop['epoch']}: "
@@ -179,6 +182,7 @@ def restore(path, run, opt, sched, shuffle_gen, config, dev) -> dict:
     """
     try:
         tensors, meta = load_tensors(path, "cpu")
+        meta = dict(meta, history=checkpoint_history(path, meta))
         loop = check_checkpoint(path, tensors, meta, run, opt, sched, shuffle_gen, config)
         _apply(tensors, meta, run, opt, sched, shuffle_gen, dev)
     except PyroviError:
@@ -392,6 +396,31 @@ def _check_loop(path, loop, history) -> dict:
         raise _bad(path, f"its loop counters {loop!r:.160} are malformed")
     check_history(path, history, loop["epoch"])
     return dict(loop)
+
+
+def checkpoint_history(path, meta: dict) -> list:
+    """The history rows the checkpoint at ``path`` (metadata ``meta``) was written after.
+
+    The rows live in the run's ``history.csv``, appended epoch by epoch before each checkpoint;
+    the checkpoint records how many (``loop["epoch"]``) and the last one, so the file is
+    authoritative up to that count (rows past it are from an epoch whose checkpoint was never
+    written). A checkpoint written before this change carries its rows itself (``"history"``).
+    Raises :class:`CheckpointError` when the file has fewer rows or another last row.
+    """
+    if "history" in meta:
+        return meta["history"]  # checked row by row by check_history
+    loop = meta.get("loop")
+    n = loop.get("epoch") if isinstance(loop, dict) else None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise _bad(path, f"its loop counters are {loop!r:.100}")
+    if n == 0:
+        return []
+    hist_path = os.path.join(os.path.dirname(path), HISTORY)
+    rows = read_history(hist_path)
+    if len(rows) < n or rows[n - 1] != meta.get("history_last"):
+        why = f"has {len(rows)} rows" if len(rows) < n else f"row {n} is not the one it recorded"
+        raise _bad(path, f"it was written after epoch {n} but {HISTORY} {why} (edited, or copied from another run)")
+    return rows[:n]
 
 
 def check_history(path, history, epochs: int) -> None:
