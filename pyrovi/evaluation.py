@@ -483,6 +483,11 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     D = split.x[0].numel()
     if chunk is None:
         chunk = max(1, min(k, (1 << 24) // max(1, min(batch_size, len(split)) * D)))
+    from . import budget
+
+    budget.check_rows(f"chunk={chunk}, batch_size={batch_size}", min(chunk, k) * min(batch_size, len(split)),
+                      max(D, budget.widest(run.model, run.guide)), "use a smaller chunk or batch_size",
+                      what="a layer's activations for a chunk of particles of a batch")
     model, guide = run.model, run.guide
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):

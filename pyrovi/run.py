@@ -179,6 +179,20 @@ class Run:
             raise DataError(f"{what} items have shape {tuple(x.shape[1:])} but the run was trained on items of "
                             f"shape {tuple(want)}; use data shaped like the training data (or the run's own)")
 
+    def check_rows(self, option: str, rows: int, fix: str = "") -> None:
+        """Refuse (:class:`ConfigError`) ``rows`` datapoints through the networks at once when they exceed
+        the memory budget (:mod:`pyrovi.budget`): ``rows`` x the widest layer or datapoint, in this run's dtype.
+
+        ``option`` names the size as the user gave it (``"n=64"``), ``fix`` says how to lower it.
+        """
+        from . import budget
+
+        shape = (self.config.get("data") or {}).get("shape") if isinstance(self.config, dict) else None
+        D = math.prod(shape) if _is_dims(shape) else 1
+        budget.check_rows(option, rows, max(D, budget.widest(self.model, self.guide)),
+                          fix or f"use a smaller {option.split('=')[0]}", itemsize=self.dtype.itemsize,
+                          what=f"{rows} datapoints through the networks at once")
+
     def __repr__(self) -> str:
         last = self.history[-1] if self.history else {}
         return (f"Run(model={type(self.model).__name__}, guide={type(self.guide).__name__}, "
@@ -312,6 +326,10 @@ class Run:
         """``n`` prior samples decoded to data space, ``(n, D)`` (pyrovi's models)."""
         if not hasattr(self.model, "sample"):
             raise ConfigError(f"{type(self.model).__name__} has no sample(n) method")
+        from .errors import check_positive
+
+        check_positive("n", n, integer=True)
+        self.check_rows(f"n={n}", n)
         with self.scope():
             return self.model.sample(n)
 

@@ -25,6 +25,7 @@ import numpy as np
 import pyro
 import torch
 
+from . import budget
 from . import data as data_mod
 from . import guides as guides_mod
 from . import inputs
@@ -324,6 +325,10 @@ def fit(
     binarize = ds.binarize if ds is not None else None
     _check_data(model, train_, "training data", cfg, binarize)
     _check_data(model, val, "validation data", cfg, binarize)
+    S = getattr(obj, "particles", None) or 1
+    budget.check_rows(f"particles={S}", S * min(cfg.batch_size or len(train_), len(train_)),
+                      max(train_.x[0].numel(), budget.widest(model, guide)), "use fewer particles or a smaller "
+                      "batch_size", what="a layer's activations for every particle of a batch")
     example, _ = inputs.call_args(model, train_.x[:2], None if train_.y is None else train_.y[:2], model_kwargs)
     if seed_given:
         _warn_unseeded(cfg.seed, model, guide)
