@@ -95,6 +95,24 @@ def atomic_write(path: str, data: bytes | str) -> None:
             os.close(dfd)
     except OSError:
         pass
+    after_write()
+
+
+#: files written by this process (counted only under the fault-injection variable below)
+_WRITES = [0]
+KILL_ENV = "PYROVI_KILL_AFTER_WRITE"
+
+
+def after_write() -> None:
+    """Fault injection for the kill tests: with ``PYROVI_KILL_AFTER_WRITE=n`` set, the process
+    SIGKILLs itself right after its ``n``-th completed file write (a real kill: no cleanup runs)."""
+    n = os.environ.get(KILL_ENV)
+    if n:
+        _WRITES[0] += 1
+        if str(_WRITES[0]) == n.strip():
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_json(path: str, obj: Any) -> None:

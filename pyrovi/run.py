@@ -40,7 +40,7 @@ from .errors import CheckpointError, ConfigError, PyroviError
 from .guides.base import parameter_probe
 from .traces import trace_pair
 
-__all__ = ["Run", "load_run", "resolve_device", "default_device", "empty_param_state", "discover_params"]
+__all__ = ["Run", "RunSetWarning", "load_run", "resolve_device", "default_device", "empty_param_state", "discover_params"]
 
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
@@ -311,11 +311,12 @@ class Run:
             # weights last: they mark a complete set (without them load_run falls back to the
             # checkpoint and says so), and they name the config and history they belong to
             write_json(os.path.join(directory, CONFIG), self.config)
-            write_history(os.path.join(directory, HISTORY), self.history)
+            history_sha = write_history(os.path.join(directory, HISTORY), self.history)
             write_json(os.path.join(directory, METRICS), self.metrics)
             save_tensors(os.path.join(directory, WEIGHTS), self.state_tensors(),
                          {"constraints": self.param_constraints(), "pyrovi_version": __version__,
-                          "config_sha256": config_digest(self.config), "epochs": len(self.history)})
+                          "config_sha256": config_digest(self.config), "epochs": len(self.history),
+                          "history_sha256": history_sha})
         finally:
             release_run(directory)
         self.directory = directory
@@ -445,8 +446,8 @@ def update_metrics(directory: str, key: str, value: Any) -> dict:
             release_run(directory)
 
 
-def write_history(path: str, history: list) -> None:
-    """Atomically write the per-epoch history as CSV."""
+def write_history(path: str, history: list) -> str:
+    """Atomically write the per-epoch history as CSV; the SHA-256 of the bytes written."""
     from .checkpoint import atomic_write
 
     buf = io.StringIO()
@@ -457,8 +458,12 @@ def write_history(path: str, history: list) -> None:
     w.writeheader()
     for row in history:
         w.writerow(row)
-    atomic_write(path, buf.getvalue())
-    _APPENDED[os.path.realpath(path)] = (len(history), keys, os.path.getsize(path))
+    data = buf.getvalue().encode("utf-8")
+    atomic_write(path, data)
+    _APPENDED[os.path.realpath(path)] = (len(history), keys, len(data))
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 #: history.csv files this process wrote: realpath -> (rows, columns, size in bytes) after its last write
@@ -496,6 +501,9 @@ def append_history(path: str, history: list) -> None:
     finally:
         os.close(fd)
     _APPENDED[key] = (len(history), known[1], known[2] + len(data))
+    from .checkpoint import after_write
+
+    after_write()
 
 
 def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", model_kwargs=None) -> Run:
@@ -519,7 +527,63 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
         device: where to put the weights (``"cpu"`` default, ``"auto"``, ``"cuda"``);
             a run trained on a GPU loads on a CPU-only machine.
         model_kwargs: the extra keyword arguments the run was trained with.
+
+    A run being saved while it is read (its writer holds the lock) can show files of two
+    saves; such a mixed set is read again (for up to ~5 s) until it is whole, and otherwise
+    loaded with a :class:`RunSetWarning`.
     """
+    import time
+
+    for attempt in range(_SET_RETRIES):
+        caught, error = [], None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                run = _load_once(directory, model, guide, device, model_kwargs)
+            except CheckpointError as e:  # e.g. new weights beside the old config, mid-save
+                error = e
+        mixed = error is not None or any(issubclass(w.category, RunSetWarning) for w in caught)
+        if not mixed or attempt == _SET_RETRIES - 1 or not writer_active(directory):
+            break
+        time.sleep(0.2)
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=2)
+    if error is not None:
+        raise error
+    return run
+
+
+#: reads of a run directory that a writer is saving, before load_run gives up waiting for a whole set
+_SET_RETRIES = 25
+
+
+class RunSetWarning(UserWarning):
+    """The files of a run directory are not one save's: config, history and weights disagree."""
+
+
+def writer_active(directory) -> bool:
+    """Whether a live process (on this host) holds the writer's lock of ``directory``, by its lock note."""
+    import socket
+
+    try:
+        h = read_json(os.path.join(directory, LOCK_HOLDER), "lock note", limit=4096)
+        pid = int(h["pid"])
+        if str(h.get("host")) != socket.gethostname():
+            return True  # another machine: cannot check, assume it is alive
+        if os.path.realpath(directory) in _HELD and pid == os.getpid():
+            return False  # this process: it is not saving while it reads
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False  # the note of a killed writer
+    except PermissionError:
+        return True  # alive, another user's
+    except (PyroviError, KeyError, TypeError, ValueError, OverflowError, OSError):
+        return False
+
+
+def _load_once(directory, model, guide, device, model_kwargs) -> Run:
+    """One read of a run directory (see :func:`load_run`)."""
     from . import guides as guides_mod
     from . import models as models_mod
     from . import objectives as objectives_mod
@@ -566,14 +630,14 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
         loop = meta.get("loop") if isinstance(meta.get("loop"), dict) else {}
         warnings.warn(f"{directory} has no {WEIGHTS} (training did not finish); loaded the last checkpoint, "
                       f"epoch {loop.get('epoch')}; continue it with fit(..., out=..., resume=True)", stacklevel=2)
+    history, history_sha = ([], None) if from_checkpoint else _read_history(os.path.join(directory, HISTORY))
     if not from_checkpoint:
-        _check_set(directory, config, meta, read_history(os.path.join(directory, HISTORY)))
+        _check_set(directory, config, meta, history, history_sha)
     metrics = {}
     if os.path.isfile(os.path.join(directory, METRICS)):
         metrics = read_json(os.path.join(directory, METRICS), "metrics")
     from .inputs import check_model_kwargs
 
-    history = read_history(os.path.join(directory, HISTORY))
     if from_checkpoint:  # history.csv may hold a row past the checkpoint (killed between the two writes)
         from .train_state import checkpoint_history
 
@@ -615,7 +679,7 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256((json.dumps(config, indent=2, sort_keys=True, allow_nan=True) + "\n").encode()).hexdigest()
 
 
-def _check_set(directory: str, config: dict, meta: dict, history: list) -> None:
+def _check_set(directory: str, config: dict, meta: dict, history: list, history_sha=None) -> None:
     """Warn when config.json or history.csv are not the ones the weights were saved with.
 
     A run directory is written file by file; a process killed while resuming or overwriting
@@ -625,10 +689,13 @@ def _check_set(directory: str, config: dict, meta: dict, history: list) -> None:
     if isinstance(digest, str) and digest != config_digest(config):
         warnings.warn(f"{directory}: config.json is not the one {WEIGHTS} was saved with (an interrupted "
                       "resume or overwrite?); the model is built from config.json, so check it, or train again",
-                      stacklevel=3)
+                      RunSetWarning, stacklevel=3)
     if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs != len(history):
         warnings.warn(f"{directory}: history.csv has {len(history)} epochs, {WEIGHTS} was saved after {epochs} "
-                      "(an interrupted save or resume?)", stacklevel=3)
+                      "(an interrupted save or resume?)", RunSetWarning, stacklevel=3)
+    elif isinstance(meta.get("history_sha256"), str) and meta["history_sha256"] != history_sha:
+        warnings.warn(f"{directory}: history.csv is not the one {WEIGHTS} was saved with (same number of epochs, "
+                      "other rows: an interrupted save, or an edited file)", RunSetWarning, stacklevel=3)
 
 
 def _probe_batch(config: dict, dev, model=None, dtype=torch.float32) -> tuple:
@@ -785,9 +852,17 @@ def read_history(path: str) -> list:
     line without its line end is a row a killed trainer was appending (past its checkpoint's
     count, see :func:`append_history`) and is left out.
     """
+    return _read_history(path)[0]
+
+
+def _read_history(path: str) -> tuple:
+    """:func:`read_history` and the SHA-256 of the bytes it read (None: no file)."""
     if not os.path.lexists(path):
-        return []
+        return [], None
     raw = read_run_file(path, MAX_HISTORY_BYTES, "history")
+    import hashlib
+
+    digest = hashlib.sha256(raw).hexdigest()
     if b"\n" in raw and not raw.endswith(b"\n"):
         raw = raw[:raw.rfind(b"\n") + 1]
     try:
@@ -815,7 +890,7 @@ def read_history(path: str) -> list:
             raise CheckpointError(f"{path} has no column {lacks[0]!r}; it is not a pyrovi history (columns "
                                   f"{list(row)[:8]!r:.200})")
         out.append(row)
-    return out
+    return out, digest
 
 
 def read_summary(directory: str) -> tuple:
