@@ -55,7 +55,7 @@ from . import data as data_mod
 from . import inputs
 from .progress import bar
 from .run import update_metrics
-from .errors import ConfigError, DataError, check_positive
+from .errors import ConfigError, check_positive
 from .traces import data_dim, guess_max_plate_nesting, in_data_plate
 from .weights import LogWeights, log_weights
 

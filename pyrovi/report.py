@@ -23,7 +23,7 @@ import torch
 
 from . import plots
 from .checkpoint import atomic_write, read_json
-from .errors import CheckpointError, ConfigError, PyroviError
+from .errors import ConfigError, PyroviError
 
 __all__ = ["write", "write_training_report", "write_report", "write_html", "write_diagnostic_figures", "compare_runs",
            "FIGURES"]

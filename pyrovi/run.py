@@ -532,6 +532,14 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
     saves; such a mixed set is read again (for up to ~5 s) until it is whole, and otherwise
     loaded with a :class:`RunSetWarning`.
     """
+    return _whole_set(directory, lambda: _load_once(directory, model, guide, device, model_kwargs))
+
+
+def _whole_set(directory, read):
+    """``read()`` of a run directory, again while it meets a mixed set and a writer is saving.
+
+    Warnings of the last read are passed on (as the caller's); so is its CheckpointError.
+    """
     import time
 
     for attempt in range(_SET_RETRIES):
@@ -539,7 +547,7 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                run = _load_once(directory, model, guide, device, model_kwargs)
+                result = read()
             except CheckpointError as e:  # e.g. new weights beside the old config, mid-save
                 error = e
         mixed = error is not None or any(issubclass(w.category, RunSetWarning) for w in caught)
@@ -547,10 +555,10 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
             break
         time.sleep(0.2)
     for w in caught:
-        warnings.warn(w.message, w.category, stacklevel=2)
+        warnings.warn(w.message, w.category, stacklevel=3)
     if error is not None:
         raise error
-    return run
+    return result
 
 
 #: reads of a run directory that a writer is saving, before load_run gives up waiting for a whole set
@@ -902,6 +910,10 @@ def read_summary(directory: str) -> tuple:
     """
     if not os.path.isdir(directory):
         raise CheckpointError(f"run directory not found: {directory!r:.300}")
+    return _whole_set(directory, lambda: _read_summary_once(directory))
+
+
+def _read_summary_once(directory: str) -> tuple:
     path = os.path.join(directory, CONFIG)
     config = read_json(path, "run config")
     _check_config(config, path)
@@ -912,7 +924,31 @@ def read_summary(directory: str) -> tuple:
     path = os.path.join(directory, METRICS)
     metrics = read_json(path, "metrics") if os.path.lexists(path) else {}
     check_metrics(metrics, path)
-    return config, metrics, read_history(os.path.join(directory, HISTORY))
+    history, history_sha = _read_history(os.path.join(directory, HISTORY))
+    if os.path.lexists(os.path.join(directory, WEIGHTS)):  # a finished run: the files its weights name
+        _check_set(directory, config, weights_meta(os.path.join(directory, WEIGHTS)), history, history_sha)
+    return config, metrics, history
+
+
+def weights_meta(path: str) -> dict:
+    """pyrovi's metadata in the header of a safetensors file, read without its tensors (``{}`` if none)."""
+    import json
+
+    from .checkpoint import check_inside
+    from .readers import open_regular
+
+    check_inside(path)
+    f, size = open_regular(path, "weights", CheckpointError)
+    with f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= min(size - 8, 16 << 20):
+            raise CheckpointError(f"{path} is not a valid safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            meta = json.loads(header.get("__metadata__", {}).get("pyrovi", "{}"))
+        except (ValueError, RecursionError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"{path} has a corrupt header ({type(e).__name__})") from None
+    return meta if isinstance(meta, dict) else {}
 
 
 def _is_number(v) -> bool:

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -164,14 +163,38 @@ def test_reader_during_saves_sees_one_save_or_a_warning(saves, tmp_path):
     shutil.copytree(template, other)
     _fit(other, 3, "resume")  # same shapes, other weights, config (epochs) and history
     out = tmp_path / "shared"
-    p = subprocess.Popen([sys.executable, "-c", WRITER, str(template), str(other), str(out), "3"], env=ENV,
+    p = subprocess.Popen([sys.executable, "-c", WRITER, str(template), str(other), str(out), "2"], env=ENV,
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready", p.stderr.read()
     wholes = {"a": wholes["old"], "b": _signature(pv.load_run(str(other)))}
+    tables = {name: sig[:2] for name, sig in wholes.items()}  # what compare reads: config and history
     seen: dict = {}
     while p.poll() is None:
         got = _outcome(out, wholes)
         seen[got] = seen.get(got, 0) + 1
+        got = "compare " + _summary_outcome(out, tables)
+        seen[got] = seen.get(got, 0) + 1
     assert p.returncode == 0, p.stderr.read()[-2000:]
-    print(f"\nreader during saves: {seen}; writer {p.stdout.read().strip()}")
+    print(f"\nreaders during saves: {seen}; writer {p.stdout.read().strip()}")
     assert seen.get("a", 0) + seen.get("b", 0) >= 1
+
+
+def _summary_outcome(out, tables: dict) -> str:
+    """Like :func:`_outcome` for the files ``pyrovi compare`` reads (config.json, history.csv)."""
+    import json
+
+    from pyrovi.run import read_summary
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            config, _, history = read_summary(str(out))
+        except PyroviError:
+            return "refused"
+    if caught:
+        return "warned"
+    history = [{k: v for k, v in h.items() if k not in ("seconds", "items_per_second")} for h in history]
+    sig = (json.dumps(config, sort_keys=True), json.dumps(history, sort_keys=True))
+    names = [name for name, t in tables.items() if t == sig]
+    assert names, f"{out}: compare read, without a warning, a config and history of no single save"
+    return names[0]
