@@ -5,7 +5,8 @@ A run directory holds:
 - ``config.json``: everything that rebuilds model, guide, objective and data;
 - ``weights.safetensors``: the model's and guide's weights and ``pyro.param`` s;
 - ``checkpoint.safetensors``: the same plus optimizer, scheduler, epoch, RNG
-  state and history, so ``fit(..., resume=True)`` continues the same trajectory;
+  state and the history's last row (its rows are appended to ``history.csv``),
+  so ``fit(..., resume=True)`` continues the same trajectory;
 - ``history.csv``, ``metrics.json``, figures and ``report.md``.
 
 Tensors are stored with safetensors and everything else as JSON (in the
