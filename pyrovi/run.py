@@ -647,8 +647,6 @@ def _load_once(directory, model, guide, device, model_kwargs) -> Run:
     from .inputs import check_model_kwargs
 
     if from_checkpoint:  # history.csv may hold a row past the checkpoint (killed between the two writes)
-        from .train_state import checkpoint_history
-
         try:
             history = [h for h in checkpoint_history(weights, meta) if isinstance(h, dict)]
         except CheckpointError as e:
@@ -899,6 +897,32 @@ def _read_history(path: str) -> tuple:
                                   f"{list(row)[:8]!r:.200})")
         out.append(row)
     return out, digest
+
+
+def checkpoint_history(path, meta: dict) -> list:
+    """The history rows the checkpoint at ``path`` (metadata ``meta``) was written after.
+
+    The rows live in the run's ``history.csv``, appended epoch by epoch before each checkpoint;
+    the checkpoint records how many (``loop["epoch"]``) and the last one, so the file is
+    authoritative up to that count (rows past it are from an epoch whose checkpoint was never
+    written). A checkpoint written before this change carries its rows itself (``"history"``).
+    Raises :class:`CheckpointError` when the file has fewer rows or another last row.
+    """
+    if "history" in meta:
+        return meta["history"]  # checked row by row by pyrovi.train_state.check_history
+    loop = meta.get("loop")
+    n = loop.get("epoch") if isinstance(loop, dict) else None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise CheckpointError(f"checkpoint {path!r}: its loop counters are {loop!r:.100}; edited, crafted or from "
+                              "another run: start again with overwrite=True")
+    if n == 0:
+        return []
+    rows = read_history(os.path.join(os.path.dirname(path), HISTORY))
+    if len(rows) < n or rows[n - 1] != meta.get("history_last"):
+        why = f"has {len(rows)} rows" if len(rows) < n else f"row {n} is not the one it recorded"
+        raise CheckpointError(f"checkpoint {path!r} was written after epoch {n} but {HISTORY} {why} (edited, or "
+                              "copied from another run); start again with overwrite=True")
+    return rows[:n]
 
 
 def read_summary(directory: str) -> tuple:

@@ -16,10 +16,10 @@ import torch
 from ._version import __version__
 from .checkpoint import load_tensors, save_tensors
 from .errors import CheckpointError, ConfigError, PyroviError, TrainingError
-from .run import CHECKPOINT, HISTORY, METRICS, WEIGHTS, append_history, lock_run, read_history
+from .run import CHECKPOINT, HISTORY, METRICS, WEIGHTS, append_history, checkpoint_history, lock_run
 
 __all__ = ["adam", "scheduler", "save_checkpoint", "restore", "best_from_checkpoint", "prepare_out", "new_loop",
-           "check_checkpoint", "check_history", "checkpoint_history", "HISTORY_KEYS"]
+           "check_checkpoint", "check_history", "HISTORY_KEYS"]
 
 
 def new_loop() -> dict:
@@ -396,31 +396,6 @@ def _check_loop(path, loop, history) -> dict:
         raise _bad(path, f"its loop counters {loop!r:.160} are malformed")
     check_history(path, history, loop["epoch"])
     return dict(loop)
-
-
-def checkpoint_history(path, meta: dict) -> list:
-    """The history rows the checkpoint at ``path`` (metadata ``meta``) was written after.
-
-    The rows live in the run's ``history.csv``, appended epoch by epoch before each checkpoint;
-    the checkpoint records how many (``loop["epoch"]``) and the last one, so the file is
-    authoritative up to that count (rows past it are from an epoch whose checkpoint was never
-    written). A checkpoint written before this change carries its rows itself (``"history"``).
-    Raises :class:`CheckpointError` when the file has fewer rows or another last row.
-    """
-    if "history" in meta:
-        return meta["history"]  # checked row by row by check_history
-    loop = meta.get("loop")
-    n = loop.get("epoch") if isinstance(loop, dict) else None
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise _bad(path, f"its loop counters are {loop!r:.100}")
-    if n == 0:
-        return []
-    hist_path = os.path.join(os.path.dirname(path), HISTORY)
-    rows = read_history(hist_path)
-    if len(rows) < n or rows[n - 1] != meta.get("history_last"):
-        why = f"has {len(rows)} rows" if len(rows) < n else f"row {n} is not the one it recorded"
-        raise _bad(path, f"it was written after epoch {n} but {HISTORY} {why} (edited, or copied from another run)")
-    return rows[:n]
 
 
 def check_history(path, history, epochs: int) -> None:

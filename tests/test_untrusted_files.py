@@ -22,7 +22,7 @@ import pyrovi as pv
 from pyrovi import cli
 from pyrovi.checkpoint import load_tensors, save_tensors
 from pyrovi.errors import CheckpointError
-from pyrovi.train_state import checkpoint_history
+from pyrovi.run import checkpoint_history
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MPLBACKEND="Agg")
