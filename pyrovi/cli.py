@@ -77,7 +77,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds the data split, the initial weights and every draw: equal seeds, equal runs")
-    g.add_argument("--patience", type=int, default=None, help="early stopping patience in epochs (default: off)")
+    g.add_argument("--patience", type=int, default=None,
+                   help="early stopping: stop after this many validations without improvement (default: off)")
+    g.add_argument("--val-every", type=int, default=1,
+                   help="validate after every N-th epoch and the last (default: 1, every epoch)")
     g.add_argument("--beta", type=float, default=1.0, help="weight of the KL terms (beta-VAE)")
     g.add_argument("--warmup", type=int, default=0, help="epochs of linear KL warm-up")
     g.add_argument("--clip-norm", type=float, default=None, help="gradient-norm clipping (default: off)")
@@ -93,6 +96,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out from its checkpoint (default: start a new run)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing run in --out (default: refuse to)")
+    g.add_argument("--logger", default="csv", choices=["csv", "tensorboard"],
+                   help="csv: history.csv only; tensorboard: also step and epoch scalars in OUT/tensorboard "
+                        "(pip install \"pyrovi[tensorboard]\") (default: csv)")
     g.add_argument("--evaluate-k", type=int, default=0,
                    help="after training, evaluate on the test split with K importance samples (0: skip)")
     _progress_arg(p)
@@ -195,7 +201,8 @@ def _train(args) -> int:
               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=out,
               resume=args.resume, overwrite=args.overwrite, patience=args.patience, beta=args.beta,
               warmup=args.warmup, clip_norm=args.clip_norm, lr_schedule=args.lr_schedule, device=args.device,
-              progress=_tty_progress(args), strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes)
+              progress=_progress(args), strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes,
+              val_every=args.val_every, logger=args.logger)
     if run.directory is None and args.strategy:  # a DDP rank other than 0: rank 0 reports and evaluates
         return 0
     print(f"run directory: {out}")

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from .callbacks import Dispatch, State
 from .checkpoint import read_json, write_json
 from .errors import ConfigError, PyroviError, TrainingError
 from .run import CHECKPOINT, CONFIG, METRICS, Run, default_device, discover_params, empty_param_state, release_run
@@ -375,15 +376,18 @@ def record_epoch(run, loop: dict, cfg, best: dict, *, train_loss: float, val_los
                  beta: float, secs: float, seen: float, ckpt_path: Optional[str] = None) -> None:
     """End-of-epoch bookkeeping: refuse a non-finite validation loss, append the history row, track the best.
 
-    With early stopping on, ``best`` keeps a copy of the best-validation weights.
+    With early stopping on, ``best`` keeps a copy of the best-validation weights. ``val_loss=None``:
+    an epoch without validation (``val_every``); it neither improves the best nor counts against patience.
     """
-    if not math.isfinite(val_loss):
+    if val_loss is not None and not math.isfinite(val_loss):
         raise TrainingError(f"validation loss is {val_loss} after epoch {loop['epoch'] + 1}; training stopped; "
                             f"{kept(loop, ckpt_path)}")
     loop["epoch"] += 1
     loop["seconds"] += secs
     run.history.append({"epoch": loop["epoch"], "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
                         "beta": beta, "seconds": secs, "items_per_second": seen / secs})
+    if val_loss is None:
+        return
     if val_loss < loop["best"]:
         loop.update(best=val_loss, best_epoch=loop["epoch"], bad_epochs=0)
         if cfg.patience is not None:
@@ -411,8 +415,12 @@ def finish(run, loop: dict, **extra) -> dict:
 
 
 def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
-            binarize, progress, best, steps_per_epoch: int) -> None:
-    """Train until ``cfg.epochs`` (or early stopping), checkpointing after every epoch."""
+            binarize, callbacks, best, steps_per_epoch: int) -> None:
+    """Train until ``cfg.epochs`` (or early stopping), checkpointing after every epoch.
+
+    Validates after every ``cfg.val_every``-th epoch and after the last one; ``callbacks``
+    (progress bar and loggers included) are called on rank 0 (:mod:`pyrovi.callbacks`).
+    """
     model, guide, obj = run.model, run.guide, run.objective
     n = len(train)
     full = cfg.batch_size is None
@@ -420,9 +428,11 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
     warm_steps = cfg.warmup * steps_per_epoch
     params = [p for g in opt.param_groups for p in g["params"]]
     watch = DivergenceWatch(world, cfg, loop, ckpt_path)
-    bar = tqdm(total=cfg.epochs, initial=loop["epoch"], disable=not (progress and world.is_zero), unit="epoch",
-               dynamic_ncols=True, desc=obj.name + (f" x{world.size}" if world.size > 1 else ""))
+    hooks = Dispatch(callbacks, world, State(run, loop["epoch"], loop["step"], cfg.epochs,
+                                             ckpt_path and os.path.dirname(ckpt_path), world.size))
+    every = cfg.val_every
     try:
+        hooks.begin(loop)
         while loop["epoch"] < cfg.epochs:
             t0 = time.perf_counter()
             world.begin_epoch(cfg.seed, loop["epoch"])
@@ -440,33 +450,38 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
                 total += loss * b
                 seen += b
                 loop["step"] += 1
+                hooks.step(loop, {"step": loop["step"], "epoch": loop["epoch"] + 1, "loss": loss, "beta": beta,
+                                  "lr": opt.param_groups[0]["lr"]})
             lr_now = opt.param_groups[0]["lr"]
             sched.step()
             total, seen = world.sum(total, seen)
             watch.end_epoch(opt)  # before this epoch's checkpoint: a diverged epoch is never saved
             watch.first = None
-            val_loss = mean_loss(val_fn, val, None if full else max(per_rank, 256), world)
+            ep = loop["epoch"] + 1
+            val_loss = (mean_loss(val_fn, val, None if full else max(per_rank, 256), world)
+                        if ep % every == 0 or ep >= cfg.epochs else None)
             secs = time.perf_counter() - t0
             record_epoch(run, loop, cfg, best, train_loss=total / seen, val_loss=val_loss, lr=lr_now, beta=beta,
                          secs=secs, seen=seen, ckpt_path=ckpt_path)
             if ckpt_path:
                 world.on_rank0("writing the checkpoint",
                                lambda: save_checkpoint(ckpt_path, run, opt, sched, shuffle_gen, loop, best))
-            bar.set_postfix(loss=f"{total / seen:.3f}", val=f"{val_loss:.3f}", it_s=f"{seen / secs:.0f}")
-            bar.update(1)
+                hooks.checkpoint(loop, ckpt_path)
+            hooks.epoch(loop, run.history[-1])
             if cfg.patience is not None and loop["bad_epochs"] >= cfg.patience:
                 if world.is_zero:
-                    bar.write(f"early stopping after epoch {loop['epoch']}: no validation improvement for "
-                              f"{cfg.patience} epochs (best {loop['best']:.4f} at epoch {loop['best_epoch']})")
+                    tqdm.write(f"early stopping after epoch {loop['epoch']}: no validation improvement for "
+                               f"{cfg.patience} {'epochs' if every == 1 else 'validations'} "
+                               f"(best {loop['best']:.4f} at epoch {loop['best_epoch']})")
                 break
     except KeyboardInterrupt:
         if world.is_zero:
-            bar.write(f"interrupted; the checkpoint of epoch {loop['epoch']} is kept"
-                      f"{' in ' + repr(ckpt_path) + ' (continue with resume=True)' if ckpt_path else ''}",
-                      file=sys.stderr)
+            tqdm.write(f"interrupted; the checkpoint of epoch {loop['epoch']} is kept"
+                       f"{' in ' + repr(ckpt_path) + ' (continue with resume=True)' if ckpt_path else ''}",
+                       file=sys.stderr)
         raise
     finally:
-        bar.close()
+        hooks.end(loop)
 
 
 # --------------------------------------------------------------------------- a whole fit
@@ -566,7 +581,7 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
         steps = math.ceil(m / ((cfg.batch_size and cfg.batch_size // world.size) or shape["subsample_size"] or m))
         before = dict(getattr(obj, "path_counts", {}))
         _epochs(world, run, loss_fn, val_fn, train_, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
-                spec["binarize"], spec["progress"], best, steps)
+                spec["binarize"], spec.get("callbacks", ()), best, steps)
         calls = {k: v - before.get(k, 0) for k, v in getattr(obj, "path_counts", {}).items()}
         if best and loop["best_epoch"] != loop["epoch"]:
             run.load_state_tensors(best, {})  # early stopping hands back the best-validation weights

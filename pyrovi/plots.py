@@ -75,7 +75,9 @@ def training_curves(histories: dict, *, path: Optional[str] = None):
     for label, hist in histories.items():
         ep = [h["epoch"] for h in hist]
         line, = ax.plot(ep, [h["train_loss"] for h in hist], label=f"{label} train")
-        ax.plot(ep, [h["val_loss"] for h in hist], "--", color=line.get_color(), label=f"{label} validation")
+        val = [(h["epoch"], h["val_loss"]) for h in hist if h.get("val_loss") is not None]  # val_every > 1: some
+        ax.plot([e for e, _ in val], [v for _, v in val], "--", marker="o" if len(val) < len(hist) else None,
+                color=line.get_color(), label=f"{label} validation")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss = -bound (nats / datapoint)")

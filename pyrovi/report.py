@@ -380,10 +380,22 @@ def write_report(run, extra_sections: Optional[list] = None) -> str:
         for f in figs:
             lines += [f"### {f[:-4].replace('_', ' ')}", "", f"![{f[:-4]}]({f})", "",
                       f"*{CAPTIONS.get(f, f)}*", ""]
+    lines[2:2] = [_contents(lines), ""]
     text = "\n".join(lines)
     atomic_write(os.path.join(d, "report.md"), text)
     write_html(text, os.path.join(d, "report.html"), base_dir=d)
     return text
+
+
+def _anchor(heading: str) -> str:
+    """The id a heading gets, in Python-Markdown's ``toc`` (report.html) and on GitHub (report.md) alike."""
+    return re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", heading).strip().lower())
+
+
+def _contents(lines: list) -> str:
+    """One line of links to the report's sections (``## `` headings)."""
+    heads = [h[3:].strip() for h in lines if h.startswith("## ")]
+    return "Contents: " + " · ".join(f"[{h}](#{_anchor(h)})" for h in heads)
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
@@ -405,7 +417,7 @@ def write_html(markdown_text: str, path: str, *, base_dir: str, title: str = "py
         return f"![{alt}](data:image/png;base64,{data})"
 
     body = markdown.markdown(re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", embed, markdown_text),
-                             extensions=["tables"])
+                             extensions=["tables", "toc"])  # toc: ids on headings, for the contents links
     html = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>"
             f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")
     atomic_write(path, html)

@@ -846,15 +846,18 @@ def _check_numbers(config: dict, nbytes: int, path: str) -> None:
             walk(config[key], key)
 
 
-#: columns of history.csv that every row has, as numbers (the epoch an integer)
+#: columns of history.csv, numbers in every row (the epoch an integer); val_loss may be empty (an
+#: epoch without validation, ``val_every``)
 HISTORY_NUMBERS = ("epoch", "train_loss", "val_loss")
+_ALWAYS_NUMBERS = ("epoch", "train_loss")
 
 
 def read_history(path: str) -> list:
     """Read ``history.csv`` back into a list of dicts of floats (missing file: empty list).
 
-    Every row must have a whole ``epoch`` and numeric ``train_loss`` and ``val_loss``
-    (else :class:`CheckpointError`); an empty cell of another column reads as None. A last
+    Every row must have a whole ``epoch`` and a numeric ``train_loss`` and a ``val_loss``
+    column (else :class:`CheckpointError`); an empty cell of another column (e.g. ``val_loss``
+    of an epoch without validation) reads as None. A last
     line without its line end is a row a killed trainer was appending (past its checkpoint's
     count, see :func:`append_history`) and is left out.
     """
@@ -885,9 +888,10 @@ def _read_history(path: str) -> tuple:
         row = {}
         for k, v in r.items():
             try:
-                row[k] = int(v) if k == "epoch" else None if v == "" and k not in HISTORY_NUMBERS else float(v)
+                row[k] = int(v) if k == "epoch" else None if v == "" and k not in _ALWAYS_NUMBERS else float(v)
             except (TypeError, ValueError):
-                if k in HISTORY_NUMBERS or not isinstance(k, str):  # None: a row longer than the header
+                if k in _ALWAYS_NUMBERS or v != "" and k in HISTORY_NUMBERS or not isinstance(k, str):
+                    # (a key None: a row longer than the header)
                     raise CheckpointError(f"{path} row {i + 1} has {k}={v!r:.40}; pyrovi writes a number there, "
                                           "so the file is corrupt or not a pyrovi history") from None
                 row[k] = v

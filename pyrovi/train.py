@@ -29,10 +29,13 @@ from . import budget
 from . import data as data_mod
 from . import guides as guides_mod
 from . import inputs
+from . import loggers
 from . import objectives as objectives_mod
 from ._version import __version__
+from .callbacks import check_callbacks
 from .errors import ConfigError, DataError, SeedWarning, check_positive, check_seed, lookup
 from .loop import BatchLoss, World, train, train_step
+from .progress import TrainingBar
 from .run import Run, resolve_device
 from .train_state import adam
 
@@ -60,6 +63,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # held out of raw arrays that come without a validation split
     data_plate: str = "data"  # name of the model's plate over datapoints (minibatch scaling N/B)
     dtype: Optional[str] = None  # "float32" | "float64"; None: the model's own parameter dtype
+    val_every: int = 1  # validate after every N-th epoch and the last; others' val_loss is None (empty in CSV)
 
     def validate(self) -> None:
         """Raise :class:`~pyrovi.ConfigError` naming the first option that is out of range."""
@@ -84,6 +88,7 @@ class TrainConfig:
                               f"got {self.data_plate!r}")
         if self.dtype is not None:
             self.dtype = str(lookup(DTYPES, self.dtype, "dtype")).replace("torch.", "")
+        check_positive("val_every", self.val_every, integer=True)
 
 
 def _dtype_name(dtype) -> Optional[str]:
@@ -219,6 +224,9 @@ def fit(
     num_nodes: int = 1,
     accelerator: str = "auto",
     dtype: Any = None,
+    val_every: int = 1,
+    callbacks: Optional[list] = None,
+    logger: Any = None,
 ) -> Run:
     """Train ``guide`` and ``model`` on ``data`` by maximizing ``objective``.
 
@@ -288,6 +296,14 @@ def fit(
             model's own parameter dtype (``torch.set_default_dtype`` before building
             the model has the same effect). Stored in ``config.json``; ``load_run``
             restores it.
+        val_every: validate after every N-th epoch (and always after the last); the other
+            epochs' ``val_loss`` is None in ``run.history`` (an empty cell in ``history.csv``).
+            Early stopping's ``patience`` then counts validations, not epochs. May change on resume.
+        callbacks: :class:`pyrovi.callbacks.Callback` objects the loop calls on rank 0
+            (on_train_begin, on_step_end, on_epoch_end, on_checkpoint, on_train_end).
+        logger: ``"csv"`` (history.csv, always written), ``"tensorboard"`` (scalars per step
+            and per epoch into ``out/tensorboard``, :class:`pyrovi.loggers.TensorBoard`;
+            ``pip install "pyrovi[tensorboard]"``), or a list of these names.
 
     Returns:
         :class:`pyrovi.run.Run`. Losses in its history are in nats per
@@ -305,8 +321,12 @@ def fit(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=0 if seed is None else seed,
                       patience=patience, beta=beta,
                       warmup=warmup, clip_norm=clip_norm, lr_schedule=lr_schedule, weight_decay=weight_decay,
-                      val_fraction=val_fraction, data_plate=data_plate, dtype=_dtype_name(dtype))
+                      val_fraction=val_fraction, data_plate=data_plate, dtype=_dtype_name(dtype),
+                      val_every=val_every)
     cfg.validate()
+    hooks = check_callbacks(callbacks) + loggers.resolve(logger, out)  # the bar and loggers are callbacks too
+    if progress:
+        hooks.append(TrainingBar())
     if out is not None and not isinstance(out, (str, os.PathLike)):
         raise ConfigError(f"out must be a directory path (str), got {type(out).__name__} {out!r}")
     for flag, value in (("resume", resume), ("overwrite", overwrite)):
@@ -352,7 +372,7 @@ def fit(
     cfg.dtype = str(dt).replace("torch.", "")
     spec = dict(model=model, guide=guide, obj=obj, cfg=cfg, train=train_, val=val, ds=ds, dtype=dt,
                 binarize=binarize, model_kwargs=model_kwargs, out=None if out is None else os.fspath(out),
-                resume=resume, overwrite=overwrite, progress=progress,
+                resume=resume, overwrite=overwrite, progress=progress, callbacks=hooks,
                 config=_run_config(model, guide, obj, cfg, train_, val, ds, data_desc, inputs.takes_y(model),
                                    model_kwargs))
     if distributed:

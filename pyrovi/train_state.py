@@ -86,7 +86,7 @@ def _same(a: dict, b: dict, keys) -> list:
 
 
 #: training options a resume may change: how long to go on, and when to stop early
-RESUME_MAY_CHANGE = ("epochs", "patience")
+RESUME_MAY_CHANGE = ("epochs", "patience", "val_every")
 
 
 def _changed_options(saved, now) -> list:
@@ -246,8 +246,8 @@ def check_checkpoint(path, tensors: dict, meta: dict, run, opt, sched, shuffle_g
     changed = _changed_options(saved_cfg.get("train"), config.get("train"))
     if changed:
         raise ConfigError(f"resume continues the run in {os.path.dirname(path)!r} with its own settings, but "
-                          f"{', '.join(changed)}; pass the run's values (only epochs and patience may change on "
-                          "resume), or overwrite=True to start a new run with the new ones")
+                          f"{', '.join(changed)}; pass the run's values (only epochs, patience and val_every may "
+                          "change on resume), or overwrite=True to start a new run with the new ones")
     odd = sorted(k for k in tensors if k.split("/")[0] not in _TENSOR_PREFIXES)
     if odd:
         raise _bad(path, f"it holds tensors pyrovi never writes in a checkpoint: {odd[:3]}")
@@ -413,7 +413,8 @@ def check_history(path, history, epochs: int) -> None:
             raise _bad(path, f"history row {i + 1} says epoch {h['epoch']!r:.20}")
         for k, v in h.items():
             if not isinstance(k, str) or not (_is_num(v) or v is None) or (
-                    k in ("train_loss", "val_loss") and not math.isfinite(v)) or (_is_num(v) and math.isnan(v)):
+                    k in ("train_loss", "val_loss") and not (v is None and k == "val_loss")  # None: not validated
+                    and not (_is_num(v) and math.isfinite(v))) or (_is_num(v) and math.isnan(v)):
                 raise _bad(path, f"history row {i + 1} has {k!r:.40}={v!r:.40}")
 
 

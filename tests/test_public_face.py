@@ -239,7 +239,7 @@ def test_api_reference_lists_everything_public():
 LAYERS = [
     ("pyrovi._version", "pyrovi.errors"),
     ("pyrovi.checkpoint", "pyrovi.readers", "pyrovi.distributions", "pyrovi.nets", "pyrovi.convnets",
-     "pyrovi.progress"),
+     "pyrovi.callbacks", "pyrovi.loggers", "pyrovi.progress"),
     ("pyrovi.data",),
     ("pyrovi.inputs", "pyrovi.traces", "pyrovi.stratify", "pyrovi.stop_gradient", "pyrovi.weights",
      "pyrovi.fastpath", "pyrovi.objectives"),
