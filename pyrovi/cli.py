@@ -226,7 +226,9 @@ def _train(args) -> int:
     import pyro
 
     pyro.set_rng_seed(args.seed)  # torch, numpy, random: the initial weights of model and guide follow --seed
-    model = models.build(model_config(args, ds))
+    mcfg = model_config(args, ds)
+    _check_network(args, mcfg)
+    model = models.build(mcfg)
     guide = guides.build(model, guide_config(args, model))
     out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     run = fit(model, guide, ds, objective=args.objective, particles=args.particles, alpha=args.alpha,
@@ -247,6 +249,19 @@ def _train(args) -> int:
 
         write_report(run.directory)  # drawn from the directory: config.json, metrics.json, figures
     return 0
+
+
+def _check_network(args, mcfg: dict) -> None:
+    """Refuse --hidden/--latent-dim (and VQ sizes) whose weights would not fit the memory budget, before building."""
+    from . import budget, models
+    from .errors import lookup
+
+    cls = lookup(models.MODELS, args.model, "model")
+    nbytes = budget.network_bytes(mcfg, guide_config(args, cls))
+    if nbytes is not None:  # weights, gradients and Adam's two moments
+        flags = f"--hidden {','.join(map(str, args.hidden))} --latent-dim {args.latent_dim}"
+        budget.check(flags, 4 * nbytes, "the weights of model and guide with their gradients and Adam moments",
+                     "use smaller --hidden widths or a smaller --latent-dim")
 
 
 COMMANDS["train"] = (_train_args, _train, "train a model and guide; writes a run directory")
@@ -308,7 +323,10 @@ def _print_vq(run, ds, batch_size: int, save: bool = True) -> None:
 def _run_data(run, name):
     from .inputs import dataset
 
-    return dataset(name, run)  # None: the run's own data
+    ds = dataset(name, run)  # None: the run's own data
+    if ds is not None:
+        run.check_items(ds.train.x, f"--data {name}" if name else "the run's data")
+    return ds
 
 
 def _evaluate(args) -> int:
@@ -488,6 +506,7 @@ def _sample(args) -> int:
 
     check_positive("--n", args.n, integer=True)
     run = load_run(args.run, device=args.device)
+    run.check_rows(f"n={args.n}", args.n, "use a smaller --n")  # before drawing: a typo of a few zeros is an error, not a kill
     is_vq = run.config.get("model", {}).get("name") == "vqvae"
     text = is_vq and run.model.is_text
     exts = (".txt",) if text else _SAMPLE_EXTS
@@ -544,9 +563,12 @@ def _interpolate(args) -> int:
 
     from . import plots, uses
     from .run import load_run
-    from .errors import ConfigError
+    from .errors import ConfigError, check_positive
 
+    check_positive("--steps", args.steps, integer=True)
+    check_positive("--pairs", args.pairs, integer=True)
     run = load_run(args.run, device=args.device)
+    run.check_rows(f"steps={args.steps}", args.pairs * args.steps * 2, "use fewer --steps or --pairs")  # 2 methods
     ds = _run_data(run, args.data)
     split = ds.test if len(ds.test) >= 2 else ds.train
     conditional = getattr(run.model, "uses_labels", False)

@@ -333,6 +333,15 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
     if chunk is None:
         chunk = max(1, min(particles, (1 << 24) // max(1, B_all * D)))
     check_positive("chunk", chunk, integer=True)
+    from . import budget
+
+    latent = (run.config.get("model") or {}).get("latent_dim") if isinstance(run.config, dict) else None
+    L = latent if isinstance(latent, int) and not isinstance(latent, bool) else budget.widest(run.guide)
+    budget.check_rows(f"particles={particles}", particles * B_all, L + 4, "use fewer particles or a smaller n",
+                      what=f"the kept draws ({particles} particles x {B_all} datapoints x ({L} latents + 4 log "
+                           "densities))")
+    budget.check_rows(f"chunk={chunk}", chunk * B_all, max(D, budget.widest(run.model, run.guide)),
+                      "use a smaller chunk", what="a layer's activations for a chunk of particles")
 
     model, guide, dev = run.model, run.guide, run.device
     for m in (model, guide):

@@ -57,7 +57,7 @@ from . import enumeration, inputs
 from . import particles as particles_mod
 from .progress import bar
 from .run import update_metrics
-from .errors import ConfigError, DataError, check_positive
+from .errors import ConfigError, check_positive
 from .traces import data_dim, guess_max_plate_nesting, in_data_plate, rng_neutral, trace_pair
 from .weights import LogWeights, log_weights
 
@@ -560,15 +560,16 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     data_mod.validate(split.x, name="evaluation data")
     if device is not None:
         run.to(device)
-    obs = getattr(run.model, "obs_shape", None)
-    if obs is not None and tuple(split.x.shape[1:]) != tuple(obs):
-        raise DataError(f"evaluation data items have shape {tuple(split.x.shape[1:])} but the model "
-                        f"expects {tuple(obs)}; evaluate on data shaped like the training data")
     dev = run.device
     dt = getattr(run, "dtype", torch.float32)
     D = split.x[0].numel()
     if chunk is None:
         chunk = max(1, min(k, (1 << 24) // max(1, min(batch_size, len(split)) * D)))
+    from . import budget
+
+    budget.check_rows(f"chunk={chunk}, batch_size={batch_size}", min(chunk, k) * min(batch_size, len(split)),
+                      max(D, budget.widest(run.model, run.guide)), "use a smaller chunk or batch_size",
+                      what="a layer's activations for a chunk of particles of a batch")
     model, guide = run.model, run.guide
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):

@@ -246,6 +246,7 @@ def dataset(data: Any = None, run=None, *, seed: Optional[int] = None) -> Option
 def split(data: Any = None, run=None, which: str = "test") -> data_mod.Split:
     """The rows an evaluation uses: split ``which`` of :func:`dataset`, or ``data`` itself as one Split."""
     ds = dataset(data, run)
-    if ds is not None:
-        return getattr(ds, which)
-    return as_split(data)
+    out = getattr(ds, which) if ds is not None else as_split(data)
+    if run is not None and hasattr(run, "check_items"):
+        run.check_items(out.x, "evaluation data")  # before the network meets it: one clear error
+    return out

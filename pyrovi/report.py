@@ -23,7 +23,7 @@ import torch
 
 from . import plots
 from .checkpoint import atomic_write, read_json
-from .errors import CheckpointError, ConfigError, PyroviError
+from .errors import ConfigError, PyroviError
 
 __all__ = ["write", "write_training_report", "write_report", "write_html", "write_diagnostic_figures", "compare_runs",
            "FIGURES"]
@@ -437,14 +437,9 @@ _COMPARE_COLS = [
 
 
 def _run_row(directory: str) -> tuple:
-    from .run import read_history
+    from .run import read_summary
 
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"run directory not found: {directory!r}")
-    cfg = read_json(os.path.join(directory, "config.json"), "run config")
-    metrics = {}
-    if os.path.isfile(os.path.join(directory, "metrics.json")):
-        metrics = read_json(os.path.join(directory, "metrics.json"), "metrics")
+    cfg, metrics, history = read_summary(directory)  # checked as data: a malformed file is a CheckpointError
     test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
     diag = metrics.get("diagnostics") if isinstance(metrics.get("diagnostics"), dict) else {}
     bands = {} if diag.get("point_mass") else (diag.get("khat_bands") or {})  # a point mass has no k-hat
@@ -460,7 +455,7 @@ def _run_row(directory: str) -> tuple:
         "active_units": (f"{test['active_units']}/{test['latent_units']}" if "active_units" in test else None),
         "khat_good": bands.get("good"), "khat_fair": bands.get("fair"), "khat_bad": bands.get("bad"),
     }
-    return row, read_history(os.path.join(directory, "history.csv"))
+    return row, history
 
 
 COMPARE_NOTE = (

@@ -25,6 +25,7 @@ import numpy as np
 import pyro
 import torch
 
+from . import budget
 from . import data as data_mod
 from . import guides as guides_mod
 from . import inputs
@@ -421,6 +422,10 @@ def fit(
         _check_data(model, val, "validation data", cfg, binarize)
     if cfg.semi_supervised:
         _check_semi_supervised(model, train_)
+    S = getattr(obj, "particles", None) or 1
+    budget.check_rows(f"particles={S}", S * min(cfg.batch_size or len(train_), len(train_)),
+                      max(train_.x[0].numel(), budget.widest(model, guide)), "use fewer particles or a smaller "
+                      "batch_size", what="a layer's activations for every particle of a batch")
     # semi-supervised: the example call (Auto's tracing, guide set-up) is an unlabelled one, model(x)
     ex_y = None if train_.y is None or cfg.semi_supervised else train_.y[:2]
     example, _ = inputs.call_args(model, train_.x[:2], ex_y, model_kwargs)

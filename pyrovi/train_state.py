@@ -17,7 +17,7 @@ import torch
 from ._version import __version__
 from .checkpoint import load_tensors, save_tensors
 from .errors import CheckpointError, ConfigError, PyroviError, TrainingError
-from .run import CHECKPOINT, HISTORY, METRICS, WEIGHTS, lock_run
+from .run import CHECKPOINT, HISTORY, METRICS, WEIGHTS, append_history, checkpoint_history, lock_run
 
 __all__ = ["adam", "OPTIMIZERS", "optimizer_class", "check_optimizer_kwargs", "make_optimizer", "scheduler", "save_checkpoint", "restore", "best_from_checkpoint", "prepare_out", "new_loop",
            "check_checkpoint", "check_history", "HISTORY_KEYS"]
@@ -67,11 +67,14 @@ def save_checkpoint(path, run, opt, sched, shuffle_gen, loop: dict, best: dict) 
         "constraints": run.param_constraints(),
         "optimizer": ometa,
         "scheduler": sched.state_dict(),
-        "history": run.history,
+        # the rows themselves are appended to history.csv (authoritative up to loop["epoch"] rows):
+        # a checkpoint holding the whole history made a run's I/O grow with the square of its epochs
+        "history_last": run.history[-1] if run.history else None,
         "loop": loop,
         "config": {k: run.config[k] for k in ("model", "guide", "objective", "train")},
     }
     try:
+        append_history(os.path.join(os.path.dirname(path), HISTORY), run.history)  # before the checkpoint counts it
         save_tensors(path, tensors, meta)
     except OSError as e:  # full disk, directory made read-only, ...: atomic_write kept the previous file
         raise TrainingError(f"could not write the checkpoint {path!r} after epoch {loop['epoch']}: "
@@ -262,6 +265,7 @@ def restore(path, run, opt, sched, shuffle_gen, config, dev) -> dict:
     """
     try:
         tensors, meta = load_tensors(path, "cpu")
+        meta = dict(meta, history=checkpoint_history(path, meta))
         loop = check_checkpoint(path, tensors, meta, run, opt, sched, shuffle_gen, config)
         _apply(tensors, meta, run, opt, sched, shuffle_gen, dev)
     except PyroviError:
