@@ -142,14 +142,19 @@ def _hand_step(objective: str, K: int, fused: bool, flow: bool, model, guide):
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True) if fused else \
         torch.optim.Adam(net.parameters(), lr=1e-3)
 
-    def step(x):
-        loss = net.loss(x, objective, K)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+    return step_fn(lambda x: net.loss(x, objective, K), opt), net
 
-    return step, net
+
+def step_fn(loss, opt):
+    """A hand-written training step: ``loss(x)`` (a scalar), backward, ``opt.step()``; returns the loss."""
+    def step(x):
+        value = loss(x)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        return value.item()
+
+    return step
 
 
 def check_same_loss(net, loss_fn, x, objective: str, K: int) -> None:

@@ -1,11 +1,16 @@
-"""mkdocs hook: fill ``docs/cli.md`` with the live ``--help`` of every ``pyrovi`` subcommand.
+"""mkdocs hooks: the CLI reference from the live parser, reST bits of docstrings, and math as MathML.
 
-The command reference is generated from the parser itself at build time, so
-it cannot drift from the code and new subcommands appear without editing the page.
+- ``docs/cli.md`` is filled with the live ``--help`` of every ``pyrovi`` subcommand, generated
+  from the parser itself at build time, so it cannot drift from the code.
+- Math (``$...$``/``$$...$$`` in the pages, ``:math:`` and ``.. math::`` in docstrings) is turned
+  into MathML at build time with latex2mathml (``pip install latex2mathml``, in the ``dev``
+  extra). Browsers render MathML natively, so the site needs no JavaScript and no CDN for its
+  equations: they show offline, e.g. on a cluster without internet.
 """
 
 from __future__ import annotations
 
+import html as html_mod
 import os
 import re
 import sys
@@ -56,9 +61,47 @@ def _xref(match) -> str:
     return f"<code>{name}</code>"
 
 
+# --------------------------------------------------------------------------- math: LaTeX -> MathML at build time
+# pymdownx.arithmatex (generic mode) leaves <span class="arithmatex">\(...\)</span> and
+# <div class="arithmatex">\[...\]</div>, HTML-escaped; each becomes a <math> element.
+
+_ARITHMATEX = re.compile(r'<(span|div) class="arithmatex">\\([(\[])(.*?)\\[)\]]</\1>', re.S)
+
+
+# MathML Core (what Chromium renders) ignores mathvariant other than "normal": letters in a
+# script/double-struck/bold style (what `\mathcal L` without braces leaves) become the Unicode
+# mathematical letters themselves, e.g. script L -> U+2112.
+_VARIANT = re.compile(r'<mi mathvariant="(script|double-struck|bold|bold-italic|fraktur)">([A-Za-z])</mi>')
+
+
+def _letter(match) -> str:
+    import unicodedata
+
+    style, ch = match.group(1).upper().replace("-ITALIC", " ITALIC"), match.group(2)
+    case = "CAPITAL" if ch.isupper() else "SMALL"
+    for name in (f"MATHEMATICAL {style} {case} {ch.upper()}", f"{style} {case} {ch.upper()}"):
+        try:
+            return f"<mi>{unicodedata.lookup(name)}</mi>"
+        except KeyError:  # the Letterlike block holds some (script L is "SCRIPT CAPITAL L")
+            pass
+    return match.group(0)
+
+
+def _mathml(match) -> str:
+    import latex2mathml.converter
+
+    tex = html_mod.unescape(match.group(3)).strip()
+    block = match.group(2) == "["
+    try:
+        return _VARIANT.sub(_letter, latex2mathml.converter.convert(tex, display="block" if block else "inline"))
+    except Exception as e:  # a macro latex2mathml lacks: fail the build, naming the formula
+        raise ValueError(f"cannot render the formula {tex!r} as MathML ({type(e).__name__}: {e})") from None
+
+
 def on_page_content(html: str, page, config, files) -> str:  # noqa: D103 - mkdocs hook signature
     html = _MATH_BLOCK.sub(_display, html)
     html = _MATH_INLINE_BLOCK.sub(lambda m: f'<div class="arithmatex">\\[{m.group(1)}\\]</div>', html)
     html = _MATH_ROLE.sub(lambda m: f'<span class="arithmatex">\\({m.group(1)}\\)</span>', html)
     html = _XREF_ROLE.sub(_xref, html)
+    html = _ARITHMATEX.sub(_mathml, html)
     return html.replace("::</p>", ":</p>")

@@ -45,6 +45,8 @@ __all__ = [
     "uses",
     "sample_quality",
     "checkpoint",
+    "callbacks",
+    "loggers",
     # functions and classes
     "fit",
     "evaluate",

@@ -5,7 +5,8 @@ A run directory holds:
 - ``config.json``: everything that rebuilds model, guide, objective and data;
 - ``weights.safetensors``: the model's and guide's weights and ``pyro.param`` s;
 - ``checkpoint.safetensors``: the same plus optimizer, scheduler, epoch, RNG
-  state and history, so ``fit(..., resume=True)`` continues the same trajectory;
+  state and the history's last row (its rows are appended to ``history.csv``),
+  so ``fit(..., resume=True)`` continues the same trajectory;
 - ``history.csv``, ``metrics.json``, figures and ``report.md``.
 
 Tensors are stored with safetensors and everything else as JSON (in the
@@ -95,6 +96,24 @@ def atomic_write(path: str, data: bytes | str) -> None:
             os.close(dfd)
     except OSError:
         pass
+    after_write()
+
+
+#: files written by this process (counted only under the fault-injection variable below)
+_WRITES = [0]
+KILL_ENV = "PYROVI_KILL_AFTER_WRITE"
+
+
+def after_write() -> None:
+    """Fault injection for the kill tests: with ``PYROVI_KILL_AFTER_WRITE=n`` set, the process
+    SIGKILLs itself right after its ``n``-th completed file write (a real kill: no cleanup runs)."""
+    n = os.environ.get(KILL_ENV)
+    if n:
+        _WRITES[0] += 1
+        if str(_WRITES[0]) == n.strip():
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_json(path: str, obj: Any) -> None:

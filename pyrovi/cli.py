@@ -55,7 +55,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="model name (default: vae; linear_gaussian: probabilistic PCA, W and b learned)")
     g.add_argument("--latent-dim", type=int, default=16, help="latent dimension L (default: 16)")
     g.add_argument("--hidden", type=_ints, default=(256,), help="hidden widths, e.g. 400 or 512,256 (default: 256)")
-    g.add_argument("--likelihood", default="bernoulli", help="bernoulli | gaussian (default: bernoulli)")
+    g.add_argument("--likelihood", default="bernoulli",
+                   help="bernoulli | gaussian | logistic (discretized, 8-bit images) (default: bernoulli)")
+    g.add_argument("--arch", default="mlp",
+                   help="mlp | conv: the VAE's decoder and the guide's encoder trunk (conv: --channels, "
+                        "--downsample; default: mlp)")
     g.add_argument("--sigma", type=float, default=1.0, help="Gaussian observation std delta (default: 1.0)")
     g.add_argument("--learn-sigma", action="store_true", help="learn the Gaussian std per pixel (default: fixed)")
     g.add_argument("--guide", default=None,
@@ -74,15 +78,31 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=20, help="passes over the training split")
     g.add_argument("--batch-size", type=int, default=128, help="datapoints per optimizer step")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--lr", type=float, default=1e-3, help="the optimizer's learning rate")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds the data split, the initial weights and every draw: equal seeds, equal runs")
-    g.add_argument("--patience", type=int, default=None, help="early stopping patience in epochs (default: off)")
+    g.add_argument("--patience", type=int, default=None,
+                   help="early stopping: stop after this many validations without improvement (default: off)")
+    g.add_argument("--val-every", type=int, default=1,
+                   help="validate after every N-th epoch and the last (default: 1, every epoch)")
     g.add_argument("--beta", type=float, default=1.0, help="weight of the KL terms (beta-VAE)")
     g.add_argument("--warmup", type=int, default=0, help="epochs of linear KL warm-up")
     g.add_argument("--clip-norm", type=float, default=None, help="gradient-norm clipping (default: off)")
     g.add_argument("--lr-schedule", default="constant", help="constant | cosine | exponential")
+    g.add_argument("--optimizer", default="adam",
+                   help="adam | adamw | sgd | rmsprop | adagrad | clippedadam (default: adam)")
+    g.add_argument("--optimizer-kwargs", default=None, metavar="JSON",
+                   help='the optimizer\'s keyword arguments as JSON, e.g. \'{"betas": [0.9, 0.99]}\' (default: none)')
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the data held out for validation (default: 0.1); 0: none, early stopping "
+                        "then watches the training loss")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--precision", default=None,
+                   help="32 | tf32 | bf16 | 16-mixed: mixed precision for the nets; loss and log-densities stay "
+                        "float32 (default: 32)")
+    g.add_argument("--compile", nargs="?", const="default", default=None,
+                   help="torch.compile the model's and guide's nets (optionally a mode, e.g. max-autotune; "
+                        "default: off)")
     g = p.add_argument_group("scale-out (PyTorch Lightning; pip install \"pyrovi[distributed]\")")
     g.add_argument("--strategy", default=None, help="ddp | ddp_spawn: data-parallel training (default: one process)")
     g.add_argument("--devices", type=int, default=1, help="processes (GPUs) per node with --strategy (default: 1)")
@@ -93,9 +113,24 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out from its checkpoint (default: start a new run)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing run in --out (default: refuse to)")
+    g.add_argument("--logger", default="csv", choices=["csv", "tensorboard"],
+                   help="csv: history.csv only; tensorboard: also step and epoch scalars in OUT/tensorboard "
+                        "(pip install \"pyrovi[tensorboard]\") (default: csv)")
     g.add_argument("--evaluate-k", type=int, default=0,
                    help="after training, evaluate on the test split with K importance samples (0: skip)")
     _progress_arg(p)
+
+
+def _json_arg(text, flag: str):
+    """A flag's JSON value (None stays None); malformed JSON is a one-line ConfigError."""
+    if text is None:
+        return None
+    from .errors import ConfigError
+
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{flag} must be JSON, e.g. '{{\"momentum\": 0.9}}'; got {text!r:.60} ({e})") from None
 
 
 def _progress_arg(p) -> None:
@@ -117,8 +152,9 @@ def _vq_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("VQ-VAE (--model vqvae; guide: codebook)")
     g.add_argument("--codebook", type=int, default=512, help="number of codes K (default: 512)")
     g.add_argument("--code-dim", type=int, default=16, help="size d of one code vector (default: 16)")
-    g.add_argument("--downsample", type=int, default=1, help="stride-2 stages data -> code grid (default: 1)")
-    g.add_argument("--channels", type=int, default=64, help="conv width (default: 64)")
+    g.add_argument("--downsample", type=int, default=None,
+                   help="stride-2 stages data -> code grid (default: 1; --arch conv: as many as divide H, W, at most 2)")
+    g.add_argument("--channels", type=int, default=None, help="conv width (default: 64; --arch conv: 32)")
     g.add_argument("--commitment", type=float, default=0.25, help="commitment weight beta (default: 0.25)")
     g.add_argument("--ema-decay", type=float, default=None, help="EMA codebook updates, e.g. 0.99 (default: off)")
     g.add_argument("--no-kmeans-init", action="store_true",
@@ -130,7 +166,8 @@ def _vq_train_args(p: argparse.ArgumentParser) -> None:
 def _vq_model_config(args, dataset) -> dict:
     vocab = getattr(dataset, "vocab", None)
     return {"name": "vqvae", "input_dim": dataset.shape[0], "num_codes": args.codebook, "code_dim": args.code_dim,
-            "downsample": args.downsample, "channels": args.channels,
+            "downsample": 1 if args.downsample is None else args.downsample,
+            "channels": 64 if args.channels is None else args.channels,
             "likelihood": "categorical" if vocab else args.likelihood, "sigma": args.sigma,
             "image_shape": dataset.image_shape, "vocab": vocab}
 
@@ -148,6 +185,9 @@ def model_config(args, dataset) -> dict:
     cfg = {"name": args.model, "input_dim": dataset.shape[0], "latent_dim": args.latent_dim,
            "hidden": list(args.hidden), "likelihood": args.likelihood, "sigma": args.sigma,
            "learn_sigma": args.learn_sigma, "image_shape": dataset.image_shape}
+    if args.arch.strip().lower() != "mlp":  # the conv options only where they apply (an MLP's config is unchanged)
+        cfg.update(arch=args.arch.strip().lower(), channels=32 if args.channels is None else args.channels,
+                   downsample=args.downsample)
     if getattr(lookup(models.MODELS, args.model, "model"), "uses_labels", False):  # e.g. conditional_vae
         if not dataset.num_classes:
             raise ConfigError(f"--model {args.model} conditions on labels but --data {args.data} has none")
@@ -182,18 +222,23 @@ def _train(args) -> int:
 
     check_positive("--evaluate-k", args.evaluate_k, integer=True, allow_zero=True)  # before hours of training
     binarize = None if args.binarize == "none" else args.binarize
-    ds = data.load(args.data, seed=args.seed, binarize=binarize)
+    ds = data.load(args.data, seed=args.seed, binarize=binarize, split=(args.val_fraction, 0.1))
     import pyro
 
     pyro.set_rng_seed(args.seed)  # torch, numpy, random: the initial weights of model and guide follow --seed
-    model = models.build(model_config(args, ds))
+    mcfg = model_config(args, ds)
+    _check_network(args, mcfg)
+    model = models.build(mcfg)
     guide = guides.build(model, guide_config(args, model))
     out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     run = fit(model, guide, ds, objective=args.objective, particles=args.particles, alpha=args.alpha,
               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=out,
               resume=args.resume, overwrite=args.overwrite, patience=args.patience, beta=args.beta,
               warmup=args.warmup, clip_norm=args.clip_norm, lr_schedule=args.lr_schedule, device=args.device,
-              progress=_tty_progress(args), strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes)
+              val_fraction=args.val_fraction, optimizer=args.optimizer,
+              optimizer_kwargs=_json_arg(args.optimizer_kwargs, "--optimizer-kwargs"),
+              progress=_progress(args), strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes,
+              val_every=args.val_every, logger=args.logger, precision=args.precision, compile=args.compile or None)
     if run.directory is None and args.strategy:  # a DDP rank other than 0: rank 0 reports and evaluates
         return 0
     print(f"run directory: {out}")
@@ -204,6 +249,19 @@ def _train(args) -> int:
 
         write_report(run.directory)  # drawn from the directory: config.json, metrics.json, figures
     return 0
+
+
+def _check_network(args, mcfg: dict) -> None:
+    """Refuse --hidden/--latent-dim (and VQ sizes) whose weights would not fit the memory budget, before building."""
+    from . import budget, models
+    from .errors import lookup
+
+    cls = lookup(models.MODELS, args.model, "model")
+    nbytes = budget.network_bytes(mcfg, guide_config(args, cls))
+    if nbytes is not None:  # weights, gradients and Adam's two moments
+        flags = f"--hidden {','.join(map(str, args.hidden))} --latent-dim {args.latent_dim}"
+        budget.check(flags, 4 * nbytes, "the weights of model and guide with their gradients and Adam moments",
+                     "use smaller --hidden widths or a smaller --latent-dim")
 
 
 COMMANDS["train"] = (_train_args, _train, "train a model and guide; writes a run directory")
@@ -265,7 +323,10 @@ def _print_vq(run, ds, batch_size: int, save: bool = True) -> None:
 def _run_data(run, name):
     from .inputs import dataset
 
-    return dataset(name, run)  # None: the run's own data
+    ds = dataset(name, run)  # None: the run's own data
+    if ds is not None:
+        run.check_items(ds.train.x, f"--data {name}" if name else "the run's data")
+    return ds
 
 
 def _evaluate(args) -> int:
@@ -445,6 +506,7 @@ def _sample(args) -> int:
 
     check_positive("--n", args.n, integer=True)
     run = load_run(args.run, device=args.device)
+    run.check_rows(f"n={args.n}", args.n, "use a smaller --n")  # before drawing: a typo of a few zeros is an error, not a kill
     is_vq = run.config.get("model", {}).get("name") == "vqvae"
     text = is_vq and run.model.is_text
     exts = (".txt",) if text else _SAMPLE_EXTS
@@ -501,9 +563,12 @@ def _interpolate(args) -> int:
 
     from . import plots, uses
     from .run import load_run
-    from .errors import ConfigError
+    from .errors import ConfigError, check_positive
 
+    check_positive("--steps", args.steps, integer=True)
+    check_positive("--pairs", args.pairs, integer=True)
     run = load_run(args.run, device=args.device)
+    run.check_rows(f"steps={args.steps}", args.pairs * args.steps * 2, "use fewer --steps or --pairs")  # 2 methods
     ds = _run_data(run, args.data)
     split = ds.test if len(ds.test) >= 2 else ds.train
     conditional = getattr(run.model, "uses_labels", False)

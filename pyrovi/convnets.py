@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import ConfigError, check_positive
 
-__all__ = ["ImageEncoder", "ImageDecoder", "TextEncoder", "TextDecoder", "grid_shape"]
+__all__ = ["ImageEncoder", "ImageDecoder", "TextEncoder", "TextDecoder", "grid_shape", "auto_downsample"]
 
 
 def _act() -> nn.Module:
@@ -36,6 +36,14 @@ def grid_shape(size: tuple, downsample: int) -> tuple:
     return tuple(s // f for s in size)
 
 
+def auto_downsample(size: tuple, most: int = 2) -> int:
+    """The largest number of halvings ``<= most`` that divides every side of ``size`` (0 for odd sizes)."""
+    s = most
+    while s and any(d % (2 ** s) for d in size):
+        s -= 1
+    return s
+
+
 def _flat(x: torch.Tensor, keep: int) -> tuple:
     """Merge all but the last ``keep`` dims into one batch dim; return it and the merged shape."""
     lead = x.shape[: x.dim() - keep]
@@ -43,13 +51,17 @@ def _flat(x: torch.Tensor, keep: int) -> tuple:
 
 
 class ImageEncoder(nn.Module):
-    """``(B, H*W)`` grey images -> ``(B, L, d)`` code vectors, ``L = (H/2^s)(W/2^s)``, raster order."""
+    """``(B, C*H*W)`` images -> ``(B, L, d)`` code vectors, ``L = (H/2^s)(W/2^s)``, raster order.
 
-    def __init__(self, image_shape: tuple, code_dim: int, channels: int, downsample: int):
+    ``image_shape`` is ``(H, W)``; ``in_channels`` C (1 grey, 3 RGB), pixels stored channel-first.
+    """
+
+    def __init__(self, image_shape: tuple, code_dim: int, channels: int, downsample: int, in_channels: int = 1):
         super().__init__()
         self.image_shape = tuple(image_shape)
+        self.in_channels = in_channels
         layers: list[nn.Module] = []
-        c_in = 1
+        c_in = in_channels
         for _ in range(downsample):
             layers += [nn.Conv2d(c_in, channels, 4, stride=2, padding=1), _act()]
             c_in = channels
@@ -58,32 +70,35 @@ class ImageEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, lead = _flat(x, 1)
-        h = self.net(x.reshape(-1, 1, *self.image_shape))  # (N, d, h, w)
+        h = self.net(x.reshape(-1, self.in_channels, *self.image_shape))  # (N, d, h, w)
         h = h.flatten(2).transpose(1, 2)  # (N, L, d)
         return h.reshape(*lead, *h.shape[1:])
 
 
 class ImageDecoder(nn.Module):
-    """``(..., L, d)`` code vectors on an ``(h, w)`` grid -> ``(..., H*W)`` per-pixel outputs (logits or means)."""
+    """``(..., L, d)`` code vectors on an ``(h, w)`` grid -> ``(..., C*H*W)`` per-pixel outputs (logits or means).
 
-    def __init__(self, image_shape: tuple, code_dim: int, channels: int, downsample: int):
+    ``out_channels`` C outputs per pixel, channel-first (e.g. 2C for a mean and a log-scale per pixel).
+    """
+
+    def __init__(self, image_shape: tuple, code_dim: int, channels: int, downsample: int, out_channels: int = 1):
         super().__init__()
         self.grid = grid_shape(image_shape, downsample)
         layers: list[nn.Module] = [nn.Conv2d(code_dim, channels, 3, padding=1), _act(),
                                    nn.Conv2d(channels, channels, 3, padding=1), _act()]
         for i in range(downsample):
             last = i == downsample - 1
-            layers.append(nn.ConvTranspose2d(channels, 1 if last else channels, 4, stride=2, padding=1))
+            layers.append(nn.ConvTranspose2d(channels, out_channels if last else channels, 4, stride=2, padding=1))
             if not last:
                 layers.append(_act())
         if downsample == 0:
-            layers.append(nn.Conv2d(channels, 1, 1))
+            layers.append(nn.Conv2d(channels, out_channels, 1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         z, lead = _flat(z, 2)  # (N, L, d)
         h = z.transpose(1, 2).reshape(z.shape[0], z.shape[2], *self.grid)  # (N, d, h, w)
-        out = self.net(h).flatten(1)  # (N, H*W)
+        out = self.net(h).flatten(1)  # (N, C*H*W)
         return out.reshape(*lead, out.shape[-1])
 
 

@@ -12,6 +12,8 @@ Names (``pyrovi.data.load(name)``)::
     idx:IMAGES[,LABELS]   MNIST-format IDX files, plain or .gz
     npz:PATH        a .npz (arrays ``x`` and optional ``y``) or a .npy array
     csv:PATH        numeric CSV, one row per item; a ``label``/``y`` column is taken as labels
+    images:DIR[?size=32&mode=grey&stream=1]   a folder of PNG/JPEG images, class subfolders as labels
+                    (grey or RGB, resized on request, streamed from disk when large: :mod:`pyrovi.images`)
     text            Python's own ``pydoc_data.topics`` (~465 KB of English), as characters
     text:PATH       any UTF-8 text file, as characters
 
@@ -125,14 +127,26 @@ def validate(
 ) -> None:
     """Check data up front; raise :class:`DataError` saying what was found and how to fix it.
 
-    Checks: at least ``min_rows`` rows, rank >= 2 (``(N, D...)``), finite values,
-    values in [0, 1] for a Bernoulli likelihood, labels integer in
-    ``[0, num_classes)`` with one label per row.
+    Checks: at least ``min_rows`` rows, rank >= 1 (``(N,)`` scalar items or ``(N, D...)``), finite values,
+    values in [0, 1] for a Bernoulli or discretized logistic likelihood, labels integer in
+    ``[0, num_classes)`` with one label per row. Streamed rows (:class:`pyrovi.images.LazyRows`,
+    decoded 8-bit images, in [0, 1] by construction) are checked on their first 64 rows.
     """
-    if x.dim() < 2:
+    from .images import LazyRows
+
+    if isinstance(x, LazyRows):
+        if len(x) < min_rows:
+            raise DataError(f"{name} has {len(x)} rows; at least {min_rows} are needed")
+        validate(x[: min(len(x), 64)], name=name, likelihood=likelihood)
+        if y is not None:
+            if y.dim() != 1 or y.shape[0] != len(x):
+                raise DataError(f"labels must have shape ({len(x)},), one per row of {name}; got {tuple(y.shape)}")
+            validate(torch.zeros(len(y), 1), name=name, y=y, num_classes=num_classes)
+        return
+    if x.dim() < 1:  # a 1-D vector is N scalar items, passed to the model as given (shape (N,))
         raise DataError(
-            f"{name} must have shape (N, D...) with one row per item; got shape {tuple(x.shape)}. "
-            "Reshape a single item with x[None] or a flat vector with x.reshape(N, -1)."
+            f"{name} must have one row per item, shape (N,) or (N, D...); got a scalar (shape ()). "
+            "Reshape a single item with x[None]."
         )
     if x.shape[0] < min_rows:
         raise DataError(f"{name} has {x.shape[0]} rows; at least {min_rows} are needed")
@@ -151,12 +165,13 @@ def validate(
                 f"{name} contains {n} NaN/inf values (first in row {row}); "
                 "drop or impute those rows before training"
             )
-    if likelihood == "bernoulli" and x.numel():
+    if likelihood in ("bernoulli", "logistic") and x.numel():
         if lo is None:
             lo, hi = float(x.min()), float(x.max())
         if lo < 0 or hi > 1:
+            what = "a Bernoulli" if likelihood == "bernoulli" else "a discretized logistic"
             raise DataError(
-                f"{name} has values in [{lo:g}, {hi:g}] but a Bernoulli likelihood needs values in [0, 1]; "
+                f"{name} has values in [{lo:g}, {hi:g}] but {what} likelihood needs values in [0, 1]; "
                 "scale the data (e.g. x / 255) or use likelihood='gaussian'"
             )
     if y is not None:
@@ -296,7 +311,7 @@ _IMAGE_DEFAULT_BINARIZE = "static"
 
 def names() -> list:
     """Names and prefixes :func:`load` accepts."""
-    return sorted(_BUILTIN) + ["idx:PATH", "npz:PATH", "csv:PATH", "text", "text:PATH"]
+    return sorted(_BUILTIN) + ["idx:PATH", "npz:PATH", "csv:PATH", "images:DIR", "text", "text:PATH"]
 
 
 def load(
@@ -332,6 +347,8 @@ def load(
             raise ConfigError(f"binarize={binarize!r} does not apply to text data; leave it at its default")
         return load_text(path if sep else None, length=text_length, split=split, seed=seed)
     src = {"name": name}
+    if sep and kind.strip().lower() == "images":
+        return _load_images(path, name, split, seed, None if binarize == "default" else binarize)
     if sep:
         reader = lookup(FILE_READERS, kind, "dataset kind")
         box = list(reader(path))
@@ -346,6 +363,29 @@ def load(
     return from_arrays(
         box.pop(), y, name=name, split=split, seed=seed, binarize=binarize, image_shape=image_shape, source=src
     )
+
+
+def _load_images(spec: str, name: str, split: tuple, seed: int, binarize) -> Dataset:
+    """``images:DIR[?options]`` (:mod:`pyrovi.images`): in memory through :func:`from_arrays`, or streamed."""
+    from .images import read_folder
+
+    r = read_folder(spec, seed=seed, split=split, split_indices=_split_indices)
+    classes = r["classes"]
+    nc = len(classes) if classes else None
+    src = {"name": name, "classes": classes}
+    if r["x"] is not None:
+        return from_arrays(r.pop("x"), r["y"], name=name, split=split, seed=seed, binarize=binarize,
+                           image_shape=r["image_shape"], num_classes=nc, source=src)
+    if _check_binarize(binarize) is not None:
+        raise ConfigError(f"binarize={binarize!r} is not available for streamed images (they are read from disk "
+                          "as grey levels); use likelihood='logistic' or 'gaussian', or load them in memory "
+                          "(?stream=0) to binarize")
+    y = None if r["y"] is None else torch.as_tensor(r["y"])
+    tr, va, te = r["lazy"]
+    part = lambda rows: Split(rows, None if y is None else y[rows.index])  # noqa: E731
+    return Dataset(name=name, train=part(tr), val=part(va), test=part(te), image_shape=r["image_shape"],
+                   num_classes=nc, binarize=None,
+                   source=dict(src, split=list(split), seed=seed, binarize=None))
 
 
 def from_source(source: dict) -> Dataset:

@@ -53,7 +53,7 @@ from . import inputs
 from .run import update_metrics
 from .errors import ConfigError, check_positive
 from .progress import bar
-from .evaluation import Tally, latent_summary, per_datapoint_weights, seeded
+from .evaluation import Tally, latent_summary, per_datapoint_weights, prepare, seeded
 from .traces import data_dim, guess_max_plate_nesting, in_data_plate
 
 __all__ = [
@@ -277,7 +277,7 @@ def _deterministic_draws(site, rank: int, data_plate: str, s: int, b: int) -> Op
 @torch.no_grad()
 def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indices: Optional[Sequence[int]] = None,
              chunk: Optional[int] = None, seed: int = 0, save: bool = True, warn: bool = True,
-             max_deterministic: int = 10_000_000, progress: bool = False):
+             max_deterministic: int = 10_000_000, progress: bool = False, vectorize: Optional[bool] = None):
     """Posterior draws of ``run``'s guide for chosen datapoints, as ``arviz.InferenceData``, with PSIS k-hat.
 
     Args:
@@ -294,6 +294,8 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
         max_deterministic: deterministic sites with more numbers than this are left out.
         progress: show progress over the chunks of particles (:func:`pyrovi.progress.bar`:
             a tqdm bar on a terminal, whole lines in a log).
+        vectorize: as for :func:`pyrovi.evaluate`: draw the particles vectorized, one at a time (False), or
+            probe (None). Global latents are checked, and point-mass ones held, before any particles.
 
     Returns:
         ``arviz.InferenceData`` with groups
@@ -331,6 +333,15 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
     if chunk is None:
         chunk = max(1, min(particles, (1 << 24) // max(1, B_all * D)))
     check_positive("chunk", chunk, integer=True)
+    from . import budget
+
+    latent = (run.config.get("model") or {}).get("latent_dim") if isinstance(run.config, dict) else None
+    L = latent if isinstance(latent, int) and not isinstance(latent, bool) else budget.widest(run.guide)
+    budget.check_rows(f"particles={particles}", particles * B_all, L + 4, "use fewer particles or a smaller n",
+                      what=f"the kept draws ({particles} particles x {B_all} datapoints x ({L} latents + 4 log "
+                           "densities))")
+    budget.check_rows(f"chunk={chunk}", chunk * B_all, max(D, budget.widest(run.model, run.guide)),
+                      "use a smaller chunk", what="a layer's activations for a chunk of particles")
 
     model, guide, dev = run.model, run.guide, run.device
     for m in (model, guide):
@@ -351,13 +362,16 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
         mpn = run.objective.max_plate_nesting
         if mpn is None:
             mpn = guess_max_plate_nesting(model, guide, args, kw)
+        model, guide, _, _, vec = prepare(run, model, guide, args, kw, mpn, vectorize, "diagnose", particles)
+        if not vec:
+            chunk = 1
         rank = mpn + 1
         done = 0
         counter = bar(particles, "diagnose", enabled=progress, unit="draw")
         while done < particles:
             s = min(chunk, particles - done)
             lw = per_datapoint_weights(model, guide, *args, particles=s, max_plate_nesting=mpn, data_plate=plate,
-                                       **kw)
+                                       vectorize=vec, **kw)
             tally.add(lw, rank)
             stats["log_weight"].append(lw.log_w.cpu())  # (s, B)
             stats["log_likelihood"].append(lw.log_lik.cpu())
@@ -437,8 +451,10 @@ def diagnose(run, data: Any = None, *, n: int = 100, particles: int = 2500, indi
                                  coords={"datapoint": dp})
     idata.add_groups(observed_data=xr.Dataset(obs))
     if y_sel is not None:
+        y_np = y_sel.cpu().numpy()  # any shape: class labels (N,), one-hot (N, C), target images (N, H, W)
         idata.add_groups(constant_data=xr.Dataset(
-            {"label": xr.DataArray(y_sel.numpy(), dims=("datapoint",), coords={"datapoint": dp})}))
+            {"label": xr.DataArray(y_np, dims=["datapoint"] + [f"label_dim_{i}" for i in range(y_np.ndim - 1)],
+                                   coords={"datapoint": dp})}))
 
     summary, categories = _summary(khat, ess, r, lat, particles, skipped,
                                    point_mass=bool(getattr(run.guide, "point_mass", False)))
@@ -559,8 +575,11 @@ def posterior_means(run, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, p
             if mpn is None:
                 mpn = guess_max_plate_nesting(model, guide, args, kw)
             tally = Tally(run.data_plate)
-            tally.add(per_datapoint_weights(model, guide, *args, particles=particles, max_plate_nesting=mpn,
-                                            data_plate=run.data_plate, **kw), mpn + 1)
+            vec = getattr(run.objective, "vectorize", True)  # False: a model whose particles fit had to loop
+            for _ in range(1 if vec else particles):
+                tally.add(per_datapoint_weights(model, guide, *args, particles=particles if vec else 1,
+                                                max_plate_nesting=mpn, data_plate=run.data_plate, vectorize=vec,
+                                                **kw), mpn + 1)
             for name, st in tally.result()["latents"].items():
                 out.setdefault(name, []).append(st["mean"].cpu())
     return {k: torch.cat(v) for k, v in out.items()}

@@ -46,20 +46,22 @@ from typing import Any, Optional
 
 import pyro
 import torch
+from pyro import poutine
 import torch.distributions as tdist
 from pyro.distributions import Delta
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.util import site_is_subsample
 
 from . import data as data_mod
-from . import inputs
+from . import enumeration, inputs
+from . import particles as particles_mod
 from .progress import bar
 from .run import update_metrics
-from .errors import ConfigError, DataError, check_positive
-from .traces import data_dim, guess_max_plate_nesting, in_data_plate
+from .errors import ConfigError, check_positive
+from .traces import data_dim, guess_max_plate_nesting, in_data_plate, rng_neutral, trace_pair
 from .weights import LogWeights, log_weights
 
-__all__ = ["evaluate", "iw_log_likelihood", "Tally", "site_matrix", "latent_summary", "per_datapoint_weights", "seeded",
+__all__ = ["evaluate", "iw_log_likelihood", "hold_point_mass_globals", "prepare", "Tally", "site_matrix", "latent_summary", "per_datapoint_weights", "seeded",
            "ACTIVE_THRESHOLD", "KL_METHODS"]
 
 #: Burda et al. (2016): a unit is active when Cov_x E_q[z_d] exceeds this.
@@ -254,6 +256,9 @@ class Tally:
 
     def _add_sq_error(self, lw: LogWeights, rank: int, s: int) -> None:
         total, count = None, 0
+        if enumeration.summed_sites(lw.model_trace):  # the likelihood's mean is per enumerated value, not one
+            self.mse_ok = False
+            return
         for site in lw.model_trace.nodes.values():
             if site["type"] != "sample" or not site["is_observed"] or site["infer"].get("_deterministic"):
                 continue
@@ -327,26 +332,74 @@ def _global_sites(lw: LogWeights, data_plate: str) -> list:
     return names
 
 
+def _global_error(sites: list, data_plate: str, extra: str = "") -> ConfigError:
+    return ConfigError(
+        f"per-datapoint metrics (IWAE log p(x), k-hat) need every sample site inside pyro.plate({data_plate!r}, "
+        f"...); this model has site(s) {sites} outside it (a global latent, or no data plate){extra}. Its weights do "
+        "not factorize over datapoints, so there is no per-datapoint log p(x) to estimate: put per-datapoint "
+        "latents inside the data plate (name it with fit(data_plate=...) if it is not called 'data'), give the "
+        "global latents a point-mass guide (AutoDelta: evaluate then holds them at their values), or use "
+        "the run's validation loss for models with global latents")
+
+
+def hold_point_mass_globals(model, guide, args: tuple, kwargs: dict, data_plate: str = "data") -> tuple:
+    """One trace, before any particles: ``(model, guide, held, exact)``.
+
+    Sites outside the data plate (global latents) make the weights whole-batch: refused with a clear
+    :class:`ConfigError`, unless the guide gives every one of them a point mass (``Delta``, as AutoDelta's MAP
+    estimates). Those are held at the guide's values (conditioned on and hidden from the traces), so the
+    metrics are per datapoint given them, e.g. :math:`\log p(x_n \mid \hat\theta)`; ``held`` names them.
+    ``exact``: the guide draws nothing random besides them (every draw is the same: one particle suffices).
+    """
+    with poutine.block(), torch.no_grad(), rng_neutral():
+        guide_tr, model_tr = trace_pair(model, guide, args, kwargs)
+    def sites(tr):
+        return [(n, st) for n, st in tr.nodes.items() if st["type"] == "sample" and not site_is_subsample(st)
+                and not st["infer"].get("_deterministic")]
+
+    # a guide-only global (an autoguide's joint latent) makes the Delta sites it feeds random: nothing is held then
+    aux = [n for n, st in sites(guide_tr) if n not in model_tr.nodes and not in_data_plate(st, data_plate)]
+    held, bad, exact = {}, [], not aux
+    for name, site in sites(model_tr):
+        if in_data_plate(site, data_plate):
+            continue
+        q = guide_tr.nodes.get(name)
+        if not aux and not site["is_observed"] and q is not None and isinstance(_unwrap(q["fn"]), Delta):
+            held[name] = q["value"].detach()
+        else:
+            bad.append(name)
+    for name, site in sites(guide_tr):
+        if name in held:
+            continue
+        if not in_data_plate(site, data_plate) and name not in bad:
+            bad.append(name)
+        if not isinstance(_unwrap(site["fn"]), Delta):
+            exact = False
+    if bad:
+        extra = f"; the point-mass global(s) {sorted(held)} could be held, the others not" if held else ""
+        raise _global_error(bad, data_plate, extra)
+    if held:
+        names = list(held)
+        model = poutine.block(poutine.condition(model, data=held), hide=names)
+        guide = poutine.block(poutine.condition(guide, data=held), hide=names)
+    return model, guide, sorted(held), exact
+
+
 def per_datapoint_weights(model, guide, *args, particles: int, max_plate_nesting: int, data_plate: str = "data",
-                          **kwargs) -> LogWeights:
+                          vectorize: bool = True, **kwargs) -> LogWeights:
     """:func:`~pyrovi.weights.log_weights`, with a clear error when the weights do not factorize."""
     lw = log_weights(model, guide, *args, particles=particles, max_plate_nesting=max_plate_nesting,
-                     data_plate=data_plate, **kwargs)
+                     data_plate=data_plate, vectorize=vectorize, **kwargs)
     if not lw.per_datapoint:
-        sites = _global_sites(lw, data_plate)
-        raise ConfigError(
-            f"per-datapoint metrics (IWAE log p(x), k-hat) need every sample site inside pyro.plate({data_plate!r}, "
-            f"...); this model has site(s) {sites} outside it (a global latent, or no data plate). Its weights do "
-            "not factorize over datapoints, so there is no per-datapoint log p(x) to estimate: put per-datapoint "
-            "latents inside the data plate (name it with fit(data_plate=...) if it is not called 'data'), or use "
-            "the run's validation loss for models with global latents")
+        raise _global_error(_global_sites(lw, data_plate), data_plate)
     return lw
 
 
 @torch.no_grad()
 def iw_log_likelihood(model, guide, *args, k: int = 5000, chunk: int = 500, max_plate_nesting=None,
-                      data_plate: str = "data", **kwargs) -> dict:
-    """Per-datapoint estimates from ``k`` importance samples drawn ``chunk`` at a time.
+                      data_plate: str = "data", vectorize: bool = True, **kwargs) -> dict:
+    """Per-datapoint estimates from ``k`` importance samples drawn ``chunk`` at a time
+    (one at a time, without a particle plate, when ``vectorize`` is False: see :mod:`pyrovi.particles`).
 
     Returns the dict of :meth:`Tally.result` (``log_likelihood``, ``elbo``,
     ``reconstruction``, ``kl`` of shape ``(B,)`` in nats, ``mse``, ``latents``)
@@ -359,19 +412,38 @@ def iw_log_likelihood(model, guide, *args, k: int = 5000, chunk: int = 500, max_
     rank = max_plate_nesting + 1
     tally = Tally(data_plate)
     log_w = None
+    if not vectorize:
+        chunk = 1
     while tally.k < k:
         s = min(chunk, k - tally.k)
         # Pyro's and torch's argument/support checks run on the first chunk; later chunks repeat the
         # same computation on new draws, so they skip them (about 5% of the time at K = 5000).
         with contextlib.nullcontext() if tally.k == 0 else pyro.validation_enabled(False):
             lw = per_datapoint_weights(model, guide, *args, particles=s, max_plate_nesting=max_plate_nesting,
-                                       data_plate=data_plate, **kwargs)
+                                       data_plate=data_plate, vectorize=vectorize, **kwargs)
         tally.add(lw, rank)
         log_w = lw.log_w
         del lw  # its traces hold data-size tensors (decoder outputs): free them before the next chunk
     out = tally.result()
     out["log_w"] = log_w if k <= chunk else None
     return out
+
+
+def prepare(run, model, guide, args: tuple, kw: dict, mpn: int, vectorize: Optional[bool], where: str,
+            particles: int) -> tuple:
+    """Before any particles: the global-latent check (:func:`hold_point_mass_globals`), then whether the
+    particles can be vectorized (:func:`pyrovi.particles.decide`; a run trained with them looped keeps looping).
+
+    Returns ``(model, guide, held, exact, vectorize)``.
+    """
+    model, guide, held, exact = hold_point_mass_globals(model, guide, args, kw, run.data_plate)
+    if exact and where == "evaluate":
+        particles = 1  # evaluate draws one particle when every draw is the same
+    if vectorize is None and getattr(run.objective, "vectorize", True) is False:
+        particles_mod.announce(where, "found when the run was fit", particles)
+        vectorize = False
+    vec = particles_mod.decide(vectorize, model, guide, args, kw, mpn, run.data_plate, where, particles)
+    return model, guide, held, exact, vec
 
 
 def latent_summary(means: dict, kls: dict, methods: dict, noise: Optional[dict] = None) -> dict:
@@ -421,7 +493,8 @@ def seeded(seed: Optional[int]):
 
 
 def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chunk: Optional[int] = None,
-             save: bool = True, seed: Optional[int] = None, device: Any = None, progress: bool = False) -> dict:
+             save: bool = True, seed: Optional[int] = None, device: Any = None, progress: bool = False,
+             vectorize: Optional[bool] = None) -> dict:
     """Held-out metrics of ``run`` on ``data`` (default: the run's test split).
 
     Args:
@@ -437,6 +510,15 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` to move the run there first
             (:meth:`pyrovi.run.Run.to`); None keeps the run's device.
         progress: count the batches (:func:`pyrovi.progress.bar`: a bar on a terminal, whole lines in a log).
+        vectorize: draw the k particles in vectorized chunks (True), one at a time (False, for models that
+            cannot take a leading particle dim), or None: probe once (:mod:`pyrovi.particles`), warning in one
+            line when they must be looped.
+
+    Global latents: checked on one trace before any particles. A model with sites outside the data plate is
+    refused, unless the guide gives each a point mass (AutoDelta): they are then held at their values and the
+    metrics are given them (``held_globals`` names them; with nothing else random in the guide ``k`` is 1 and
+    ``log_likelihood`` is exact, e.g. a mixture's :math:`\log p(x_n \mid \hat\theta)` with the assignment
+    summed out, see :mod:`pyrovi.enumeration`).
 
     Returns:
         dict, nats per datapoint: ``elbo`` (mean of log w over k draws),
@@ -478,15 +560,16 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     data_mod.validate(split.x, name="evaluation data")
     if device is not None:
         run.to(device)
-    obs = getattr(run.model, "obs_shape", None)
-    if obs is not None and tuple(split.x.shape[1:]) != tuple(obs):
-        raise DataError(f"evaluation data items have shape {tuple(split.x.shape[1:])} but the model "
-                        f"expects {tuple(obs)}; evaluate on data shaped like the training data")
     dev = run.device
     dt = getattr(run, "dtype", torch.float32)
     D = split.x[0].numel()
     if chunk is None:
         chunk = max(1, min(k, (1 << 24) // max(1, min(batch_size, len(split)) * D)))
+    from . import budget
+
+    budget.check_rows(f"chunk={chunk}, batch_size={batch_size}", min(chunk, k) * min(batch_size, len(split)),
+                      max(D, budget.widest(run.model, run.guide)), "use a smaller chunk or batch_size",
+                      what="a layer's activations for a chunk of particles of a batch")
     model, guide = run.model, run.guide
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):
@@ -497,6 +580,7 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     noise: dict = {}
     kls: dict = {}
     methods: dict = {}
+    held, vec, point = [], vectorize, False
     with run.scope(), seeded(seed), bar(-(-len(split) // batch_size), "evaluate", enabled=progress) as counter:
         mpn = run.objective.max_plate_nesting
         for i in range(0, len(split), batch_size):
@@ -505,8 +589,11 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
             args, kw = run.call_args(xb, yb)
             if mpn is None:
                 mpn = guess_max_plate_nesting(model, guide, args, kw)
-            r = iw_log_likelihood(model, guide, *args, k=k, chunk=chunk, max_plate_nesting=mpn,
-                                  data_plate=run.data_plate, **kw)
+            bmodel, bguide, held, exact, vec = prepare(run, model, guide, args, kw, mpn, vec, "evaluate", k)
+            if exact:
+                k, point = 1, True  # the guide draws nothing random: every importance weight is the same
+            r = iw_log_likelihood(bmodel, bguide, *args, k=k, chunk=chunk, max_plate_nesting=mpn,
+                                  data_plate=run.data_plate, vectorize=vec, **kw)
             for key in per_point:
                 per_point[key].append(None if r[key] is None else r[key].cpu())
             for name, st in r["latents"].items():
@@ -526,7 +613,7 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     out["log_likelihood_se_over_data"] = sd / math.sqrt(n)
     out["log_likelihood_se"] = out["log_likelihood_se_over_data"]  # former name, kept for compatibility
     var = cat["log_likelihood_mc_var"]
-    if getattr(run.guide, "point_mass", False):
+    if getattr(run.guide, "point_mass", False) or point:
         out["log_likelihood_mc_se"] = 0.0  # every draw is the same z: the estimate is exact for this guide
     else:
         out["log_likelihood_mc_se"] = None if var is None else float(var.double().sum().sqrt() / n)
@@ -542,6 +629,10 @@ def evaluate(run, data: Any = None, *, k: int = 5000, batch_size: int = 100, chu
     out["latent_units"] = sum(s["dims"] for s in latents.values())
     out["latents"] = latents
     out.update(k=k, n=n)
+    if held:
+        out["held_globals"] = held
+    if vec is False:
+        out["particles_vectorized"] = False
     if save and run.directory:
         run.metrics = update_metrics(run.directory, "test", out)  # under the run's lock, on a fresh copy
     return out

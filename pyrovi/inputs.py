@@ -40,7 +40,7 @@ from . import data as data_mod
 from .errors import ConfigError, DataError
 
 __all__ = ["as_split", "takes_y", "call_args", "check_model_kwargs", "as_targets", "training_data", "dataset",
-           "split"]
+           "split", "labelled_rows"]
 
 
 def as_targets(y) -> torch.Tensor:
@@ -110,15 +110,38 @@ def _numeric_list(data) -> bool:
     return isinstance(data, list) and bool(data) and not isinstance(data[0], (str, dict))
 
 
-def check_targets(split: data_mod.Split, name: str) -> None:
-    """``y`` of a user model: one row per row of x, finite."""
+def check_targets(split: data_mod.Split, name: str, semi_supervised: bool = False) -> None:
+    """``y`` of a user model: one row per row of x, finite (semi-supervised: missing rows marked, see
+    :func:`labelled_rows`)."""
     y = split.y
     if y is None:
+        if semi_supervised:
+            raise DataError(f"{name} has no labels; semi_supervised=True needs (x, y) with the missing labels "
+                            "marked (y = -1 for integer labels, a row of NaN for one-hot/real ones)")
         return
     if y.dim() == 0 or y.shape[0] != split.x.shape[0]:
         raise DataError(f"{name}: labels (targets) y must have one row per row of x ({split.x.shape[0]}); got shape {tuple(y.shape)}")
+    if semi_supervised:
+        y = y[labelled_rows(y, name)]
     if y.is_floating_point() and not bool(torch.isfinite(y).all()):
-        raise DataError(f"{name}: y contains NaN/inf values; drop or impute those rows")
+        hint = "" if semi_supervised else " (or mark missing labels with NaN rows and fit(semi_supervised=True))"
+        raise DataError(f"{name}: y contains NaN/inf values; drop or impute those rows{hint}")
+
+
+def labelled_rows(y: torch.Tensor, name: str = "y") -> torch.Tensor:
+    """Which rows of ``y`` (N, ...) carry a label, for semi-supervised data: a bool tensor (N,).
+
+    A missing label is marked ``y < 0`` for integer labels (e.g. -1) and a row that is
+    all NaN for floating ones (one-hot labels, real targets). A float row only partly
+    NaN is refused: it is neither a label nor a marked missing one.
+    """
+    if not y.is_floating_point():
+        return (y.reshape(len(y), -1) >= 0).all(1)
+    nan = torch.isnan(y.reshape(len(y), -1))
+    missing = nan.all(1)
+    if bool((nan.any(1) & ~missing).any()):
+        raise DataError(f"{name}: some rows are partly NaN; mark a missing label with a row of NaN (all of it)")
+    return ~missing
 
 
 def takes_y(model) -> bool:
@@ -164,25 +187,27 @@ def check_model_kwargs(model_kwargs) -> dict:
 # --------------------------------------------------------------------------- the one data resolver
 
 
-def training_data(data: Any, *, seed: int = 0, val_fraction: float = 0.1) -> tuple:
+def training_data(data: Any, *, seed: int = 0, val_fraction: float = 0.1, semi_supervised: bool = False) -> tuple:
     """``fit``'s data -> ``(train Split, val Split, Dataset or None, JSON description of the source)``.
 
     A dataset name is loaded (seeded split); a :class:`~pyrovi.data.Dataset` brings its own
     train/validation splits (its test split is never touched); anything :func:`as_split`
     takes is split here, ``val_fraction`` of its rows (at least one) held out by a seeded
-    permutation.
+    permutation. ``val_fraction=0`` holds out nothing (an empty validation split; a Dataset's
+    own validation split may then be empty too).
     """
     ds = None if data is None else dataset(data, seed=seed)  # fit has no run whose data None could mean
     if ds is not None:
-        if len(ds.val) == 0:
-            raise DataError(f"dataset {ds.name!r} has an empty validation split; load it with split=(0.1, ...)")
+        if len(ds.val) == 0 and val_fraction > 0:
+            raise DataError(f"dataset {ds.name!r} has an empty validation split; load it with split=(0.1, ...), "
+                            "or pass val_fraction=0 to train without validation")
         return ds.train, ds.val, ds, dict(ds.source)
     whole = as_split(data)
     data_mod.validate(whole.x, name="data", min_rows=2)
-    check_targets(whole, "data")
+    check_targets(whole, "data", semi_supervised)
     n = whole.x.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(n * val_fraction)))
+    n_val = max(1, int(round(n * val_fraction))) if val_fraction > 0 else 0
     tr, va = perm[n_val:], perm[:n_val]
     pick = lambda idx: data_mod.Split(whole.x[idx], None if whole.y is None else whole.y[idx])  # noqa: E731
     return pick(tr), pick(va), None, {"name": "arrays", "rows": n, "val_fraction": val_fraction}
@@ -221,6 +246,7 @@ def dataset(data: Any = None, run=None, *, seed: Optional[int] = None) -> Option
 def split(data: Any = None, run=None, which: str = "test") -> data_mod.Split:
     """The rows an evaluation uses: split ``which`` of :func:`dataset`, or ``data`` itself as one Split."""
     ds = dataset(data, run)
-    if ds is not None:
-        return getattr(ds, which)
-    return as_split(data)
+    out = getattr(ds, which) if ds is not None else as_split(data)
+    if run is not None and hasattr(run, "check_items"):
+        run.check_items(out.x, "evaluation data")  # before the network meets it: one clear error
+    return out

@@ -32,13 +32,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from .callbacks import Dispatch, State
+from . import particles
 from .checkpoint import read_json, write_json
 from .errors import ConfigError, PyroviError, TrainingError
 from .run import CHECKPOINT, CONFIG, METRICS, Run, default_device, discover_params, empty_param_state, release_run
-from .train_state import best_from_checkpoint, new_loop, prepare_out, restore, save_checkpoint, scheduler, adam
+from .train_state import best_from_checkpoint, make_optimizer, new_loop, prepare_out, restore, save_checkpoint, scheduler
+from .precision import autocast, compile_nets, grad_scaler, tf32
 from .traces import ScalePlate, guess_max_plate_nesting, structure
 
-__all__ = ["World", "BatchLoss", "train", "train_step", "batch_step", "mean_loss", "record_epoch", "finish",
+__all__ = ["World", "BatchLoss", "Parts", "train", "train_step", "batch_step", "mean_loss", "record_epoch", "finish",
            "check_structure", "diverged", "optimizer_state_finite", "DivergenceWatch", "DIVERGENCE_MARGIN",
            "DIVERGENCE_FACTOR"]
 
@@ -132,10 +135,13 @@ class BatchLoss:
     """
 
     def __init__(self, objective, model, guide, *, global_sites: bool, data_plate: str = "data",
-                 full: bool = False, pass_y: bool = False, model_kwargs: Optional[dict] = None):
+                 full: bool = False, pass_y: bool = False, model_kwargs: Optional[dict] = None,
+                 precision: Optional[str] = None):
         self.objective, self.model, self.guide = objective, model, guide
         self.global_sites, self.data_plate, self.full = global_sites, data_plate, full
         self.pass_y, self.model_kwargs = pass_y, dict(model_kwargs or {})
+        self.precision = precision  # mixed precision: the loss runs under autocast (pyrovi.precision)
+        self.scaler = None  # a GradScaler for "16-mixed", set by the loop
 
     def __call__(self, x, y=None, n: Optional[int] = None, beta: float = 1.0) -> torch.Tensor:
         """Loss of the batch ``x`` (B rows) drawn from ``n`` rows (default B): a scalar, nats per datapoint."""
@@ -147,8 +153,57 @@ class BatchLoss:
             model, guide = ScalePlate(self.data_plate, n / b)(model), ScalePlate(self.data_plate, n / b)(guide)
         args = (x, y) if (self.pass_y and y is not None) else (x,)
         # beta goes to the objective, which keeps its fast path under KL warm-up
-        loss = self.objective.loss(model, guide, args, self.model_kwargs, beta=beta)
+        if self.precision is None:
+            loss = self.objective.loss(model, guide, args, self.model_kwargs, beta=beta)
+        else:
+            with autocast(self.precision, x.device):
+                loss = self.objective.loss(model, guide, args, self.model_kwargs, beta=beta).float()
         return loss / (n if (scaled or self.full) else b)
+
+
+class Parts:
+    """An objective over a batch that may hold unlabelled rows, plus extra loss terms (nats, summed).
+
+    .. math::
+
+        \\ell = -\\mathcal L(x_l, y_l) - \\mathcal L(x_u) + \\text{extra}(x_l, y_l)
+
+    Semi-supervised (``semi_supervised=True``, Pyro's SS-VAE): the batch's labelled rows
+    (:func:`pyrovi.inputs.labelled_rows`) are one call ``model(x_l, y_l)``, the others one call
+    ``model(x_u)`` (y=None: model and guide infer y); each part that has rows is scored by
+    ``objective``. ``extra_loss(x, y, **model_kwargs)`` (e.g. the M2 classifier's
+    ``-alpha log q(y|x)``, summed over its rows) is added on the labelled rows, or on every row
+    when not semi-supervised. :class:`BatchLoss` divides the sum by the batch size as always.
+
+    It wraps the objective *inside* what the world evaluates (N ranks: one DDP forward and one
+    collective per step however a rank's rows split). Other attributes are the objective's.
+    """
+
+    def __init__(self, objective, *, semi_supervised: bool = False, extra_loss=None):
+        self.objective, self.semi_supervised, self.extra_loss = objective, semi_supervised, extra_loss
+
+    def __getattr__(self, name):  # only for names Parts lacks: max_plate_nesting, path_counts, config, ...
+        if name == "objective":  # not set yet (unpickling, copying)
+            raise AttributeError(name)
+        return getattr(self.objective, name)
+
+    def loss(self, model, guide, args: tuple = (), kwargs: Optional[dict] = None, *, beta: float = 1.0
+             ) -> torch.Tensor:
+        """``-bound`` of every part of the batch ``args = (x[, y])`` plus the extra terms (nats, summed over rows)."""
+        kwargs = dict(kwargs or {})
+        x, y = args[0], (args[1] if len(args) > 1 else None)
+        if self.semi_supervised and y is not None:
+            from .inputs import labelled_rows
+
+            lab = labelled_rows(y)
+            xl, yl = x[lab], y[lab]
+            parts = [a for a in ((xl, yl), (x[~lab],)) if a[0].shape[0]]
+        else:
+            parts, xl, yl = [tuple(args)], x, y
+        loss = sum(self.objective.loss(model, guide, a, kwargs, beta=beta) for a in parts)
+        if self.extra_loss is not None and xl.shape[0]:
+            loss = loss + self.extra_loss(xl, yl, **kwargs)
+        return loss
 
 
 # --------------------------------------------------------------------------- structure
@@ -192,11 +247,20 @@ def train_step(loss_fn, optimizer, x: torch.Tensor, y: Optional[torch.Tensor] = 
     if not math.isfinite(value):
         return value
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler = getattr(loss_fn, "scaler", None)  # "16-mixed": float16 gradients need loss scaling
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
     if clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(params or [p for grp in optimizer.param_groups for p in grp["params"]],
                                        clip_norm)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return value
 
 
@@ -227,6 +291,16 @@ def batch_step(loss_fn, opt, train, idx: torch.Tensor, n: int, cfg, loop: dict, 
             f"loss became {loss} at epoch {loop['epoch'] + 1}, step {loop['step'] + 1}{where}; "
             f"training stopped; {kept(loop, ckpt_path)}. Try a lower lr, clip_norm, or check the data.")
     return loss, beta, xb.shape[0]
+
+
+def streamed_batches(train, order: torch.Tensor, batch_size: int):
+    """For a split streamed from disk (``x`` a :class:`pyrovi.images.LazyRows`): an iterator of the epoch's
+    batches as in-memory Splits on the training device, in ``order``; None for in-memory data."""
+    if torch.is_tensor(train.x) or not hasattr(train.x, "batches"):
+        return None
+    y = train.y
+    return (data_mod.Split(x, None if y is None else y[rows.to(y.device)])
+            for rows, x in train.x.batches(order, batch_size))
 
 
 # --------------------------------------------------------------------------- divergence
@@ -375,15 +449,18 @@ def record_epoch(run, loop: dict, cfg, best: dict, *, train_loss: float, val_los
                  beta: float, secs: float, seen: float, ckpt_path: Optional[str] = None) -> None:
     """End-of-epoch bookkeeping: refuse a non-finite validation loss, append the history row, track the best.
 
-    With early stopping on, ``best`` keeps a copy of the best-validation weights.
+    With early stopping on, ``best`` keeps a copy of the best-validation weights. ``val_loss=None``:
+    an epoch without validation (``val_every``); it neither improves the best nor counts against patience.
     """
-    if not math.isfinite(val_loss):
+    if val_loss is not None and not math.isfinite(val_loss):
         raise TrainingError(f"validation loss is {val_loss} after epoch {loop['epoch'] + 1}; training stopped; "
                             f"{kept(loop, ckpt_path)}")
     loop["epoch"] += 1
     loop["seconds"] += secs
     run.history.append({"epoch": loop["epoch"], "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
                         "beta": beta, "seconds": secs, "items_per_second": seen / secs})
+    if val_loss is None:
+        return
     if val_loss < loop["best"]:
         loop.update(best=val_loss, best_epoch=loop["epoch"], bad_epochs=0)
         if cfg.patience is not None:
@@ -411,18 +488,24 @@ def finish(run, loop: dict, **extra) -> dict:
 
 
 def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
-            binarize, progress, best, steps_per_epoch: int) -> None:
-    """Train until ``cfg.epochs`` (or early stopping), checkpointing after every epoch."""
-    model, guide, obj = run.model, run.guide, run.objective
+            binarize, callbacks, best, steps_per_epoch: int) -> None:
+    """Train until ``cfg.epochs`` (or early stopping), checkpointing after every epoch.
+
+    Validates after every ``cfg.val_every``-th epoch and after the last one; ``callbacks``
+    (progress bar and loggers included) are called on rank 0 (:mod:`pyrovi.callbacks`).
+    """
+    model, guide = run.model, run.guide
     n = len(train)
     full = cfg.batch_size is None
     per_rank = None if full else cfg.batch_size // world.size  # rows per rank per step
     warm_steps = cfg.warmup * steps_per_epoch
     params = [p for g in opt.param_groups for p in g["params"]]
     watch = DivergenceWatch(world, cfg, loop, ckpt_path)
-    bar = tqdm(total=cfg.epochs, initial=loop["epoch"], disable=not (progress and world.is_zero), unit="epoch",
-               dynamic_ncols=True, desc=obj.name + (f" x{world.size}" if world.size > 1 else ""))
+    hooks = Dispatch(callbacks, world, State(run, loop["epoch"], loop["step"], cfg.epochs,
+                                             ckpt_path and os.path.dirname(ckpt_path), world.size))
+    every = cfg.val_every
     try:
+        hooks.begin(loop)
         while loop["epoch"] < cfg.epochs:
             t0 = time.perf_counter()
             world.begin_epoch(cfg.seed, loop["epoch"])
@@ -431,42 +514,55 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
                     m.train()
             order = world.rows(n, loop["epoch"], cfg.seed, shuffle_gen).to(train.x.device)
             total, seen = 0.0, 0
+            stream = streamed_batches(train, order, len(order) if full else per_rank)
             for i in range(steps_per_epoch):
                 idx = order if full else order[i * per_rank:(i + 1) * per_rank]
-                loss, beta, rows = batch_step(loss_fn, opt, train, idx, n, cfg, loop, warm_steps, binarize, params,
+                src = train
+                if stream is not None:  # read from disk one batch ahead by the DataLoader's workers
+                    src, idx = next(stream), slice(None)
+                loss, beta, rows = batch_step(loss_fn, opt, src, idx, n, cfg, loop, warm_steps, binarize, params,
                                               ckpt_path, where=world.where)
                 watch.step(loss, beta)
                 b = n / steps_per_epoch if full else rows  # datapoints one step stands for
                 total += loss * b
                 seen += b
                 loop["step"] += 1
+                hooks.step(loop, {"step": loop["step"], "epoch": loop["epoch"] + 1, "loss": loss, "beta": beta,
+                                  "lr": opt.param_groups[0]["lr"]})
             lr_now = opt.param_groups[0]["lr"]
             sched.step()
             total, seen = world.sum(total, seen)
             watch.end_epoch(opt)  # before this epoch's checkpoint: a diverged epoch is never saved
             watch.first = None
-            val_loss = mean_loss(val_fn, val, None if full else max(per_rank, 256), world)
+            ep = loop["epoch"] + 1
+            if not len(val):  # no validation split (val_fraction=0): early stopping and the best epoch use the
+                val_loss = total / seen  # training loss, known every epoch whatever val_every says
+            elif ep % every == 0 or ep >= cfg.epochs:
+                val_loss = mean_loss(val_fn, val, None if full else max(per_rank, 256), world)
+            else:
+                val_loss = None
             secs = time.perf_counter() - t0
             record_epoch(run, loop, cfg, best, train_loss=total / seen, val_loss=val_loss, lr=lr_now, beta=beta,
                          secs=secs, seen=seen, ckpt_path=ckpt_path)
             if ckpt_path:
                 world.on_rank0("writing the checkpoint",
                                lambda: save_checkpoint(ckpt_path, run, opt, sched, shuffle_gen, loop, best))
-            bar.set_postfix(loss=f"{total / seen:.3f}", val=f"{val_loss:.3f}", it_s=f"{seen / secs:.0f}")
-            bar.update(1)
+                hooks.checkpoint(loop, ckpt_path)
+            hooks.epoch(loop, run.history[-1])
             if cfg.patience is not None and loop["bad_epochs"] >= cfg.patience:
                 if world.is_zero:
-                    bar.write(f"early stopping after epoch {loop['epoch']}: no validation improvement for "
-                              f"{cfg.patience} epochs (best {loop['best']:.4f} at epoch {loop['best_epoch']})")
+                    tqdm.write(f"early stopping after epoch {loop['epoch']}: no validation improvement for "
+                               f"{cfg.patience} {'epochs' if every == 1 else 'validations'} "
+                               f"(best {loop['best']:.4f} at epoch {loop['best_epoch']})")
                 break
     except KeyboardInterrupt:
         if world.is_zero:
-            bar.write(f"interrupted; the checkpoint of epoch {loop['epoch']} is kept"
-                      f"{' in ' + repr(ckpt_path) + ' (continue with resume=True)' if ckpt_path else ''}",
-                      file=sys.stderr)
+            tqdm.write(f"interrupted; the checkpoint of epoch {loop['epoch']} is kept"
+                       f"{' in ' + repr(ckpt_path) + ' (continue with resume=True)' if ckpt_path else ''}",
+                       file=sys.stderr)
         raise
     finally:
-        bar.close()
+        hooks.end(loop)
 
 
 # --------------------------------------------------------------------------- a whole fit
@@ -514,6 +610,24 @@ def train(world: World, spec: dict) -> Run:
         raise
 
 
+def _probes(run, train_, rows: int, semi: bool) -> list:
+    """``[(args, kwargs)]`` of the calls that find plates, sites and parameters on the first ``rows`` rows.
+
+    Semi-supervised: the labelled call ``model(x_l, y_l)`` (first labelled rows) and the
+    unlabelled call ``model(x_u)``, unlabelled first (it has the most latent sites); each only when
+    the data has such rows.
+    """
+    y = train_.y
+    if not semi or y is None:
+        return [run.call_args(train_.x[:rows], None if y is None else y[:rows])]
+    from .inputs import labelled_rows
+
+    lab = labelled_rows(y)
+    calls = [run.call_args(train_.x[m][:rows], y[m][:rows] if has_y else None)
+             for m, has_y in ((~lab, False), (lab, True)) if bool(m.any())]
+    return calls
+
+
 def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[str]) -> Run:
     """:func:`train` after the run directory is prepared (and locked, on rank 0)."""
     model, guide, obj, cfg = spec["model"], spec["guide"], spec["obj"], spec["cfg"]
@@ -537,40 +651,58 @@ def _fit_rank(world: World, spec: dict, out: Optional[str], ckpt_path: Optional[
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
     with run.scope():
         rows = len(train_) if cfg.batch_size is None else min(cfg.batch_size, len(train_))
-        probe, kw = run.call_args(train_.x[:rows], None if train_.y is None else train_.y[:rows])
+        probes = _probes(run, train_, rows, getattr(cfg, "semi_supervised", False))
+        probe, kw = probes[0]
+        extra_fn = spec.get("extra_loss")
         with default_device(dev):  # pyro.param inits and lazy autoguide params land on `dev`
-            obj.max_plate_nesting = guess_max_plate_nesting(model, guide, probe, kw)
+            obj.max_plate_nesting = max(guess_max_plate_nesting(model, guide, a, kw) for a, _ in probes)
             obj.data_plate = cfg.data_plate
             shape = structure(model, guide, probe, kw, cfg.data_plate)
-            params = discover_params(model, guide, lambda: obj(model, guide, *probe, **kw))
+            particles.settle(obj, spec.get("vectorize"), model, guide, probe, kw, config)
+            params = discover_params(model, guide, lambda: [obj(model, guide, *a, **kw) for a, _ in probes] + (
+                [extra_fn(*probes[-1][0][:2], **kw)] if extra_fn is not None and len(probes[-1][0]) > 1 else []))
         if not params:
             raise ConfigError("found no trainable parameters in model or guide")
         check_structure(shape, guide, cfg, len(train_))
         params = world.own(params)
-        opt = adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(params, cfg, spec.get("optimizer_class"))
         sched = scheduler(opt, cfg)
         loop = new_loop()
         resuming = world.broadcast(bool(spec["resume"] and ckpt_path and os.path.isfile(ckpt_path)))
         if resuming:
             loop = restore(ckpt_path, run, opt, sched, shuffle_gen, config, dev)
         start_epoch, earlier = loop["epoch"], _held_out_metrics(out) if resuming else {}
-        step_obj = world.objective(obj, model, guide, params)  # N ranks: DDP broadcasts rank 0's weights here
+        semi = getattr(cfg, "semi_supervised", False)
+        if semi and shape["global_sites"]:
+            raise ConfigError("semi_supervised=True needs every sample site inside the data plate "
+                              f"{cfg.data_plate!r}: the labelled and unlabelled calls of a batch would each count "
+                              "a global latent once. Fit global latents without semi-supervision, or name the "
+                              "per-datapoint plate with data_plate=")
+        # the labelled/unlabelled calls and extra terms go inside what the world evaluates (DDP: one forward)
+        inner = Parts(obj, semi_supervised=semi, extra_loss=extra_fn) if semi or extra_fn is not None else obj
+        step_obj = world.objective(inner, model, guide, params)  # N ranks: DDP broadcasts rank 0's weights here
         if out is not None:
             world.on_rank0("writing config.json", lambda: write_json(os.path.join(out, CONFIG), config))
         best = best_from_checkpoint(ckpt_path, dev) if resuming and cfg.patience is not None else {}
         common = dict(global_sites=shape["global_sites"], data_plate=cfg.data_plate, full=cfg.batch_size is None,
                       pass_y=run.pass_y, model_kwargs=spec["model_kwargs"])
-        loss_fn = BatchLoss(step_obj, model, guide, **common)
-        val_fn = BatchLoss(obj, model, guide, **common)
+        loss_fn = BatchLoss(step_obj, model, guide, precision=getattr(cfg, "precision", None), **common)
+        loss_fn.scaler = grad_scaler(loss_fn.precision, dev)
+        # validation: the bound alone (no extra loss), in full precision
+        val_fn = BatchLoss(Parts(obj, semi_supervised=True) if semi else obj, model, guide, **common)
+        compile_nets(getattr(cfg, "compile", None), model, guide)
         m = len(train_) // world.size  # rows per rank per epoch
         steps = math.ceil(m / ((cfg.batch_size and cfg.batch_size // world.size) or shape["subsample_size"] or m))
         before = dict(getattr(obj, "path_counts", {}))
-        _epochs(world, run, loss_fn, val_fn, train_, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
-                spec["binarize"], spec["progress"], best, steps)
+        with tf32(loss_fn.precision, dev):
+            _epochs(world, run, loss_fn, val_fn, train_, val, cfg, opt, sched, shuffle_gen, loop, ckpt_path,
+                    spec["binarize"], spec.get("callbacks", ()), best, steps)
         calls = {k: v - before.get(k, 0) for k, v in getattr(obj, "path_counts", {}).items()}
         if best and loop["best_epoch"] != loop["epoch"]:
             run.load_state_tensors(best, {})  # early stopping hands back the best-validation weights
     extra = {"steps": loop["step"], "estimator_path": _path_name(calls), "estimator_calls": calls}
+    if len(val) == 0:
+        extra["val_loss_is"] = "train_loss"  # val_fraction=0: no validation split
     if world.size > 1:
         extra["world_size"] = world.size
     run.metrics = finish(run, loop, **extra)

@@ -12,7 +12,10 @@ from torch import nn
 
 from .errors import ConfigError, check_positive
 
-__all__ = ["MLP", "activation", "as_widths"]
+__all__ = ["MLP", "ConvTrunk", "ConvDecoder", "activation", "as_widths", "image_chw", "ARCHS"]
+
+#: encoder/decoder architectures of pyrovi's VAEs (``VAE(..., arch=)``)
+ARCHS = ("mlp", "conv")
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "softplus": nn.Softplus}
 
@@ -65,3 +68,73 @@ class MLP(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_dim)`` -> ``(..., out_features)``; leading dims pass through."""
         return super().forward(x)
+
+
+def image_chw(image_shape) -> tuple:
+    """``(H, W)`` (grey) or ``(C, H, W)`` -> ``(C, H, W)``; a clear error for anything else."""
+    shape = tuple(image_shape) if isinstance(image_shape, (tuple, list)) else None
+    if shape is None or len(shape) not in (2, 3) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ConfigError(f"a convolutional net needs image_shape (H, W) or (C, H, W) of positive ints, "
+                          f"got {image_shape!r}")
+    return shape if len(shape) == 3 else (1, *shape)
+
+
+class ConvTrunk(nn.Module):
+    """Convolutional encoder body: ``(..., C*H*W [+ E])`` -> ``(..., hidden[-1])``.
+
+    The first ``C*H*W`` inputs are a channel-first image, read by
+    :class:`pyrovi.convnets.ImageEncoder` (``downsample`` stride-2 stages of ``channels``
+    feature maps); the code grid is flattened, any ``E`` extra inputs (a conditional
+    model's one-hot label) are appended, and an :class:`MLP` ``-> hidden`` follows.
+    ``out_features`` is the width of ``h``, as for an MLP body.
+    """
+
+    def __init__(self, image_shape, hidden: Sequence[int], *, extra: int = 0, act: str = "relu",
+                 channels: int = 32, downsample: int = 2):
+        from .convnets import ImageEncoder, grid_shape
+
+        super().__init__()
+        c, h, w = image_chw(image_shape)
+        check_positive("channels", channels, integer=True)
+        self.pixels = c * h * w
+        grid = grid_shape((h, w), downsample)
+        self.conv = ImageEncoder((h, w), channels, channels, downsample, in_channels=c)
+        self.mlp = MLP(grid[0] * grid[1] * channels + extra, hidden, None, act=act)
+        self.out_features = self.mlp.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., C*H*W [+ E])`` -> ``(..., H_out)``; leading dims pass through."""
+        g = self.conv(x[..., : self.pixels]).flatten(-2)  # (..., L*channels)
+        if x.shape[-1] > self.pixels:
+            g = torch.cat([g, x[..., self.pixels:].to(g.dtype)], dim=-1)
+        return self.mlp(g)
+
+
+class ConvDecoder(nn.Module):
+    """Convolutional decoder: ``(..., in_dim)`` -> ``(..., k*C*H*W)``, ``k`` outputs per pixel, channel-first.
+
+    An :class:`MLP` ``in_dim -> hidden -> L*channels`` fills a ``(H/2^s, W/2^s)`` grid of
+    ``channels`` feature maps, which :class:`pyrovi.convnets.ImageDecoder` upsamples to
+    ``k*C`` output maps (``k = 2`` gives a mean and a log-scale per pixel: the first
+    ``C*H*W`` outputs are the means).
+    """
+
+    def __init__(self, in_dim: int, image_shape, hidden: Sequence[int], *, per_pixel: int = 1, act: str = "relu",
+                 channels: int = 32, downsample: int = 2):
+        from .convnets import ImageDecoder, grid_shape
+
+        super().__init__()
+        c, h, w = image_chw(image_shape)
+        check_positive("channels", channels, integer=True)
+        self.grid = grid_shape((h, w), downsample)
+        self.channels = channels
+        self.fc = nn.Sequential(MLP(in_dim, hidden, self.grid[0] * self.grid[1] * channels, act=act), activation(act))
+        self.conv = ImageDecoder((h, w), channels, channels, downsample, out_channels=per_pixel * c)
+        self.out_features = per_pixel * c * h * w
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``(..., in_dim)`` -> ``(..., k*C*H*W)``."""
+        g = self.fc(z)  # (..., L*channels), raster order of the grid, channel last
+        g = g.reshape(*g.shape[:-1], self.grid[0] * self.grid[1], self.channels)  # (..., L, channels)
+        return self.conv(g)

@@ -24,6 +24,12 @@ stl        ELBO; gradient without the score term of log q         pyrovi (Roeder
 dreg       IWAE; doubly reparameterized encoder gradient          pyrovi (Tucker et al. 2018)
 ========== ====================================================== ==================
 
+Discrete (non-reparameterized) guide sites: ``elbo`` uses Pyro's score-function estimator,
+``iwae``/``renyi`` VIMCO (:mod:`pyrovi.vimco`); ``meanfield``, ``stl`` and ``dreg`` refuse them. Model sites
+marked for enumeration are summed out (:mod:`pyrovi.enumeration`; ``elbo`` through Pyro's
+``TraceEnum_ELBO``). Pyro's own ELBO objects are accepted too (:class:`PyroELBO`), and models that
+cannot take a particle dim get their particles one at a time (``vectorize``, :mod:`pyrovi.particles`).
+
 ``stl`` and ``dreg`` are gradient estimators, not new bounds: each returns
 the value of ``elbo``/``iwae`` for the same draws (to float rounding) and changes only
 the gradient (stop-gradient surrogates, see :mod:`pyrovi.stop_gradient`).
@@ -47,17 +53,19 @@ import math
 from typing import Optional
 
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+import pyro.infer
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
-from . import fastpath
+from . import enumeration, fastpath
 from .errors import ConfigError, check_positive, lookup
 from .stop_gradient import ScaleLatentGradients, StopGradientScorer, fast_stop_gradient_weights
 from .stratify import strata
 from .traces import ScaleLatents, guess_max_plate_nesting
+from .vimco import check_particles, vimco_bound
 from .weights import LogWeights, log_weights
 
-__all__ = ["Objective", "ELBO", "MeanFieldELBO", "IWAE", "Renyi", "STL", "DReG", "get", "names", "OBJECTIVES",
-           "iw_bound", "FLOW_WARM_START", "flow_warm_start"]
+__all__ = ["Objective", "ELBO", "MeanFieldELBO", "IWAE", "Renyi", "STL", "DReG", "PyroELBO", "get", "names",
+           "OBJECTIVES", "PYRO_ELBOS", "iw_bound", "FLOW_WARM_START", "flow_warm_start"]
 
 
 class Objective:
@@ -85,6 +93,9 @@ class Objective:
         self.data_plate: str = "data"
         #: calls per path, ``{"fast": n, "traced": n}`` (:mod:`pyrovi.fastpath` or Pyro's traces)
         self.path_counts: dict = {"fast": 0, "traced": 0}
+        #: draw the particles in one vectorized plate; ``fit`` turns it off for models that cannot take a leading
+        #: particle dim (:mod:`pyrovi.particles`), and the particles are then drawn one at a time
+        self.vectorize: bool = True
 
     def loss(self, model, guide, args: tuple = (), kwargs: Optional[dict] = None, *, beta: float = 1.0
              ) -> torch.Tensor:
@@ -136,7 +147,7 @@ class Objective:
         c = strata(guide)
         return log_weights(model, guide, *args, particles=self.particles * c, max_plate_nesting=depth,
                            data_plate=self.data_plate, guide_log_prob=guide_log_prob, stratify=c > 1,
-                           **kwargs)
+                           vectorize=self.vectorize, **kwargs)
 
     def _plate_depth(self, model) -> Optional[int]:
         if self.max_plate_nesting is not None:
@@ -161,10 +172,16 @@ class _PyroObjective(Objective):
         super().__init__(particles)
         self._elbo = None
 
-    def pyro_elbo(self, max_plate_nesting: Optional[int] = None):
-        """The underlying Pyro ELBO (vectorized particles)."""
+    def pyro_elbo(self, max_plate_nesting: Optional[int] = None, enumerate: bool = False):
+        """The underlying Pyro ELBO (vectorized particles unless ``vectorize`` is off); ``enumerate``: Pyro's
+        ``TraceEnum_ELBO``, for models and guides with sites marked for enumeration (see :mod:`pyrovi.enumeration`).
+        """
         kw = {} if max_plate_nesting is None else {"max_plate_nesting": max_plate_nesting}
-        return self.pyro_class(num_particles=self.particles, vectorize_particles=True, **kw)
+        if enumerate:  # one particle needs no particle plate (a model indexing a global by an enumerated value
+            # then keeps working, as under Pyro's own TraceEnum_ELBO(), whose default is not to vectorize)
+            return TraceEnum_ELBO(num_particles=self.particles,
+                                  vectorize_particles=self.vectorize and self.particles > 1, **kw)
+        return self.pyro_class(num_particles=self.particles, vectorize_particles=self.vectorize, **kw)
 
     def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
         if fast:
@@ -172,7 +189,17 @@ class _PyroObjective(Objective):
         if strata(guide) > 1:  # a mixture guide: the ELBO, stratified (its KL has no closed form anyway)
             return iw_bound(self._elbo_weights(model, guide, args, kwargs, depth), alpha=1.0)
         if self._elbo is None:
-            self._elbo = self.pyro_elbo(depth)
+            marked = enumeration.has_enumeration(model, guide, args, kwargs)
+            enum = bool(marked["model"] or marked["guide"])
+            if enum and self.pyro_class is not Trace_ELBO:
+                raise ConfigError(f"objective {self.name!r} samples the site(s) {marked['model'] + marked['guide']} "
+                                  "marked for enumeration instead of summing them out; use objective='elbo' (Pyro's "
+                                  "TraceEnum_ELBO), 'iwae' or 'renyi'")
+            if marked["score"] and self.pyro_class is TraceMeanField_ELBO:
+                raise ConfigError(f"objective 'meanfield' needs a reparameterized guide, but the guide draws the "
+                                  f"site(s) {marked['score']} without rsample (discrete); use 'elbo' (score "
+                                  "function), 'iwae' or 'renyi' (VIMCO)")
+            self._elbo = self.pyro_elbo(depth, enumerate=enum)
         return -self._elbo.differentiable_loss(model, guide, *args, **kwargs)
 
     def _fast_bound(self, model, guide, args, beta):  # pragma: no cover - abstract
@@ -270,7 +297,10 @@ class Renyi(Objective):
             lw = fastpath.fast_log_weights(model, guide, *args, particles=self.particles, beta=beta)
         else:
             lw = log_weights(model, guide, *args, particles=self.particles, max_plate_nesting=depth,
-                             data_plate=self.data_plate, **kwargs)
+                             data_plate=self.data_plate, vectorize=self.vectorize, **kwargs)
+            if lw.score_sites:  # discrete guide draws: VIMCO's score term (Mnih & Rezende 2016)
+                check_particles(self.particles, self.name, lw.score_sites)
+                return vimco_bound(lw, self.alpha)
         return iw_bound(lw, self.alpha)
 
 
@@ -439,6 +469,10 @@ class DReG(Objective):
         _resolve_warm_start(self, guide)
 
     def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
+        if not self.vectorize:
+            raise ConfigError("objective 'dreg' reweights the gradient of each latent draw by the particles' "
+                              "normalized weights, which needs vectorized particles; this model runs them one at a "
+                              "time: use 'iwae' (same bound) or 'stl'")
         if _warming(self):  # the plain IWAE gradient (same value)
             if fast:
                 lw = fastpath.fast_log_weights(model, guide, *args, particles=self.particles, beta=beta)
@@ -464,6 +498,84 @@ class DReG(Objective):
         return iw_bound(lw, alpha=0.0)
 
 
+class PyroELBO(Objective):
+    """One of Pyro's ELBO objects (``Trace_ELBO()``, ``TraceEnum_ELBO()``, ``TraceMeanField_ELBO()``, ...) as an
+    objective: ``fit(objective=TraceEnum_ELBO(max_plate_nesting=1))`` trains what ``SVI`` would train.
+
+    The loss is the object's ``differentiable_loss``. Its options (``num_particles``, ``vectorize_particles``,
+    ``max_plate_nesting``, ...) are kept as given; an unset ``max_plate_nesting`` is filled in with the depth
+    ``fit`` finds. Pyro's ``RenyiELBO`` has no ``differentiable_loss``: :func:`get` turns it into
+    :class:`Renyi` with its ``alpha`` and ``num_particles`` (per-datapoint log-sum-exp, see
+    :mod:`pyrovi.weights`). ELBOs without a ``differentiable_loss`` (``TraceGraph_ELBO``) are refused.
+
+    :param elbo: an instance of a class in :data:`PYRO_ELBOS`.
+    """
+
+    name = "pyro"
+    has_fast_path = False
+
+    def __init__(self, elbo):
+        cls = type(elbo).__name__
+        if PYRO_ELBOS.get(cls) is not type(elbo):
+            raise ConfigError(f"objective {cls} (a Pyro ELBO) has no differentiable_loss that fit can minimize with "
+                              f"torch.optim; pass one of {sorted(PYRO_ELBOS)} or RenyiELBO, or an objective name "
+                              f"({', '.join(names())})")
+        super().__init__(int(elbo.num_particles))
+        self.elbo_class = cls
+        #: the JSON-able options the object was built with (what :meth:`config` records)
+        self.options = {k: v for k, v in vars(elbo).items() if k in _PYRO_OPTIONS
+                        and isinstance(v, (bool, int, float)) and math.isfinite(v)}
+        if "max_plate_nesting" in self.options and elbo.vectorize_particles and elbo.num_particles > 1:
+            self.options["max_plate_nesting"] -= 1  # Pyro added its particle plate: record the depth as given
+        self.vectorize = bool(elbo.vectorize_particles) or self.particles == 1
+        self._given = elbo
+        self._elbo = None
+
+    def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
+        if self._elbo is None:
+            if math.isfinite(self._given.max_plate_nesting) or depth is None:
+                self._elbo = self._given
+            else:  # fill in the depth fit found, leaving the user's object as it was
+                self._elbo = PYRO_ELBOS[self.elbo_class](**{**self.options, "max_plate_nesting": depth})
+        return -self._elbo.differentiable_loss(model, guide, *args, **kwargs)
+
+    def config(self) -> dict:
+        """``{"name": "pyro", "class": ..., "options": {...}}``: :func:`get` rebuilds the same Pyro ELBO."""
+        return {"name": self.name, "class": self.elbo_class, "options": dict(self.options)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "PyroELBO":
+        """Rebuild from :meth:`config` (a run's ``config.json``): only the classes in :data:`PYRO_ELBOS`."""
+        name, options = config.get("class"), config.get("options") or {}
+        if name not in PYRO_ELBOS or not isinstance(options, dict) or set(options) - set(_PYRO_OPTIONS):
+            raise ConfigError(f"objective config {config!r} names no known Pyro ELBO; valid classes: "
+                              f"{sorted(PYRO_ELBOS)}, options: {list(_PYRO_OPTIONS)}")
+        try:
+            return cls(PYRO_ELBOS[name](**options))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"objective config {config!r}: {e}") from None
+
+    def __repr__(self) -> str:
+        return f"PyroELBO({self.elbo_class}({', '.join(f'{k}={v!r}' for k, v in self.options.items())}))"
+
+
+#: Pyro's ELBO classes with a ``differentiable_loss``, by name (what :class:`PyroELBO` takes and a config rebuilds)
+PYRO_ELBOS: dict = {c.__name__: c for c in (Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO,
+                                            pyro.infer.TraceTailAdaptive_ELBO)}
+#: the options of those classes that a run's config records
+_PYRO_OPTIONS = ("num_particles", "max_plate_nesting", "vectorize_particles", "strict_enumeration_warning",
+                 "tail_adaptive_beta")
+
+
+def _from_pyro(elbo) -> Objective:
+    """A Pyro ELBO object as an :class:`Objective` (``RenyiELBO`` -> :class:`Renyi`)."""
+    if isinstance(elbo, pyro.infer.RenyiELBO):
+        obj = Renyi(alpha=float(elbo.alpha), particles=int(elbo.num_particles))
+        obj.vectorize = bool(elbo.vectorize_particles) or obj.particles == 1
+        return obj
+    return PyroELBO(elbo)
+
+
 #: name -> objective class
 OBJECTIVES: dict = {"elbo": ELBO, "meanfield": MeanFieldELBO, "iwae": IWAE, "renyi": Renyi, "stl": STL,
                     "dreg": DReG}
@@ -477,17 +589,35 @@ def names() -> list:
 def get(objective="elbo", **options) -> Objective:
     """An :class:`Objective` from a name, a config dict, or an instance (returned as is).
 
-    ``get("iwae", particles=8)``, ``get({"name": "renyi", "alpha": 0.5, "particles": 4})``.
+    ``get("iwae", particles=8)``, ``get({"name": "renyi", "alpha": 0.5, "particles": 4})``,
+    ``get(TraceEnum_ELBO(max_plate_nesting=1))`` (a Pyro ELBO object, see :class:`PyroELBO`).
     Options that are None are dropped (so defaults apply).
     """
     if isinstance(objective, Objective):
         return objective
+    if isinstance(objective, pyro.infer.ELBO):  # anything SVI takes as its loss
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:
+            raise ConfigError(f"objective {type(objective).__name__}(...) is a Pyro ELBO object: set its own options "
+                              f"(num_particles=, alpha=, ...) instead of {given}")
+        return _from_pyro(objective)
+    if isinstance(objective, dict) and objective.get("name") == PyroELBO.name:
+        return PyroELBO.from_config(objective)
     if isinstance(objective, dict):
         options = {**{k: v for k, v in objective.items() if k != "name"}, **options}
         objective = objective.get("name")
+    if not isinstance(objective, str):
+        raise ConfigError(f"objective must be a name ({', '.join(names())}), a pyrovi Objective or a Pyro ELBO "
+                          f"object (Trace_ELBO(), TraceEnum_ELBO(), ...), got {type(objective).__name__} "
+                          f"{objective!r:.60}")
     cls = lookup(OBJECTIVES, objective, "objective")
     options = {k: v for k, v in options.items() if v is not None}
+    vectorize = options.pop("vectorize", True)  # False: a run whose model needed its particles looped
+    if not isinstance(vectorize, bool):
+        raise ConfigError(f"objective option vectorize must be True or False, got {vectorize!r}")
     try:
-        return cls(**options)
+        obj = cls(**options)
     except TypeError as e:
         raise ConfigError(f"objective {objective!r} does not take options {sorted(options)}: {e}") from None
+    obj.vectorize = vectorize
+    return obj

@@ -38,6 +38,9 @@ def _as_images(x, image_shape) -> np.ndarray:
     if image_shape is None:
         side = int(math.isqrt(x.shape[-1]))
         image_shape = (side, side) if side * side == x.shape[-1] else (1, x.shape[-1])
+    if len(image_shape) == 3:  # (C, H, W) channel-first colour -> (N, H, W, C) for imshow
+        x = x.reshape(x.shape[0], *image_shape).transpose(0, 2, 3, 1)
+        return x[..., 0] if image_shape[0] == 1 else x.clip(0.0, 1.0)
     return x.reshape(x.shape[0], *image_shape)
 
 
@@ -75,7 +78,9 @@ def training_curves(histories: dict, *, path: Optional[str] = None):
     for label, hist in histories.items():
         ep = [h["epoch"] for h in hist]
         line, = ax.plot(ep, [h["train_loss"] for h in hist], label=f"{label} train")
-        ax.plot(ep, [h["val_loss"] for h in hist], "--", color=line.get_color(), label=f"{label} validation")
+        val = [(h["epoch"], h["val_loss"]) for h in hist if h.get("val_loss") is not None]  # val_every > 1: some
+        ax.plot([e for e, _ in val], [v for _, v in val], "--", marker="o" if len(val) < len(hist) else None,
+                color=line.get_color(), label=f"{label} validation")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss = -bound (nats / datapoint)")
@@ -95,13 +100,14 @@ def _mosaic(imgs: np.ndarray, ncols: int, gap_x: int, gap_y: int) -> tuple:
     Returns the array and the cell centres ``(xs (ncols,), ys (rows,))`` in its pixel coordinates.
     One ``imshow`` of a mosaic draws in milliseconds; one axes per image costs ~10 ms each.
     """
-    n, H, W = imgs.shape
+    n, H, W = imgs.shape[:3]
     nrows = math.ceil(n / ncols)
-    out = np.full((nrows * (H + gap_y) + gap_y, ncols * (W + gap_x) + gap_x), np.nan)
+    colour = imgs.shape[3:]  # (3,) for RGB: gaps light grey (NaN has no colour), empty cells white
+    out = np.full((nrows * (H + gap_y) + gap_y, ncols * (W + gap_x) + gap_x, *colour), 0.83 if colour else np.nan)
     for i in range(nrows * ncols):
         r, c = divmod(i, ncols)
         y0, x0 = gap_y + r * (H + gap_y), gap_x + c * (W + gap_x)
-        out[y0:y0 + H, x0:x0 + W] = imgs[i] if i < n else 0.0  # empty cells stay blank (white)
+        out[y0:y0 + H, x0:x0 + W] = imgs[i] if i < n else (1.0 if colour else 0.0)  # empty cells stay blank
     xs = gap_x + np.arange(ncols) * (W + gap_x) + (W - 1) / 2
     ys = gap_y + np.arange(nrows) * (H + gap_y) + (H - 1) / 2
     return out, xs, ys
@@ -123,7 +129,7 @@ def image_panels(panels: dict, image_shape=None, *, ncols: int = 8, row_labels: 
         raise ValueError("image_panels needs at least one panel")
     item_titles = item_titles or {}
     grids = [_as_images(panels[k], image_shape) for k in names]
-    H, W = grids[0].shape[1:]
+    H, W = grids[0].shape[1:3]
     nrows = max(math.ceil(g.shape[0] / ncols) for g in grids)
     gap_x = max(1, round(0.08 * W))
     gap_y = gap_x + (max(2, round(0.3 * H)) if any(item_titles.get(k) for k in names) else 0)
@@ -323,7 +329,7 @@ def interpolations(images, image_shape=None, *, alphas: Optional[Sequence[float]
         col = _as_images(col.reshape(r, -1), image_shape)
         for i in range(r):
             ax = axes[i, j]
-            ax.imshow(col[i], cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.imshow(col[i], cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")  # RGB: cmap unused
             ax.set_xticks([])
             ax.set_yticks([])
             if ends is not None and j in (0, len(cols) - 1):

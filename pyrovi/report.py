@@ -23,7 +23,7 @@ import torch
 
 from . import plots
 from .checkpoint import atomic_write, read_json
-from .errors import CheckpointError, ConfigError, PyroviError
+from .errors import ConfigError, PyroviError
 
 __all__ = ["write", "write_training_report", "write_report", "write_html", "write_diagnostic_figures", "compare_runs",
            "FIGURES"]
@@ -380,10 +380,22 @@ def write_report(run, extra_sections: Optional[list] = None) -> str:
         for f in figs:
             lines += [f"### {f[:-4].replace('_', ' ')}", "", f"![{f[:-4]}]({f})", "",
                       f"*{CAPTIONS.get(f, f)}*", ""]
+    lines[2:2] = [_contents(lines), ""]
     text = "\n".join(lines)
     atomic_write(os.path.join(d, "report.md"), text)
     write_html(text, os.path.join(d, "report.html"), base_dir=d)
     return text
+
+
+def _anchor(heading: str) -> str:
+    """The id a heading gets, in Python-Markdown's ``toc`` (report.html) and on GitHub (report.md) alike."""
+    return re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", heading).strip().lower())
+
+
+def _contents(lines: list) -> str:
+    """One line of links to the report's sections (``## `` headings)."""
+    heads = [h[3:].strip() for h in lines if h.startswith("## ")]
+    return "Contents: " + " · ".join(f"[{h}](#{_anchor(h)})" for h in heads)
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
@@ -405,7 +417,7 @@ def write_html(markdown_text: str, path: str, *, base_dir: str, title: str = "py
         return f"![{alt}](data:image/png;base64,{data})"
 
     body = markdown.markdown(re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", embed, markdown_text),
-                             extensions=["tables"])
+                             extensions=["tables", "toc"])  # toc: ids on headings, for the contents links
     html = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>"
             f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")
     atomic_write(path, html)
@@ -425,14 +437,9 @@ _COMPARE_COLS = [
 
 
 def _run_row(directory: str) -> tuple:
-    from .run import read_history
+    from .run import read_summary
 
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"run directory not found: {directory!r}")
-    cfg = read_json(os.path.join(directory, "config.json"), "run config")
-    metrics = {}
-    if os.path.isfile(os.path.join(directory, "metrics.json")):
-        metrics = read_json(os.path.join(directory, "metrics.json"), "metrics")
+    cfg, metrics, history = read_summary(directory)  # checked as data: a malformed file is a CheckpointError
     test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
     diag = metrics.get("diagnostics") if isinstance(metrics.get("diagnostics"), dict) else {}
     bands = {} if diag.get("point_mass") else (diag.get("khat_bands") or {})  # a point mass has no k-hat
@@ -448,7 +455,7 @@ def _run_row(directory: str) -> tuple:
         "active_units": (f"{test['active_units']}/{test['latent_units']}" if "active_units" in test else None),
         "khat_good": bands.get("good"), "khat_fair": bands.get("fair"), "khat_bad": bands.get("bad"),
     }
-    return row, read_history(os.path.join(directory, "history.csv"))
+    return row, history
 
 
 COMPARE_NOTE = (

@@ -40,7 +40,7 @@ from .errors import CheckpointError, ConfigError, PyroviError
 from .guides.base import parameter_probe
 from .traces import trace_pair
 
-__all__ = ["Run", "load_run", "resolve_device", "default_device", "empty_param_state", "discover_params"]
+__all__ = ["Run", "RunSetWarning", "load_run", "resolve_device", "default_device", "empty_param_state", "discover_params"]
 
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
@@ -161,7 +161,40 @@ class Run:
         The one calling rule of fit, evaluate and diagnose: ``y`` is passed when the
         model takes it, ``model_kwargs`` always (see :mod:`pyrovi.inputs`).
         """
+        if y is not None and (self.config or {}).get("train", {}).get("semi_supervised") and \
+                not bool(inputs.labelled_rows(y).all()):
+            y = None  # a semi-supervised run's rows with missing labels: model(x), the model infers y
         return inputs.call_args(self.model, x, y, self.model_kwargs, self.pass_y)
+
+    def check_items(self, x: torch.Tensor, what: str = "data") -> None:
+        """Refuse data ``x`` ``(N, *item)`` whose items are not shaped like the training data's.
+
+        The expected shape is the model's ``obs_shape`` (pyrovi's models) or the shape
+        ``config.json`` recorded at training; without either, nothing is checked.
+        A wrong shape would otherwise fail deep in the network with a matrix-size error.
+        """
+        want = getattr(self.model, "obs_shape", None)
+        if want is None:
+            want = (self.config.get("data") or {}).get("shape") if isinstance(self.config, dict) else None
+        if want is not None and torch.is_tensor(x) and tuple(x.shape[1:]) != tuple(want):
+            from .errors import DataError
+
+            raise DataError(f"{what} items have shape {tuple(x.shape[1:])} but the run was trained on items of "
+                            f"shape {tuple(want)}; use data shaped like the training data (or the run's own)")
+
+    def check_rows(self, option: str, rows: int, fix: str = "") -> None:
+        """Refuse (:class:`ConfigError`) ``rows`` datapoints through the networks at once when they exceed
+        the memory budget (:mod:`pyrovi.budget`): ``rows`` x the widest layer or datapoint, in this run's dtype.
+
+        ``option`` names the size as the user gave it (``"n=64"``), ``fix`` says how to lower it.
+        """
+        from . import budget
+
+        shape = (self.config.get("data") or {}).get("shape") if isinstance(self.config, dict) else None
+        D = math.prod(shape) if _is_dims(shape) else 1
+        budget.check_rows(option, rows, max(D, budget.widest(self.model, self.guide)),
+                          fix or f"use a smaller {option.split('=')[0]}", itemsize=self.dtype.itemsize,
+                          what=f"{rows} datapoints through the networks at once")
 
     def __repr__(self) -> str:
         last = self.history[-1] if self.history else {}
@@ -281,11 +314,12 @@ class Run:
             # weights last: they mark a complete set (without them load_run falls back to the
             # checkpoint and says so), and they name the config and history they belong to
             write_json(os.path.join(directory, CONFIG), self.config)
-            write_history(os.path.join(directory, HISTORY), self.history)
+            history_sha = write_history(os.path.join(directory, HISTORY), self.history)
             write_json(os.path.join(directory, METRICS), self.metrics)
             save_tensors(os.path.join(directory, WEIGHTS), self.state_tensors(),
                          {"constraints": self.param_constraints(), "pyrovi_version": __version__,
-                          "config_sha256": config_digest(self.config), "epochs": len(self.history)})
+                          "config_sha256": config_digest(self.config), "epochs": len(self.history),
+                          "history_sha256": history_sha})
         finally:
             release_run(directory)
         self.directory = directory
@@ -296,6 +330,10 @@ class Run:
         """``n`` prior samples decoded to data space, ``(n, D)`` (pyrovi's models)."""
         if not hasattr(self.model, "sample"):
             raise ConfigError(f"{type(self.model).__name__} has no sample(n) method")
+        from .errors import check_positive
+
+        check_positive("n", n, integer=True)
+        self.check_rows(f"n={n}", n)
         with self.scope():
             return self.model.sample(n)
 
@@ -411,8 +449,8 @@ def update_metrics(directory: str, key: str, value: Any) -> dict:
             release_run(directory)
 
 
-def write_history(path: str, history: list) -> None:
-    """Atomically write the per-epoch history as CSV."""
+def write_history(path: str, history: list) -> str:
+    """Atomically write the per-epoch history as CSV; the SHA-256 of the bytes written."""
     from .checkpoint import atomic_write
 
     buf = io.StringIO()
@@ -423,7 +461,52 @@ def write_history(path: str, history: list) -> None:
     w.writeheader()
     for row in history:
         w.writerow(row)
-    atomic_write(path, buf.getvalue())
+    data = buf.getvalue().encode("utf-8")
+    atomic_write(path, data)
+    _APPENDED[os.path.realpath(path)] = (len(history), keys, len(data))
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+#: history.csv files this process wrote: realpath -> (rows, columns, size in bytes) after its last write
+_APPENDED: dict = {}
+
+
+def append_history(path: str, history: list) -> None:
+    """Bring ``history.csv`` up to ``history`` by appending its last row (linear I/O over a run).
+
+    Called after every epoch, before the checkpoint that counts the row is written: a process
+    killed in between leaves a row (or part of one) past the checkpoint's count, which readers
+    ignore and a resume rewrites. The row is appended only when this process wrote the file's
+    previous rows and the file is still as it left it (same size); otherwise (the first epoch
+    of a process, a resume, a file changed by someone else) the whole file is rewritten atomically.
+    """
+    key = os.path.realpath(path)
+    known = _APPENDED.pop(key, None)
+    last = history[-1] if history else None
+    try:
+        same = known is not None and known[0] == len(history) - 1 and list(last) == known[1] and \
+            os.stat(path).st_size == known[2]
+    except OSError:
+        same = False
+    if not same:
+        return write_history(path, history)
+    buf = io.StringIO()
+    csv.DictWriter(buf, fieldnames=known[1]).writerow(last)
+    data = buf.getvalue().encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        view = memoryview(data)
+        while view:  # one write of ~150 bytes in practice; a kill leaves at most a partial last line
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _APPENDED[key] = (len(history), known[1], known[2] + len(data))
+    from .checkpoint import after_write
+
+    after_write()
 
 
 def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", model_kwargs=None) -> Run:
@@ -447,7 +530,71 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
         device: where to put the weights (``"cpu"`` default, ``"auto"``, ``"cuda"``);
             a run trained on a GPU loads on a CPU-only machine.
         model_kwargs: the extra keyword arguments the run was trained with.
+
+    A run being saved while it is read (its writer holds the lock) can show files of two
+    saves; such a mixed set is read again (for up to ~5 s) until it is whole, and otherwise
+    loaded with a :class:`RunSetWarning`.
     """
+    return _whole_set(directory, lambda: _load_once(directory, model, guide, device, model_kwargs))
+
+
+def _whole_set(directory, read):
+    """``read()`` of a run directory, again while it meets a mixed set and a writer is saving.
+
+    Warnings of the last read are passed on (as the caller's); so is its CheckpointError.
+    """
+    import time
+
+    for attempt in range(_SET_RETRIES):
+        caught, error = [], None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                result = read()
+            except CheckpointError as e:  # e.g. new weights beside the old config, mid-save
+                error = e
+        mixed = error is not None or any(issubclass(w.category, RunSetWarning) for w in caught)
+        if not mixed or attempt == _SET_RETRIES - 1 or not writer_active(directory):
+            break
+        time.sleep(0.2)
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=3)
+    if error is not None:
+        raise error
+    return result
+
+
+#: reads of a run directory that a writer is saving, before load_run gives up waiting for a whole set
+_SET_RETRIES = 25
+
+
+class RunSetWarning(UserWarning):
+    """The files of a run directory are not one save's: config, history and weights disagree."""
+
+
+def writer_active(directory) -> bool:
+    """Whether a live process (on this host) holds the writer's lock of ``directory``, by its lock note."""
+    import socket
+
+    try:
+        h = read_json(os.path.join(directory, LOCK_HOLDER), "lock note", limit=4096)
+        pid = int(h["pid"])
+        if str(h.get("host")) != socket.gethostname():
+            return True  # another machine: cannot check, assume it is alive
+        if os.path.realpath(directory) in _HELD and pid == os.getpid():
+            return False  # this process: it is not saving while it reads
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False  # the note of a killed writer
+    except PermissionError:
+        return True  # alive, another user's
+    except (PyroviError, KeyError, TypeError, ValueError, OverflowError, OSError):
+        return False
+
+
+def _load_once(directory, model, guide, device, model_kwargs) -> Run:
+    """One read of a run directory (see :func:`load_run`)."""
     from . import guides as guides_mod
     from . import models as models_mod
     from . import objectives as objectives_mod
@@ -494,16 +641,20 @@ def load_run(directory: str, *, model=None, guide=None, device: Any = "cpu", mod
         loop = meta.get("loop") if isinstance(meta.get("loop"), dict) else {}
         warnings.warn(f"{directory} has no {WEIGHTS} (training did not finish); loaded the last checkpoint, "
                       f"epoch {loop.get('epoch')}; continue it with fit(..., out=..., resume=True)", stacklevel=2)
+    history, history_sha = ([], None) if from_checkpoint else _read_history(os.path.join(directory, HISTORY))
     if not from_checkpoint:
-        _check_set(directory, config, meta, read_history(os.path.join(directory, HISTORY)))
+        _check_set(directory, config, meta, history, history_sha)
     metrics = {}
     if os.path.isfile(os.path.join(directory, METRICS)):
         metrics = read_json(os.path.join(directory, METRICS), "metrics")
     from .inputs import check_model_kwargs
 
-    history = read_history(os.path.join(directory, HISTORY))
-    if from_checkpoint and isinstance(meta.get("history"), list):
-        history = [h for h in meta["history"] if isinstance(h, dict)]
+    if from_checkpoint:  # history.csv may hold a row past the checkpoint (killed between the two writes)
+        try:
+            history = [h for h in checkpoint_history(weights, meta) if isinstance(h, dict)]
+        except CheckpointError as e:
+            warnings.warn(f"{e}; loaded without a history", stacklevel=2)
+            history = []
     run = Run(model, guide, objective, config, history=history,
               directory=directory, device=dev, metrics=metrics if isinstance(metrics, dict) else {},
               model_kwargs=check_model_kwargs(model_kwargs))
@@ -537,7 +688,7 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256((json.dumps(config, indent=2, sort_keys=True, allow_nan=True) + "\n").encode()).hexdigest()
 
 
-def _check_set(directory: str, config: dict, meta: dict, history: list) -> None:
+def _check_set(directory: str, config: dict, meta: dict, history: list, history_sha=None) -> None:
     """Warn when config.json or history.csv are not the ones the weights were saved with.
 
     A run directory is written file by file; a process killed while resuming or overwriting
@@ -547,10 +698,13 @@ def _check_set(directory: str, config: dict, meta: dict, history: list) -> None:
     if isinstance(digest, str) and digest != config_digest(config):
         warnings.warn(f"{directory}: config.json is not the one {WEIGHTS} was saved with (an interrupted "
                       "resume or overwrite?); the model is built from config.json, so check it, or train again",
-                      stacklevel=3)
+                      RunSetWarning, stacklevel=3)
     if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs != len(history):
         warnings.warn(f"{directory}: history.csv has {len(history)} epochs, {WEIGHTS} was saved after {epochs} "
-                      "(an interrupted save or resume?)", stacklevel=3)
+                      "(an interrupted save or resume?)", RunSetWarning, stacklevel=3)
+    elif isinstance(meta.get("history_sha256"), str) and meta["history_sha256"] != history_sha:
+        warnings.warn(f"{directory}: history.csv is not the one {WEIGHTS} was saved with (same number of epochs, "
+                      "other rows: an interrupted save, or an edited file)", RunSetWarning, stacklevel=3)
 
 
 def _probe_batch(config: dict, dev, model=None, dtype=torch.float32) -> tuple:
@@ -695,22 +849,163 @@ def _check_numbers(config: dict, nbytes: int, path: str) -> None:
             walk(config[key], key)
 
 
+#: columns of history.csv, numbers in every row (the epoch an integer); val_loss may be empty (an
+#: epoch without validation, ``val_every``)
+HISTORY_NUMBERS = ("epoch", "train_loss", "val_loss")
+_ALWAYS_NUMBERS = ("epoch", "train_loss")
+
+
 def read_history(path: str) -> list:
-    """Read ``history.csv`` back into a list of dicts of floats (missing file: empty list)."""
+    """Read ``history.csv`` back into a list of dicts of floats (missing file: empty list).
+
+    Every row must have a whole ``epoch`` and a numeric ``train_loss`` and a ``val_loss``
+    column (else :class:`CheckpointError`); an empty cell of another column (e.g. ``val_loss``
+    of an epoch without validation) reads as None. A last
+    line without its line end is a row a killed trainer was appending (past its checkpoint's
+    count, see :func:`append_history`) and is left out.
+    """
+    return _read_history(path)[0]
+
+
+def _read_history(path: str) -> tuple:
+    """:func:`read_history` and the SHA-256 of the bytes it read (None: no file)."""
     if not os.path.lexists(path):
-        return []
+        return [], None
     raw = read_run_file(path, MAX_HISTORY_BYTES, "history")
+    import hashlib
+
+    digest = hashlib.sha256(raw).hexdigest()
+    if b"\n" in raw and not raw.endswith(b"\n"):
+        raw = raw[:raw.rfind(b"\n") + 1]
     try:
-        rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"), newline="")))
+        reader = csv.DictReader(io.StringIO(raw.decode("utf-8"), newline=""))
+        rows = list(reader)
+        header = reader.fieldnames
     except (UnicodeDecodeError, csv.Error) as e:  # e.g. a field over csv's size limit, or binary junk
-        raise CheckpointError(f"{path} is not a readable history CSV ({e}); it may be corrupt") from None
+        raise CheckpointError(f"{path} is not a readable history CSV ({str(e)[:100]}); it may be corrupt") from None
+    if header is not None and header != ["epoch"] and not set(HISTORY_NUMBERS) <= set(header):
+        raise CheckpointError(f"{path} has the columns {header[:8]!r:.200}, not those of a pyrovi history "
+                              f"({', '.join(HISTORY_NUMBERS)}, ...); it is corrupt or another file")
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
         row = {}
         for k, v in r.items():
             try:
-                row[k] = int(v) if k == "epoch" else float(v)
+                row[k] = int(v) if k == "epoch" else None if v == "" and k not in _ALWAYS_NUMBERS else float(v)
             except (TypeError, ValueError):
+                if k in _ALWAYS_NUMBERS or v != "" and k in HISTORY_NUMBERS or not isinstance(k, str):
+                    # (a key None: a row longer than the header)
+                    raise CheckpointError(f"{path} row {i + 1} has {k}={v!r:.40}; pyrovi writes a number there, "
+                                          "so the file is corrupt or not a pyrovi history") from None
                 row[k] = v
+        lacks = [k for k in HISTORY_NUMBERS if k not in row]
+        if lacks:
+            raise CheckpointError(f"{path} has no column {lacks[0]!r}; it is not a pyrovi history (columns "
+                                  f"{list(row)[:8]!r:.200})")
         out.append(row)
-    return out
+    return out, digest
+
+
+def checkpoint_history(path, meta: dict) -> list:
+    """The history rows the checkpoint at ``path`` (metadata ``meta``) was written after.
+
+    The rows live in the run's ``history.csv``, appended epoch by epoch before each checkpoint;
+    the checkpoint records how many (``loop["epoch"]``) and the last one, so the file is
+    authoritative up to that count (rows past it are from an epoch whose checkpoint was never
+    written). A checkpoint written before this change carries its rows itself (``"history"``).
+    Raises :class:`CheckpointError` when the file has fewer rows or another last row.
+    """
+    if "history" in meta:
+        return meta["history"]  # checked row by row by pyrovi.train_state.check_history
+    loop = meta.get("loop")
+    n = loop.get("epoch") if isinstance(loop, dict) else None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise CheckpointError(f"checkpoint {path!r}: its loop counters are {loop!r:.100}; edited, crafted or from "
+                              "another run: start again with overwrite=True")
+    if n == 0:
+        return []
+    rows = read_history(os.path.join(os.path.dirname(path), HISTORY))
+    if len(rows) < n or rows[n - 1] != meta.get("history_last"):
+        why = f"has {len(rows)} rows" if len(rows) < n else f"row {n} is not the one it recorded"
+        raise CheckpointError(f"checkpoint {path!r} was written after epoch {n} but {HISTORY} {why} (edited, or "
+                              "copied from another run); start again with overwrite=True")
+    return rows[:n]
+
+
+def read_summary(directory: str) -> tuple:
+    """``(config, metrics, history)`` of a run directory, checked as data, for tables (``pyrovi compare``).
+
+    Nothing is built or loaded: ``config.json`` has pyrovi's structure, ``metrics.json`` is a JSON
+    object whose numbers are numbers, ``history.csv`` is as :func:`read_history` reads it.
+    Anything else raises :class:`CheckpointError` naming the file and the entry.
+    """
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"run directory not found: {directory!r:.300}")
+    return _whole_set(directory, lambda: _read_summary_once(directory))
+
+
+def _read_summary_once(directory: str) -> tuple:
+    path = os.path.join(directory, CONFIG)
+    config = read_json(path, "run config")
+    _check_config(config, path)
+    obj = config["objective"]
+    for k in ("particles", "alpha"):
+        if obj.get(k) is not None and not _is_number(obj[k]):
+            raise CheckpointError(f"{path}: objective.{k} must be a number, got {obj[k]!r:.60}")
+    path = os.path.join(directory, METRICS)
+    metrics = read_json(path, "metrics") if os.path.lexists(path) else {}
+    check_metrics(metrics, path)
+    history, history_sha = _read_history(os.path.join(directory, HISTORY))
+    if os.path.lexists(os.path.join(directory, WEIGHTS)):  # a finished run: the files its weights name
+        _check_set(directory, config, weights_meta(os.path.join(directory, WEIGHTS)), history, history_sha)
+    return config, metrics, history
+
+
+def weights_meta(path: str) -> dict:
+    """pyrovi's metadata in the header of a safetensors file, read without its tensors (``{}`` if none)."""
+    import json
+
+    from .checkpoint import check_inside
+    from .readers import open_regular
+
+    check_inside(path)
+    f, size = open_regular(path, "weights", CheckpointError)
+    with f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= min(size - 8, 16 << 20):
+            raise CheckpointError(f"{path} is not a valid safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            meta = json.loads(header.get("__metadata__", {}).get("pyrovi", "{}"))
+        except (ValueError, RecursionError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"{path} has a corrupt header ({type(e).__name__})") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: entries of metrics.json that pyrovi writes as numbers (or null): top level, and in its sections
+_METRIC_NUMBERS = ("epochs", "best_epoch", "train_loss", "val_loss", "train_seconds", "steps")
+
+
+def check_metrics(metrics, path: str) -> None:
+    """Refuse a ``metrics.json`` that is no JSON object, or has a non-number where pyrovi writes a number."""
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(metrics).__name__}")
+    for k in _METRIC_NUMBERS:
+        if metrics.get(k) is not None and not _is_number(metrics[k]):
+            raise CheckpointError(f"{path}: {k} must be a number, got {metrics[k]!r:.60}")
+    for sec in ("test", "diagnostics", "vq", "prior"):
+        if metrics.get(sec) is not None and not isinstance(metrics[sec], dict):
+            raise CheckpointError(f"{path}: {sec!r} must be a JSON object, got {type(metrics[sec]).__name__}")
+    test = metrics.get("test") or {}
+    for k in ("elbo", "log_likelihood", "k", "bits_per_dim", "active_units", "latent_units"):
+        if test.get(k) is not None and not _is_number(test[k]):
+            raise CheckpointError(f"{path}: test.{k} must be a number, got {test[k]!r:.60}")
+    bands = (metrics.get("diagnostics") or {}).get("khat_bands")
+    if bands is not None and not (isinstance(bands, dict) and all(
+            _is_number(bands.get(k)) for k in ("good", "fair", "bad"))):
+        raise CheckpointError(f"{path}: diagnostics.khat_bands must hold the numbers good, fair and bad, got "
+                              f"{bands!r:.80}")

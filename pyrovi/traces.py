@@ -27,7 +27,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 __all__ = ["PARTICLE_PLATE", "data_frame", "data_dim", "in_data_plate", "trace_pair", "structure",
-           "guess_max_plate_nesting", "ScaleLatents", "ScalePlate"]
+           "guess_max_plate_nesting", "rng_neutral", "ScaleLatents", "ScalePlate"]
 
 PARTICLE_PLATE = "num_particles_vectorized"  # Pyro's own name, so Pyro code treats it as particles
 
@@ -97,13 +97,21 @@ def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
     return depth
 
 
+def rng_neutral():
+    """Around a look at model and guide (a probe, a check): leave the caller's random stream as it was, so the
+    draws after the look are those without it."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def structure(model, guide, args, kwargs, data_plate: str = "data") -> dict:
     """One trace of guide and model (no gradients): where the sites lie relative to the data plate.
 
     Returns ``{"data_plate": bool, "global_sites": bool, "local_latents": [names],
     "subsample_size": int or None}``: whether any site lies in the plate named
     ``data_plate``; whether any site (of model or guide) lies outside it; the model's
-    latent sites inside it, in trace order; the plate's size when it subsamples itself
+    latent sites inside it, in trace order (leaving out sites marked for enumeration that the guide does not
+    draw: they are summed out); the plate's size when it subsamples itself
     (``pyro.plate(name, N, subsample_size=B)``).
     """
     with poutine.block(), torch.no_grad():
@@ -119,6 +127,8 @@ def structure(model, guide, args, kwargs, data_plate: str = "data") -> dict:
             if frame.full_size is not None and frame.size < frame.full_size:
                 info["subsample_size"] = int(frame.size)
             if tr is model_tr and not site["is_observed"] and name not in info["local_latents"]:
+                if name not in guide_tr.nodes and site["infer"].get("enumerate") in ("parallel", "sequential"):
+                    continue  # summed out (pyrovi.enumeration): the guide keeps no parameters for it
                 info["local_latents"].append(name)
     return info
 

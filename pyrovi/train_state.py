@@ -8,6 +8,7 @@ trajectory (weights, optimizer moments, scheduler, loop counters, RNG states).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -16,9 +17,9 @@ import torch
 from ._version import __version__
 from .checkpoint import load_tensors, save_tensors
 from .errors import CheckpointError, ConfigError, PyroviError, TrainingError
-from .run import CHECKPOINT, HISTORY, METRICS, WEIGHTS, lock_run
+from .run import CHECKPOINT, HISTORY, METRICS, WEIGHTS, append_history, checkpoint_history, lock_run
 
-__all__ = ["adam", "scheduler", "save_checkpoint", "restore", "best_from_checkpoint", "prepare_out", "new_loop",
+__all__ = ["adam", "OPTIMIZERS", "optimizer_class", "check_optimizer_kwargs", "make_optimizer", "scheduler", "save_checkpoint", "restore", "best_from_checkpoint", "prepare_out", "new_loop",
            "check_checkpoint", "check_history", "HISTORY_KEYS"]
 
 
@@ -66,11 +67,14 @@ def save_checkpoint(path, run, opt, sched, shuffle_gen, loop: dict, best: dict) 
         "constraints": run.param_constraints(),
         "optimizer": ometa,
         "scheduler": sched.state_dict(),
-        "history": run.history,
+        # the rows themselves are appended to history.csv (authoritative up to loop["epoch"] rows):
+        # a checkpoint holding the whole history made a run's I/O grow with the square of its epochs
+        "history_last": run.history[-1] if run.history else None,
         "loop": loop,
         "config": {k: run.config[k] for k in ("model", "guide", "objective", "train")},
     }
     try:
+        append_history(os.path.join(os.path.dirname(path), HISTORY), run.history)  # before the checkpoint counts it
         save_tensors(path, tensors, meta)
     except OSError as e:  # full disk, directory made read-only, ...: atomic_write kept the previous file
         raise TrainingError(f"could not write the checkpoint {path!r} after epoch {loop['epoch']}: "
@@ -82,8 +86,12 @@ def _same(a: dict, b: dict, keys) -> list:
     return [k for k in keys if a.get(k) != b.get(k)]
 
 
+#: training options added after runs were first saved, with their defaults (:class:`pyrovi.train.TrainConfig`'s):
+#: a run whose config lacks one trained with that default, so resuming it with the default is no change
+LATER_OPTION_DEFAULTS = {"optimizer": "adam", "optimizer_kwargs": None, "semi_supervised": False, "extra_loss": None}
+
 #: training options a resume may change: how long to go on, and when to stop early
-RESUME_MAY_CHANGE = ("epochs", "patience")
+RESUME_MAY_CHANGE = ("epochs", "patience", "val_every")
 
 
 def _changed_options(saved, now) -> list:
@@ -95,6 +103,7 @@ def _changed_options(saved, now) -> list:
     """
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return []
+    saved = {**LATER_OPTION_DEFAULTS, **saved}  # an option newer than the run: the run trained with its default
     return [f"{k}={now.get(k)!r} (the run has {saved.get(k)!r})" for k in sorted(set(saved) | set(now))
             if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
 
@@ -144,7 +153,7 @@ def prepare_out(out: str, resume: bool, overwrite: bool) -> None:
             pass
 
 
-def adam(params, *, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+def adam(params, *, lr: float, weight_decay: float = 0.0, **kwargs) -> torch.optim.Adam:
     """The optimizer ``fit`` (and the distributed loop) use: torch's Adam, with its fused kernel.
 
     Same update rule as ``torch.optim.Adam``'s default implementation (up to float
@@ -153,10 +162,87 @@ def adam(params, *, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
     Falls back to the default where no fused kernel exists for the parameters' device.
     """
     params = list(params)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # betas from JSON
+    if kwargs.get("fused", True) is not True or kwargs.get("foreach"):  # the user chose the implementation
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **kwargs)
+    kwargs.pop("fused", None)
     try:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def _optimizers() -> dict:
+    from pyro.optim.clipped_adam import ClippedAdam  # a torch.optim.Optimizer (pyro.optim.ClippedAdam wraps it)
+
+    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+            "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad, "clippedadam": ClippedAdam}
+
+
+#: optimizer names ``fit(optimizer=...)`` takes (case-insensitive), each a ``torch.optim.Optimizer`` class
+OPTIMIZERS = tuple(_optimizers())
+
+
+def optimizer_class(optimizer) -> tuple:
+    """``fit``'s ``optimizer=`` (a name of :data:`OPTIMIZERS` or a ``torch.optim.Optimizer`` subclass) ->
+    ``(name config.json records, class)``; a class of the table records its name, any other its dotted path."""
+    table = _optimizers()
+    if isinstance(optimizer, str):
+        key = optimizer.lower().replace("_", "")
+        if key not in table:
+            raise ConfigError(f"unknown optimizer {optimizer!r}; valid optimizers: {', '.join(sorted(table))} "
+                              "(or a torch.optim.Optimizer subclass)")
+        return key, table[key]
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        for name, cls in table.items():
+            if cls is optimizer:
+                return name, cls
+        return f"{optimizer.__module__}.{optimizer.__qualname__}", optimizer
+    raise ConfigError(f"optimizer must be a name ({', '.join(sorted(table))}) or a torch.optim.Optimizer subclass, "
+                      f"got {optimizer!r:.60}; pass its keyword arguments as optimizer_kwargs=")
+
+
+def check_optimizer_kwargs(cls, kwargs, *, lr: float, weight_decay: float) -> dict:
+    """Validate ``optimizer_kwargs`` for ``cls`` by building it on one dummy tensor: a JSON-able dict, no
+    ``lr`` (fit's own option), ``weight_decay`` in one place only, arguments ``cls`` accepts. A plain dict."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ConfigError(f"optimizer_kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
+    if "params" in kwargs or "lr" in kwargs:
+        raise ConfigError("optimizer_kwargs must not hold 'params' or 'lr'; pass fit's own lr= instead")
+    if weight_decay and "weight_decay" in kwargs:
+        raise ConfigError(f"weight_decay is given twice: weight_decay={weight_decay} and optimizer_kwargs="
+                          f"{{'weight_decay': {kwargs['weight_decay']!r}}}; pass one of them")
+    try:
+        json.dumps(kwargs)
+    except (TypeError, ValueError):
+        raise ConfigError(f"optimizer_kwargs must hold numbers, strings, booleans or lists of them (they are "
+                          f"recorded in config.json); got {kwargs!r:.80}") from None
+    try:
+        _build(cls, [torch.zeros(1, requires_grad=True)], lr=lr, weight_decay=weight_decay, kwargs=kwargs)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"{cls.__name__} does not take optimizer_kwargs={kwargs!r:.80}: {e}") from None
+    return dict(kwargs)
+
+
+def _build(cls, params, *, lr: float, weight_decay: float, kwargs: dict):
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # JSON lists back to betas tuples
+    if weight_decay:
+        kw["weight_decay"] = weight_decay
+    return cls(params, lr=lr, **kw)
+
+
+def make_optimizer(params, cfg, cls=None) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` names (``cls``: the class itself, for one outside :data:`OPTIMIZERS`)
+    with ``cfg.lr``, ``cfg.weight_decay`` and ``cfg.optimizer_kwargs``; Adam (the default) is :func:`adam`."""
+    name = getattr(cfg, "optimizer", "adam")
+    kwargs = dict(getattr(cfg, "optimizer_kwargs", None) or {})
+    if name == "adam":
+        return adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    if cls is None:
+        cls = optimizer_class(name)[1]
+    return _build(cls, list(params), lr=cfg.lr, weight_decay=cfg.weight_decay, kwargs=kwargs)
 
 
 def scheduler(opt, cfg):
@@ -179,6 +265,7 @@ def restore(path, run, opt, sched, shuffle_gen, config, dev) -> dict:
     """
     try:
         tensors, meta = load_tensors(path, "cpu")
+        meta = dict(meta, history=checkpoint_history(path, meta))
         loop = check_checkpoint(path, tensors, meta, run, opt, sched, shuffle_gen, config)
         _apply(tensors, meta, run, opt, sched, shuffle_gen, dev)
     except PyroviError:
@@ -242,8 +329,8 @@ def check_checkpoint(path, tensors: dict, meta: dict, run, opt, sched, shuffle_g
     changed = _changed_options(saved_cfg.get("train"), config.get("train"))
     if changed:
         raise ConfigError(f"resume continues the run in {os.path.dirname(path)!r} with its own settings, but "
-                          f"{', '.join(changed)}; pass the run's values (only epochs and patience may change on "
-                          "resume), or overwrite=True to start a new run with the new ones")
+                          f"{', '.join(changed)}; pass the run's values (only epochs, patience and val_every may "
+                          "change on resume), or overwrite=True to start a new run with the new ones")
     odd = sorted(k for k in tensors if k.split("/")[0] not in _TENSOR_PREFIXES)
     if odd:
         raise _bad(path, f"it holds tensors pyrovi never writes in a checkpoint: {odd[:3]}")
@@ -296,7 +383,7 @@ def _check_optimizer(path, tensors: dict, ometa, opt) -> None:
             raise _bad(path, f"optimizer group {i} is not a JSON object")
         unknown = sorted(str(k) for k in g if k not in ref)
         if unknown:
-            raise _bad(path, f"optimizer group {i} has keys torch's Adam does not: {unknown[:4]}")
+            raise _bad(path, f"optimizer group {i} has keys {_opt_name(opt)} does not: {unknown[:4]}")
         if g.get("params") != ref["params"]:
             raise _bad(path, f"optimizer group {i} holds other parameters than this model/guide's")
         for k, v in g.items():
@@ -311,12 +398,18 @@ def _check_optimizer(path, tensors: dict, ometa, opt) -> None:
             elif k == "betas":
                 ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v)
                 want = "two numbers in [0, 1)"
+            elif _is_num(ref[k]):  # momentum, alpha, clip_norm, lrd, ... of other optimizers
+                ok = _is_num(v) and math.isfinite(v) and v >= 0
+                want = "a finite number >= 0"
             else:  # flags: amsgrad, maximize, foreach, fused, ...; the live group's type
                 ok = type(v) is type(ref[k]) or (v is None or ref[k] is None) and isinstance(v, (bool, type(None)))
                 want = f"like {ref[k]!r}"
             if not ok:
                 raise _bad(path, f"optimizer group {i} has {k}={v!r:.60}; expected {want}")
     params = [p for grp in opt.param_groups for p in grp["params"]]
+    if type(opt) is not torch.optim.Adam:
+        _check_other_state(path, tensors, ometa, opt, params)
+        return
     scalars = ometa.get("scalars", {})
     if not isinstance(scalars, dict) or scalars:
         raise _bad(path, "its optimizer state has non-tensor entries; torch's Adam keeps only tensors")
@@ -347,6 +440,68 @@ def _check_optimizer(path, tensors: dict, ometa, opt) -> None:
     for idx, names in seen.items():
         if names != need:
             raise _bad(path, f"optimizer state of parameter {idx} has {sorted(names)}, expected {sorted(need)}")
+
+
+def _opt_name(opt) -> str:
+    return "torch's Adam" if type(opt) is torch.optim.Adam else type(opt).__name__
+
+
+#: per-parameter state that is never negative (second moments, accumulated squares)
+_NONNEGATIVE = {"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"}
+
+
+def _check_other_state(path, tensors: dict, ometa: dict, opt, params: list) -> None:
+    """Per-parameter state of an optimizer other than Adam, against what that optimizer keeps.
+
+    What it keeps is read off a twin: the same class and group settings over zero copies
+    of the parameters, stepped once on zero gradients (SGD without momentum keeps nothing,
+    ClippedAdam an int ``step``, RMSprop ``square_avg``, ...). Every saved entry must be one
+    the twin has, of its kind: a tensor of the parameter's shape (finite; squares >= 0) or a
+    scalar (a finite number >= 0), and every parameter with state must have all of them.
+    """
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    twin_params = [[torch.zeros_like(p, requires_grad=True) for p in g["params"]] for g in opt.param_groups]
+    twin = type(opt)([dict(g, params=ps) for g, ps in zip(groups, twin_params)])
+    for ps in twin_params:
+        for p in ps:
+            p.grad = torch.zeros_like(p)
+    twin.step()
+    ref = twin.state_dict()["state"]
+    saved: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            parts = k.split("/")
+            if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= len(params):
+                raise _bad(path, f"optimizer tensor {k!r} names no parameter of this model/guide")
+            saved.setdefault(int(parts[1]), {})[parts[2]] = v
+    scalars = ometa.get("scalars", {})
+    if not isinstance(scalars, dict):
+        raise _bad(path, "its optimizer scalars are not a JSON object")
+    for k, v in scalars.items():
+        parts = str(k).split("/")
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) >= len(params):
+            raise _bad(path, f"optimizer entry {k!r} names no parameter of this model/guide")
+        saved.setdefault(int(parts[0]), {})[parts[1]] = v
+    name = _opt_name(opt)
+    for idx, st in saved.items():
+        want = ref.get(idx, {})
+        if set(st) != set(want):
+            raise _bad(path, f"optimizer state of parameter {idx} has {sorted(st)}, {name} keeps {sorted(want)}")
+        for k, v in st.items():
+            r, p = want[k], params[idx]
+            if torch.is_tensor(r):
+                if not torch.is_tensor(v) or v.shape != r.shape or v.is_floating_point() != r.is_floating_point():
+                    got = f"{v.dtype} {tuple(v.shape)}" if torch.is_tensor(v) else repr(v)[:40]
+                    raise _bad(path, f"optimizer entry {idx}/{k} is {got}; {name} keeps {r.dtype} {tuple(r.shape)} "
+                                     f"(its parameter is {tuple(p.shape)})")
+                if not _finite(v) or ((k in _NONNEGATIVE or r.dim() == 0) and bool((v < 0).any())):
+                    raise _bad(path, f"optimizer entry {idx}/{k} holds NaN, inf or negative values")
+            elif _is_num(r):
+                if not (_is_num(v) and math.isfinite(v) and v >= 0 and type(v) is type(r)):
+                    raise _bad(path, f"optimizer entry {idx}/{k} is {v!r:.40}; expected a finite "
+                                     f"{type(r).__name__} >= 0")
+            elif v is not None or r is not None:
+                raise _bad(path, f"optimizer entry {idx}/{k} is {v!r:.40}; pyrovi cannot check it")
 
 
 def _check_plain(path, saved, ref, what: str, where: str = "") -> None:
@@ -409,7 +564,8 @@ def check_history(path, history, epochs: int) -> None:
             raise _bad(path, f"history row {i + 1} says epoch {h['epoch']!r:.20}")
         for k, v in h.items():
             if not isinstance(k, str) or not (_is_num(v) or v is None) or (
-                    k in ("train_loss", "val_loss") and not math.isfinite(v)) or (_is_num(v) and math.isnan(v)):
+                    k in ("train_loss", "val_loss") and not (v is None and k == "val_loss")  # None: not validated
+                    and not (_is_num(v) and math.isfinite(v))) or (_is_num(v) and math.isnan(v)):
                 raise _bad(path, f"history row {i + 1} has {k!r:.40}={v!r:.40}")
 
 

@@ -27,9 +27,11 @@ from contextlib import nullcontext
 from typing import Callable, NamedTuple, Optional
 
 import torch
+from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import site_is_subsample
 
+from . import enumeration
 from .errors import ConfigError
 from .stratify import log_stratum, stratified
 from .traces import PARTICLE_PLATE, data_dim as _data_dim, guess_max_plate_nesting, trace_pair
@@ -55,6 +57,10 @@ class LogWeights(NamedTuple):
     guide_trace: object
     #: log of the stratification weights rho_s of stratified mixture draws, ``(S, B|1)``; None: all rho = 1
     log_rho: Optional[torch.Tensor] = None
+    #: log q of the guide's non-reparameterized sites (discrete draws), unscaled, ``(S, B|1)``; None: there are none
+    log_q_score: Optional[torch.Tensor] = None
+    #: names of those sites, in trace order
+    score_sites: tuple = ()
 
 
 def _site_log_prob(site, detach_params: Optional[Callable] = None) -> torch.Tensor:
@@ -85,6 +91,7 @@ def log_weights(
     data_plate: str = "data",
     guide_log_prob: Optional[Callable] = None,
     stratify: bool = False,
+    vectorize: bool = True,
     **kwargs,
 ) -> LogWeights:
     """Draw ``particles`` vectorized samples z ~ q(z|x), replay the model, return log weights.
@@ -102,21 +109,58 @@ def log_weights(
         stratify: draw mixture sites stratified over the particles
             (:func:`pyrovi.guides.mixture.stratified`); their weights are returned as ``log_rho``.
 
+        vectorize: False draws the particles one at a time, each without a particle plate (for models that
+            cannot take a leading particle dim, see :mod:`pyrovi.particles`); ``model_trace``/``guide_trace``
+            are then the last particle's.
+
+    Sites of the model marked for enumeration (``config_enumerate``, ``infer={"enumerate": "parallel"}``)
+    that the guide does not draw are summed out exactly (:mod:`pyrovi.enumeration`).
     Gradients flow through z (reparameterized guides) into both log p and log q.
     """
     if not isinstance(particles, int) or isinstance(particles, bool) or particles < 1:
         raise ConfigError(f"particles must be a positive integer, got {particles!r}")
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+    if not vectorize:
+        if stratify:
+            raise ConfigError("stratified mixture draws need vectorized particles; this model runs its particles "
+                              "one at a time: use objective='iwae' or a guide without mixture sites")
+        draws = [_log_weights(model, guide, args, kwargs, 1, max_plate_nesting, data_plate, guide_log_prob, False,
+                              False) for _ in range(particles)]
+        return _concat(draws)
+    return _log_weights(model, guide, args, kwargs, particles, max_plate_nesting, data_plate, guide_log_prob,
+                        stratify, True)
+
+
+def _concat(draws: list) -> LogWeights:
+    """One :class:`LogWeights` of S single-particle draws (their traces: the last draw's)."""
+    last = draws[-1]
+
+    def cat(i):
+        parts = [d[i] for d in draws]
+        return None if parts[0] is None else torch.cat(parts, 0)
+
+    return LogWeights(cat(0), cat(1), cat(2), cat(3), last.scale, last.per_datapoint, last.model_trace,
+                      last.guide_trace, cat(8), cat(9), last.score_sites)
+
+
+def _log_weights(model, guide, args, kwargs, particles, max_plate_nesting, data_plate, guide_log_prob, stratify,
+                 vectorize) -> LogWeights:
     rank = max_plate_nesting + 1
+    # the model's sites marked for enumeration (and not drawn by the guide) are summed out, on dims left of all
+    model = poutine.enum(model, first_available_dim=-(rank + 1))
     with stratified(rank) if stratify else nullcontext():
-        guide_tr, model_tr = trace_pair(model, guide, args, kwargs, particles=particles,
+        guide_tr, model_tr = trace_pair(model, guide, args, kwargs, particles=particles if vectorize else None,
                                         max_plate_nesting=max_plate_nesting)
+    enumerated = enumeration.summed_sites(model_tr)
+    if enumerated:
+        enumeration.check_plates(model_tr, enumerated, data_plate)
     if is_validation_enabled():
         _check_sites(model_tr, guide_tr)
 
     sites = []  # (log_prob, scale, data_dim, sign); sign 2 marks observed model sites
     strata = []  # (log rho, data_dim) of stratified guide draws
+    score = []  # (log q, data_dim, name) of guide sites drawn without rsample: they need a score-function term
     for tr, sign, scorer in ((model_tr, 1.0, None), (guide_tr, -1.0, guide_log_prob)):
         for site in tr.nodes.values():
             if site["type"] != "sample" or site_is_subsample(site):
@@ -124,7 +168,12 @@ def log_weights(
             data_dim = _data_dim(site, data_plate)
             use_scorer = scorer if not site["is_observed"] else None
             kind = 2.0 if (sign > 0 and site["is_observed"]) else sign
-            sites.append((_site_log_prob(site, use_scorer), site["scale"], data_dim, kind))
+            lp = _site_log_prob(site, use_scorer)
+            if sign > 0 and enumerated and lp.dim() > rank:  # depends on an enumerated site: summed out below
+                kind = 3.0
+            sites.append((lp, site["scale"], data_dim, kind))
+            if sign < 0 and not getattr(site["fn"], "has_rsample", True):
+                score.append((sites[-1][0], data_dim, site["name"]))
             site_rho = log_stratum(site["fn"]) if stratify and sign < 0 else None
             if site_rho is not None:
                 strata.append((site_rho, data_dim))
@@ -138,9 +187,13 @@ def log_weights(
     scale = distinct.pop() if factor_out else 1.0
 
     log_p = log_q = log_lik = None
+    block = []  # (log_prob, data_dim) of model sites on enumerated dims
     for lp, s, data_dim, sign in sites:
         if not factor_out and not (isinstance(s, (int, float)) and s == 1.0):
             lp = lp * s
+        if sign == 3.0:
+            block.append((lp, data_dim if per_datapoint else None))
+            continue
         term = _reduce(lp, rank, data_dim if per_datapoint else None)
         if sign > 0:
             log_p = term if log_p is None else log_p + term
@@ -148,6 +201,10 @@ def log_weights(
                 log_lik = term if log_lik is None else log_lik + term
         else:
             log_q = term if log_q is None else log_q + term
+    if block:  # log sum over the enumerated values of p(x, enumerated | z): part of log p and of log p(x | z)
+        term = enumeration.sum_out(block, rank)
+        log_p = term if log_p is None else log_p + term
+        log_lik = term if log_lik is None else log_lik + term
     zero = torch.zeros(particles, 1)
     log_p = zero if log_p is None else log_p
     log_q = torch.zeros_like(log_p) if log_q is None else log_q
@@ -161,7 +218,14 @@ def log_weights(
         log_rho = term if log_rho is None else log_rho + term
     if log_rho is not None:
         log_rho = log_rho.expand_as(log_p)
-    return LogWeights(log_p - log_q, log_p, log_q, log_lik, scale, per_datapoint, model_tr, guide_tr, log_rho)
+    log_q_score = None
+    for lq, data_dim, _ in score:  # unscaled: the score function is the gradient of the draw's own log-density
+        term = _reduce(lq, rank, data_dim if per_datapoint else None)
+        log_q_score = term if log_q_score is None else log_q_score + term
+    if log_q_score is not None:
+        log_q_score = log_q_score.expand_as(log_p)
+    return LogWeights(log_p - log_q, log_p, log_q, log_lik, scale, per_datapoint, model_tr, guide_tr, log_rho,
+                      log_q_score, tuple(name for _, _, name in score))
 
 
 def _check_sites(model_tr, guide_tr) -> None:
@@ -170,7 +234,7 @@ def _check_sites(model_tr, guide_tr) -> None:
                 if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
 
     model_latent, guide_latent = latent(model_tr), latent(guide_tr)
-    missing = model_latent - guide_latent
+    missing = model_latent - guide_latent - set(enumeration.summed_sites(model_tr))
     if missing:
         raise ConfigError(
             f"the guide does not sample the model's latent site(s) {sorted(missing)}; "

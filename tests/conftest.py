@@ -46,6 +46,15 @@ def one_thread_per_module():
         yield
 
 
+@pytest.fixture
+def restore_environ():
+    """Lightning's spawn launcher sets MASTER_PORT in this process; put the environment back afterwards."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def digits():
     import pyrovi as pv

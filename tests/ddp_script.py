@@ -35,8 +35,30 @@ def row_hashes(x: torch.Tensor) -> list:
     return [hashlib.sha1(row.cpu().numpy().tobytes()).hexdigest()[:16] for row in x]
 
 
+class HookLog(pv.callbacks.Callback):
+    """Records which callback hooks this rank called (only rank 0 should)."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def on_train_begin(self, state):
+        self.calls.append(["begin", state.world_size])
+
+    def on_step_end(self, state, record):
+        self.calls.append(["step", record["step"]])
+
+    def on_epoch_end(self, state, record):
+        self.calls.append(["epoch", record["epoch"], record["train_loss"]])
+
+    def on_checkpoint(self, state, path):
+        self.calls.append(["checkpoint", state.epoch])
+
+    def on_train_end(self, state):
+        self.calls.append(["end", state.epoch])
+
+
 def main(out: str, record_dir: str) -> None:
-    record = {"shards": {}, "batches": [], "rng": []}
+    record = {"shards": {}, "batches": [], "rng": [], "hooks": []}
     real_shard, real_step = dist.shard, loop_mod.train_step
 
     def shard(n, epoch, rank, world_size, seed):
@@ -53,7 +75,7 @@ def main(out: str, record_dir: str) -> None:
     data = pv.data.load("digits")
     model, guide = build(data)
     run = pv.fit(model, guide, data, out=out, progress=False, figures=False, strategy="ddp", devices=2,
-                 accelerator="cpu", **SETTING)
+                 accelerator="cpu", callbacks=[HookLog(record["hooks"])], **SETTING)
     rank = dist.rank()
     save_tensors(os.path.join(record_dir, f"weights{rank}.safetensors"), run.state_tensors())
     with open(os.path.join(record_dir, f"rank{rank}.json"), "w") as f:

@@ -55,7 +55,7 @@ def test_dynamic_binarization_keeps_grey_levels():
         (np.array([[0.0, np.nan]]), "NaN"),
         (np.array([[0.0, np.inf]]), "NaN/inf"),
         (np.zeros((0, 3)), "rows"),
-        (np.zeros(5), "shape"),
+        (np.zeros(()), "shape"),  # a scalar; a 1-D array is N scalar items
     ],
 )
 def test_from_arrays_rejects_bad_data(x, msg):

@@ -126,6 +126,12 @@ def test_ranks_train_on_disjoint_shards_and_end_identical(ddp_run, digits):
     losses = [[(h["train_loss"], h["val_loss"]) for h in rec[r]["history"]] for r in (0, 1)]
     assert losses[0] == losses[1] and len(losses[0]) == ddp_script.SETTING["epochs"]
     assert rec[0]["directory"] == out and rec[1]["directory"] is None
+    # callbacks run on rank 0 only, with the epoch losses reduced over ranks
+    hooks = rec[0]["hooks"]
+    assert rec[1]["hooks"] == [] and hooks[0] == ["begin", 2] and hooks[-1] == ["end", ddp_script.SETTING["epochs"]]
+    assert [h[2] for h in hooks if h[0] == "epoch"] == [h["train_loss"] for h in rec[0]["history"]]
+    assert [h[1] for h in hooks if h[0] == "checkpoint"] == list(range(1, ddp_script.SETTING["epochs"] + 1))
+    assert [h[1] for h in hooks if h[0] == "step"] == list(range(1, len(rec[0]["batches"]) + 1))
 
 
 @needs_lightning
@@ -276,15 +282,6 @@ def test_pyro_params_of_plain_functions_become_parameters_ddp_averages():
         assert torch.allclose(params[0].grad, -x.sum(0))
 
 
-@pytest.fixture
-def restore_environ():
-    """Lightning's spawn launcher sets MASTER_PORT in this process; put the environment back afterwards."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 @pytest.mark.slow
 @needs_lightning
 def test_ddp_spawn_brings_weights_back_and_resumes_the_same_trajectory(digits, tmp_path, restore_environ):
@@ -322,7 +319,8 @@ def test_every_fit_option_behaves_the_same_under_ddp(digits, tmp_path, restore_e
     KL warm-up and a case-insensitive schedule name behave as in single-process fit."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 2, generator=g) @ torch.tensor([[1.0, 0.5, -1.0], [0.0, 1.0, 2.0]])
-    kw = dict(epochs=2, batch_size=16, lr=1e-2, warmup=2, lr_schedule="Cosine", progress=False, figures=False)
+    kw = dict(epochs=2, batch_size=16, lr=1e-2, warmup=2, lr_schedule="Cosine", progress=False, figures=False,
+              val_every=2)
     ddp = dict(strategy="ddp_spawn", devices=2, accelerator="cpu")
     single = pv.fit(user_model, None, x, **kw)
     run = pv.fit(user_model, None, x, out=str(tmp_path / "user"), **ddp, **kw)
@@ -330,6 +328,7 @@ def test_every_fit_option_behaves_the_same_under_ddp(digits, tmp_path, restore_e
         assert isinstance(r.guide, pv.guides.Auto) and r.config["train"]["lr_schedule"] == "cosine"
         assert [h["beta"] for h in r.history] == [0.5, 1.0]  # KL warm-up over 2 epochs of 4 steps
         assert r.history[1]["lr"] < r.history[0]["lr"]  # the cosine schedule stepped
+        assert r.history[0]["val_loss"] is None and r.history[1]["val_loss"] is not None  # val_every=2
     assert run.config["distributed"]["world_size"] == 2
     loaded = pv.load_run(str(tmp_path / "user"), model=user_model)
     assert isinstance(loaded.guide, pv.guides.Auto)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -29,3 +30,13 @@ def test_mkdocs_build_strict(tmp_path):
     assert "pyrovi interpolate" in cli and "--label" in cli  # the hook filled in the live --help
     api = (site / "api" / "index.html").read_text()
     assert "ConditionalVAE" in api and "slerp" in api
+    # offline: no page loads a script, stylesheet or font from the network (MathJax from a CDN, Google Fonts)
+    remote = re.compile(r'<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)="(?:https?:)?//[^"]*"')
+    for page in site.rglob("*.html"):
+        found = remote.findall(page.read_text(encoding="utf-8"))
+        assert not found, (page, found[:3])
+    # the equations are MathML, built by docs/hooks.py: no LaTeX left for a script to typeset
+    objectives = (site / "objectives" / "index.html").read_text(encoding="utf-8")
+    assert objectives.count("<math") > 10 and "arithmatex" not in objectives
+    text = re.sub(r"<pre.*?</pre>|<code.*?</code>|<script.*?</script>", "", objectives, flags=re.S)
+    assert "$$" not in text and "\\(" not in text and "\\[" not in text

@@ -22,6 +22,7 @@ import pyrovi as pv
 from pyrovi import cli
 from pyrovi.checkpoint import load_tensors, save_tensors
 from pyrovi.errors import CheckpointError
+from pyrovi.run import checkpoint_history
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MPLBACKEND="Agg")
@@ -48,11 +49,16 @@ def cli_run(tmp_path_factory):
 
 
 def _tamper(path, tensors=None, meta=None):
+    """Edit a checkpoint; an edit of ``m["history"]`` is written in the form of older checkpoints (rows inside)."""
     t, m = load_tensors(str(path))
     if tensors:
         tensors(t)
     if meta:
+        rows = checkpoint_history(str(path), m)
+        m["history"] = [dict(r) for r in rows]
         meta(m)
+        if m["history"] == rows:
+            del m["history"]  # not edited: keep the rows in history.csv, as pyrovi writes them
     save_tensors(str(path), t, m)
 
 

@@ -127,3 +127,24 @@ def test_cli_interpolate_writes_png(trained, tmp_path):
     assert main(["interpolate", str(out), "--pairs", "3", "--steps", "5", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["interpolate", str(out), "--out", str(tmp_path / "i.jpg")]) == 2
+
+
+def test_a_model_without_decode_or_sample_is_refused_by_name():
+    """A user's model with neither decode(z) nor sample(n): the uses say which method is missing."""
+    class Bare(torch.nn.Module):
+        def forward(self, x, y=None):
+            return x
+
+    with pytest.raises(ConfigError, match="Bare has no sample"):
+        uses.sample_prior((Bare(), None), 3)
+    with pytest.raises(ConfigError, match="Bare has no decode"):
+        uses._decode(Bare(), torch.enable_grad(), torch.zeros(2, 1))
+
+
+def test_linear_gaussian_decodes_to_its_mean_and_samples_from_its_prior():
+    W, b = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]), torch.tensor([0.5, -1.0, 0.0])
+    m = pv.models.LinearGaussian(W, b, sigma=0.5)
+    z = torch.tensor([[1.0, -1.0]])
+    assert torch.allclose(m.decode(z), torch.tensor([[1.5, -3.0, 0.0]]))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(m.sample(5, generator=g1), torch.randn(5, 2, generator=g2) @ W.T + b)

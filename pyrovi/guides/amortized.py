@@ -12,7 +12,9 @@ the common options (``hidden``, ``activation``, ``min_scale``, ``example``,
 the encoder, ``forward`` (the Pyro guide), ``posterior`` (the same q without
 Pyro, for :mod:`pyrovi.fastpath`), ``encode`` and the config's common part.
 
-The encoder body maps ``x -> h`` (an MLP, ``(B, H)``); a head maps ``h`` to a
+The encoder body (the *trunk*) maps ``x -> h`` (``(B, H)``): an MLP, or, for a
+model that declares ``encoder_trunk`` (``VAE(arch="conv")``), a convolutional trunk
+(:func:`make_trunk`), so every head serves conv models alike. A head maps ``h`` to a
 distribution over the site's unconstrained value ``u`` (``(B,)`` batch; event
 ``(n,)`` flat, or the site's own unconstrained shape). The site's value is
 ``z = biject_to(support)(reshape(u))``, so ``log q(z|x)`` follows by change of
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import NamedTuple, Optional
 
 import pyro
@@ -62,12 +65,12 @@ from torch.distributions import transforms as T
 
 from ..distributions import DiagonalNormal
 from ..errors import ConfigError, check_positive
-from ..nets import MLP, activation as _activation, as_widths
+from ..nets import MLP, ConvTrunk, activation as _activation, as_widths
 from ..stop_gradient import STOP_GRADIENT_FN
 from ..traces import data_frame
 from .base import encoder_input, input_dim
 
-__all__ = ["Amortized", "NormalHead", "DeltaHead", "WrappedHead", "SiteSpec", "common_options", "discover_latents", "example_spec"]
+__all__ = ["Amortized", "make_trunk", "NormalHead", "DeltaHead", "WrappedHead", "SiteSpec", "common_options", "discover_latents", "example_spec"]
 
 
 class SiteSpec(NamedTuple):
@@ -184,9 +187,15 @@ def discover_latents(model, example: tuple, data_plate: str = "data", kwargs: Op
         if plate_dim is not None and f.dim != plate_dim:
             raise ConfigError(f"plate {data_plate!r} appears at dims {plate_dim} and {f.dim}")
         plate_dim, size = f.dim, f.size
-        if math.prod(fn.batch_shape) != f.size:
+        if size == -1:  # pyro.plate(name) without a size: the site's batch shape gives it
+            if len(fn.batch_shape) < -f.dim:
+                raise ConfigError(f"plate {data_plate!r} has no size and latent site {n!r} has no batch dim at "
+                                  f"dim {f.dim} (batch shape {tuple(fn.batch_shape)}): give the plate its size, "
+                                  f"pyro.plate({data_plate!r}, len(x)), or shape the site's batch as the data's rows")
+            size = fn.batch_shape[f.dim]
+        if math.prod(fn.batch_shape) != size:
             raise ConfigError(f"latent site {n!r} has batch shape {tuple(fn.batch_shape)} but plate "
-                              f"{data_plate!r} has size {f.size}; move per-datapoint dims into the event with .to_event")
+                              f"{data_plate!r} has size {size}; move per-datapoint dims into the event with .to_event")
         sites[n] = _spec(fn.event_shape, fn.support)
     if not sites:
         raise ConfigError(f"{name} has no latent sample sites (found only observed sites); nothing to guide")
@@ -323,6 +332,41 @@ def _mc_moments(q, draws: int = 256) -> tuple:
     return z.mean(0), z.std(0)
 
 
+# --------------------------------------------------------------------------- the trunk
+
+
+def make_trunk(model, in_dim: int, hidden: tuple, activation: str) -> nn.Module:
+    """The encoder body for ``model``: ``(B, in_dim) -> (B, hidden[-1])``, with ``out_features``.
+
+    An :class:`~pyrovi.nets.MLP`, unless the model declares ``encoder_trunk`` (a dict with
+    ``arch="conv"``, ``image_shape`` ``(C, H, W)``, ``channels``, ``downsample``): then a
+    :class:`~pyrovi.nets.ConvTrunk` reads the first ``C*H*W`` inputs as the image and
+    appends the rest (a conditional model's one-hot label) after the convolutions. The
+    trunk follows the model, so a run rebuilt from its config gets the same one.
+    """
+    spec = getattr(model, "encoder_trunk", None)
+    if isinstance(spec, dict) and spec.get("arch") == "conv":
+        c, h, w = spec["image_shape"]
+        return ConvTrunk((c, h, w), hidden, extra=in_dim - c * h * w, act=activation,
+                         channels=spec["channels"], downsample=spec["downsample"])
+    return MLP(in_dim, hidden, None, act=activation)
+
+
+def _float32(h: torch.Tensor) -> torch.Tensor:
+    """Under mixed precision the trunk runs in bf16/fp16; the heads (and so log q) work in float32."""
+    return h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+
+
+def full_precision(like: torch.Tensor):
+    """A context that switches autocast off on ``like``'s device while it is on (else does nothing).
+
+    ``fit(precision="bf16")`` runs the loss under ``torch.autocast``; the heads, their
+    draws and log q run in float32 inside this context, so only the trunk is in bf16.
+    """
+    dev = like.device.type
+    return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext()
+
+
 # --------------------------------------------------------------------------- the guide
 
 
@@ -423,7 +467,7 @@ class Amortized(PyroModule):
 
     def _build(self, sites: dict, plate_dim: int, depth: int, in_dim: int) -> None:
         make = self._make_head or self._head
-        self.body = MLP(in_dim, self.hidden, None, act=self.activation)
+        self.body = make_trunk(self.model, in_dim, self.hidden, self.activation)
         self.heads = nn.ModuleDict(
             {n: make(self.body.out_features, s.unconstrained_shape) for n, s in sites.items()})
         self.plate_dim, self.max_plate_nesting = plate_dim, depth
@@ -471,7 +515,7 @@ class Amortized(PyroModule):
 
     def _context(self, args) -> torch.Tensor:
         """``h`` with its batch aligned to the data plate's dim: ``(B, [1, ...,] H)``."""
-        h = self.body(self._encoder_input(args))  # (B, H)
+        h = _float32(self.body(self._encoder_input(args)))  # (B, H)
         if self.plate_dim == -1:
             return h
         B, H = h.shape
@@ -480,9 +524,10 @@ class Amortized(PyroModule):
     def _qs(self, args) -> dict:
         h = self._context(args)
         out = {}
-        for name, spec in self.sites.items():
-            q, q_sg = _pair(self.heads[name], h)
-            out[name] = (self._site_distribution(spec, q), self._site_distribution(spec, q_sg))
+        with full_precision(h):
+            for name, spec in self.sites.items():
+                q, q_sg = _pair(self.heads[name], h)
+                out[name] = (self._site_distribution(spec, q), self._site_distribution(spec, q_sg))
         return out
 
     # ------------------------------------------------------------------ the guide and its fast twin
@@ -491,8 +536,8 @@ class Amortized(PyroModule):
         args, kwargs = self._positional(args, kwargs)
         self.setup(*args, **kwargs)
         qs = self._qs(args)
-        B = self._encoder_input_batch(args)
-        with pyro.plate(self.data_plate, B, dim=self.plate_dim):
+        a = args[0] if self._pyrovi_input else args[self._inputs[0]]
+        with full_precision(a), pyro.plate(self.data_plate, a.shape[0], dim=self.plate_dim):
             return {name: pyro.sample(name, q, infer={STOP_GRADIENT_FN: q_sg}) for name, (q, q_sg) in qs.items()}
 
     def _positional(self, args: tuple, kwargs: dict) -> tuple:
@@ -518,7 +563,8 @@ class Amortized(PyroModule):
         args, kwargs = self._positional(args, kwargs)
         self.setup(*args, **kwargs)
         h = self._context(args)
-        return {name: self._site_distribution(spec, _q(self.heads[name], h)) for name, spec in self.sites.items()}
+        with full_precision(h):
+            return {name: self._site_distribution(spec, _q(self.heads[name], h)) for name, spec in self.sites.items()}
 
     def distributions(self, *args, **kwargs) -> dict:
         """Same as :meth:`posterior` (the older name)."""
@@ -533,7 +579,7 @@ class Amortized(PyroModule):
         """
         args, kwargs = self._positional(args, kwargs)
         self.setup(*args, **kwargs)
-        h = self.body(self._encoder_input(args))  # (B, H)
+        h = _float32(self.body(self._encoder_input(args)))  # (B, H)
         out = {}
         for name, spec in self.sites.items():
             head = self.heads[name]

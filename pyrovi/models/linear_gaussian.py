@@ -111,6 +111,17 @@ class LinearGaussian(PyroModule):
             pyro.sample("x", lik, obs=x)
         return lik.mean
 
+    def decode(self, z: torch.Tensor, y=None) -> torch.Tensor:
+        """Mean of p(x | z), W z + b, ``(..., D)`` for ``z`` of shape ``(..., L)``; ``y`` is ignored."""
+        return z @ self.W.T + self.b
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Means of p(x | z) for ``n`` draws z ~ N(0, I_L), ``(n, D)`` (the noise-free part, as a VAE's samples)."""
+        check_positive("n", n, integer=True)
+        z = torch.randn(n, self.W.shape[1], generator=generator, dtype=self.W.dtype).to(self.W.device)
+        return self.decode(z)
+
     def fast_log_joint(self, x: torch.Tensor, z: dict, y=None) -> tuple:
         """``forward`` without Pyro's tracing (:mod:`pyrovi.fastpath`): ``(log p(x|z) (S, B), {"z": p(z)})``."""
         return self._likelihood(z["z"]).log_prob(x), {"z": self._prior(x)}

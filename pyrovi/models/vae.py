@@ -5,7 +5,12 @@
     z \\sim \\mathcal N(0, I_L), \\qquad x \\mid z \\sim p_\\theta(x \\mid \\mathrm{dec}(z))
 
 with a Bernoulli (logits), Gaussian (fixed or learned sigma, the seed's
-:math:`\\delta`) or Categorical likelihood. The guide is separate
+:math:`\\delta`) or discretized logistic (8-bit images, reported in bits/dim)
+likelihood. ``arch="mlp"`` decodes with an MLP; ``arch="conv"`` with a
+convolutional decoder (:class:`pyrovi.nets.ConvDecoder`, built on
+:mod:`pyrovi.convnets`) for images of any size and channel count, and every
+pyrovi guide then encodes with the matching convolutional trunk
+(:class:`pyrovi.nets.ConvTrunk`, read from :attr:`VAE.encoder_trunk`). The guide is separate
 (:mod:`pyrovi.guides`); this module only says how data is generated.
 """
 
@@ -21,13 +26,14 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from ..distributions import BernoulliLogits, DiagonalNormal, StandardNormal
+from ..convnets import auto_downsample
+from ..distributions import BernoulliLogits, DiagonalNormal, DiscretizedLogistic, StandardNormal
 from ..errors import ConfigError, check_positive, lookup
-from ..nets import MLP, as_widths
+from ..nets import ARCHS, MLP, ConvDecoder, as_widths, image_chw
 
 __all__ = ["VAE", "VAEConfig", "LIKELIHOODS"]
 
-LIKELIHOODS = ("bernoulli", "gaussian")
+LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
 
 
 @dataclass
@@ -37,12 +43,15 @@ class VAEConfig:
     input_dim: int  # D, size of one flattened item
     latent_dim: int = 16  # L, size of the latent site "z"
     hidden: tuple = (256,)  # decoder hidden widths (reversed order of a typical encoder)
-    likelihood: str = "bernoulli"  # "bernoulli" (logits) or "gaussian"
+    likelihood: str = "bernoulli"  # "bernoulli" (logits), "gaussian" or "logistic" (discretized, 8-bit)
     sigma: float = 1.0  # Gaussian observation std (the seed's delta); initial value when learned
     learn_sigma: bool = False  # learn one sigma per pixel instead of keeping it fixed
     activation: str = "relu"
-    image_shape: Optional[tuple] = None  # (H, W) for plots
+    image_shape: Optional[tuple] = None  # (H, W) grey or (C, H, W) channel-first; plots, and the conv nets
     num_classes: Optional[int] = field(default=None, repr=False)  # set by ConditionalVAE
+    arch: str = "mlp"  # "mlp" or "conv" (convolutional decoder, and the guides' encoder trunk)
+    channels: int = 32  # conv: feature maps per stage
+    downsample: Optional[int] = None  # conv: stride-2 stages; None = as many as divide H and W, at most 2
 
     def validate(self) -> None:
         """Raise :class:`~pyrovi.ConfigError` naming the first bad option."""
@@ -52,9 +61,17 @@ class VAEConfig:
         check_positive("sigma", self.sigma)
         if self.image_shape is not None and (not isinstance(self.image_shape, tuple) or not all(
                 isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in self.image_shape)):
-            raise ConfigError(f"image_shape must be positive integers (H, W), got {self.image_shape!r}")
+            raise ConfigError(f"image_shape must be positive integers (H, W) or (C, H, W), got {self.image_shape!r}")
         if self.image_shape is not None and math.prod(self.image_shape) != self.input_dim:
             raise ConfigError(f"image_shape {self.image_shape} does not match input_dim {self.input_dim}")
+        lookup({k: k for k in ARCHS}, self.arch, "arch")
+        if self.arch == "conv":
+            if self.image_shape is None:
+                raise ConfigError("arch='conv' needs the image shape: pass image_shape=(H, W) or (C, H, W) "
+                                  "(e.g. image_shape=data.image_shape), or the data's shape as (C, H, W)")
+            check_positive("channels", self.channels, integer=True)
+            if self.downsample is not None:
+                check_positive("downsample", self.downsample, integer=True, allow_zero=True)
 
 
 class VAE(PyroModule):
@@ -68,9 +85,20 @@ class VAE(PyroModule):
         shape: the data's event shape ``(D,)`` (``dataset.shape``) or ``D``.
         latent_dim: L.
         hidden: decoder hidden layer widths.
-        likelihood: ``"bernoulli"`` (data in [0, 1], logits parameterization) or
-            ``"gaussian"`` (std ``sigma``; ``learn_sigma=True`` learns it per pixel).
-        image_shape: ``(H, W)`` used by plots.
+        likelihood: ``"bernoulli"`` (data in [0, 1], logits parameterization),
+            ``"gaussian"`` (std ``sigma``; ``learn_sigma=True`` learns it per pixel) or
+            ``"logistic"`` (a discretized logistic per pixel over 256 levels of [0, 1],
+            :class:`~pyrovi.distributions.DiscretizedLogistic`: the decoder gives a mean
+            and a log-scale per pixel; log p(x) is a probability, so bits/dim are the
+            usual 8-bit ones).
+        image_shape: ``(H, W)`` (grey) or ``(C, H, W)`` (channel-first, e.g. RGB), used by
+            plots and by ``arch="conv"``; pixels are stored channel-first in the flat ``(D,)``.
+        arch: ``"mlp"`` (default) or ``"conv"``: a convolutional decoder (a ``hidden`` MLP
+            onto a ``channels`` x (H/2^s) x (W/2^s) grid, then ``downsample`` = s transposed
+            stride-2 convolutions); pyrovi's guides then encode with the mirror image
+            (:attr:`encoder_trunk`).
+        channels: conv feature maps per stage.
+        downsample: conv stride-2 stages (None: as many as divide H and W, at most 2).
     """
 
     latent_site = "z"
@@ -90,9 +118,14 @@ class VAE(PyroModule):
         activation: str = "relu",
         image_shape=None,
         num_classes=None,
+        arch: str = "mlp",
+        channels: int = 32,
+        downsample: Optional[int] = None,
     ):
         super().__init__()
         input_dim = _input_dim(shape)
+        if image_shape is None and isinstance(shape, (tuple, list, torch.Size)) and len(shape) in (2, 3):
+            image_shape = tuple(int(d) for d in shape)  # VAE((C, H, W)) / VAE((H, W)): the shape is the image's
         hidden = as_widths(hidden)
         if not isinstance(learn_sigma, bool):
             raise ConfigError(f"learn_sigma must be True or False, got {learn_sigma!r}")
@@ -107,10 +140,22 @@ class VAE(PyroModule):
             activation=activation,
             image_shape=tuple(image_shape) if isinstance(image_shape, (list, tuple)) else image_shape,
             num_classes=num_classes,
+            arch=arch.lower() if isinstance(arch, str) else arch,
+            channels=channels,
+            downsample=downsample,
         )
         self.cfg.validate()
         self._priors: dict = {}  # (device, dtype) -> StandardNormal, see prior()
-        self.decoder = MLP(latent_dim + self._context_dim(), self.cfg.hidden, input_dim, act=activation)
+        per_pixel = 2 if likelihood == "logistic" else 1  # logistic: a mean and a log-scale per pixel
+        if self.cfg.arch == "conv":
+            if self.cfg.downsample is None:
+                self.cfg.downsample = auto_downsample(image_chw(self.cfg.image_shape)[1:])
+            self.decoder = ConvDecoder(latent_dim + self._context_dim(), self.cfg.image_shape, self.cfg.hidden,
+                                       per_pixel=per_pixel, act=activation, channels=self.cfg.channels,
+                                       downsample=self.cfg.downsample)
+        else:
+            self.decoder = MLP(latent_dim + self._context_dim(), self.cfg.hidden, per_pixel * input_dim,
+                               act=activation)
         if likelihood == "gaussian":
             log_sigma = torch.full((input_dim,), math.log(self.cfg.sigma))
             if learn_sigma:
@@ -129,6 +174,18 @@ class VAE(PyroModule):
         """``(D,)``, the event shape of the observation ``"x"``."""
         return (self.cfg.input_dim,)
 
+    @property
+    def encoder_trunk(self) -> Optional[dict]:
+        """The encoder body pyrovi's guides build for this model: None (an MLP) or the conv trunk's options.
+
+        ``{"arch": "conv", "image_shape": (C, H, W), "channels": c, "downsample": s}`` for
+        ``arch="conv"`` (:class:`pyrovi.nets.ConvTrunk`, the decoder's mirror image).
+        """
+        if self.cfg.arch != "conv":
+            return None
+        return {"arch": "conv", "image_shape": image_chw(self.cfg.image_shape), "channels": self.cfg.channels,
+                "downsample": self.cfg.downsample}
+
     def _context_dim(self) -> int:
         return 0
 
@@ -137,6 +194,9 @@ class VAE(PyroModule):
         d = asdict(self.cfg)
         d["hidden"] = list(d["hidden"])
         d.pop("num_classes")
+        if d["arch"] == "mlp":  # an MLP's config stays as it was before conv nets existed
+            for k in ("arch", "channels", "downsample"):
+                d.pop(k)
         return {"name": "vae", **d}
 
     @classmethod
@@ -165,8 +225,13 @@ class VAE(PyroModule):
         data's range once (grey levels in [0, 1] are allowed: cross-entropy), and
         a non-finite decoder output surfaces as a non-finite loss, which fit reports.
         """
+        if out.dtype in (torch.float16, torch.bfloat16):  # mixed precision: log-densities in float32
+            out = out.float()
         if self.cfg.likelihood == "bernoulli":
             return BernoulliLogits(out)
+        if self.cfg.likelihood == "logistic":
+            D = self.cfg.input_dim
+            return DiscretizedLogistic(out[..., :D], out[..., D:])
         return DiagonalNormal(out, self.log_sigma.exp(), validate_args=False)
 
     def prior(self, batch: int, like: torch.Tensor) -> dist.TorchDistribution:
@@ -205,7 +270,11 @@ class VAE(PyroModule):
         ``y`` (labels, shape ``(...,)``) is read only by conditional models.
         """
         out = self.decoder_out(z, y)
-        return torch.sigmoid(out) if self.cfg.likelihood == "bernoulli" else out
+        if self.cfg.likelihood == "bernoulli":
+            return torch.sigmoid(out)
+        if self.cfg.likelihood == "logistic":
+            return out[..., : self.cfg.input_dim].clamp(0.0, 1.0)
+        return out
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
