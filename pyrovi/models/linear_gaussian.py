@@ -20,7 +20,6 @@ one (the mean-field optimum, precision-diagonal) falls short of log p(x) by
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import pyro
