@@ -43,6 +43,7 @@ sys.path.insert(0, {tests!r})
 from test_run_sets import _fit
 from pyrovi import checkpoint
 out, epochs, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+print("go", flush=True)  # imports done: the fit starts now
 _fit(out, epochs, mode)
 print("writes", checkpoint._WRITES[0])
 """.format(tests=os.path.dirname(os.path.abspath(__file__)))
@@ -138,6 +139,46 @@ def test_kills_after_every_write_of_save_resume_overwrite(saves, tmp_path):
     print(f"\nkill suite: {len(results)} SIGKILLs, write points {({m: len(p) for m, p in points.items()})}, "
           f"outcomes {tally}")
     assert len(results) >= 20
+
+
+def _killed_at_random(template, out, mode: str, seconds: float) -> subprocess.Popen:
+    """Start the child's fit and SIGKILL it from outside ``seconds`` after its fit began (if still running)."""
+    import time
+
+    if mode != "fresh":
+        shutil.copytree(template, out)
+    p = subprocess.Popen([sys.executable, "-c", CHILD, str(out), str(SCENARIOS[mode]), mode], env=ENV, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert p.stdout.readline().strip() == "go"
+    t0 = time.perf_counter()
+    try:
+        p.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    p.elapsed = time.perf_counter() - t0
+    return p
+
+
+@pytest.mark.slow
+def test_twenty_external_sigkills_at_random_times_per_scenario(saves, tmp_path):
+    """20 real SIGKILLs sent from outside at a uniformly random time of a fresh fit with its final save, of a
+    resume of a finished run and of an overwrite: each leaves one save whole, or a warning, or a refusal."""
+    template, wholes = saves
+    rng = np.random.default_rng(19)
+    tally: dict = {}
+    for mode in SCENARIOS:
+        length = _killed_at_random(template, tmp_path / f"time-{mode}", mode, 600).elapsed  # unkilled: its length
+        for i in range(20):
+            out = tmp_path / f"rand-{mode}-{i}"
+            p = _killed_at_random(template, out, mode, float(rng.uniform(0, length)))
+            got = "finished" if p.returncode == 0 else _outcome(out, wholes)
+            if got == "finished":
+                assert _outcome(out, wholes) in ("old", f"new {mode}")
+            assert got in ("finished", "refused", "warned", "old", f"new {mode}"), (mode, i, got)
+            tally[(mode, got)] = tally.get((mode, got), 0) + 1
+    print(f"\nrandom-time kills: {sum(tally.values())} children, outcomes {tally}")
+    assert sum(v for (m, g), v in tally.items() if g != "finished") >= 40  # most children were really killed
 
 
 # --------------------------------------------------------------------------- a reader during saves
