@@ -7,7 +7,7 @@ through Pyro's ``TraceEnum_ELBO`` (objective ``"elbo"`` finds the enumerated
 site), and ``pv.evaluate`` gives the exact log-likelihood given the MAP
 globals, :math:`\\frac1N\\sum_n \\log \\sum_k w_k \\mathcal N(x_n; \\mu_k, \\sigma)`.
 Both loops start from the tutorial's best of 100 initializations and use
-Adam(lr=0.1) with torch's default betas.
+the tutorial's optimizer, Adam(lr=0.1, betas=(0.8, 0.99)).
 
     python examples/gmm_enumeration.py [--steps 200]
 
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
 
     pyro.clear_param_store()
     guide = global_guide(fixed)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), loss=TraceEnum_ELBO(max_plate_nesting=1))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.1, "betas": [0.8, 0.99]}), loss=TraceEnum_ELBO(max_plate_nesting=1))
     for _ in range(args.steps):
         svi.step(data)
     ref = {k: v.detach().clone() for k, v in guide().items()}
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Pyro's note that it cannot jit-check enumeration
         run = pv.fit(model, guide, data, val_fraction=0, batch_size=None, epochs=args.steps, lr=0.1, seed=0,
-                     progress=False, figures=False)
+                     optimizer_kwargs={"betas": [0.8, 0.99]}, progress=False, figures=False)
     with run.scope():
         got = {k: v.detach() for k, v in guide().items()}
     r = pv.evaluate(run, data, save=False)
