@@ -7,7 +7,9 @@ diverged, the final training loss, and the gap ``log p(x) - ELBO`` per row (Pyro
 ``Trace_ELBO`` with 1000 particles, vectorized, on the 2000 training rows; exact ``log p(x)``
 closed form), on the first 400 rows.
 
-    PYTHONPATH=. python benchmarks/stl_flow_seeds.py [--seeds 10] [--epochs 60] [--clip-norm X]
+    PYTHONPATH=. python benchmarks/stl_flow_seeds.py [--seeds 10] [--epochs 60] [--clip-norm X] [--planar-min-det D]
+
+``benchmarks/stl_flow_trace.py`` prints one run's per-epoch loss and gradient norms.
 """
 
 from __future__ import annotations
@@ -92,7 +94,9 @@ def run(guide_name: str, objective: str, seed: int, x: torch.Tensor, *, epochs: 
         return {"diverged": True, "loss": math.nan, "gap": None, "seconds": time.perf_counter() - t0,
                 "error": str(e).splitlines()[0]}
     loss, first = float(r.history[-1]["train_loss"]), float(r.history[0]["train_loss"])
-    return {"diverged": False, "loss": loss, "first_loss": first, "gap": elbo_gap(guide, x, eval_particles, eval_rows),
+    best = min(float(h["train_loss"]) for h in r.history)  # loss - best: how far it rose late (a late blow-up)
+    return {"diverged": False, "loss": loss, "first_loss": first, "best_loss": best,
+            "gap": elbo_gap(guide, x, eval_particles, eval_rows),
             "seconds": time.perf_counter() - t0}
 
 
@@ -106,11 +110,15 @@ def main() -> None:
     ap.add_argument("--guides", default=",".join(GUIDES))
     ap.add_argument("--objectives", default="stl,dreg")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--planar-min-det", type=float, default=None,
+                    help="planar layers' det J floor (default pyrovi.guides.flow.PLANAR_MIN_DET; 0 = Pyro's bound)")
     a = ap.parse_args()
+    if a.planar_min_det is not None:
+        pv.guides.flow.PLANAR_MIN_DET = a.planar_min_det
     torch.set_num_threads(a.threads)
     x = data()
     print(f"posterior correlation {posterior_correlation():.3f}; {a.epochs} epochs, batch 100, lr 3e-3, "
-          f"clip_norm {a.clip_norm}, warm_start {a.warm_start}; gap = log p(x) - ELBO per row (Trace_ELBO, 1000 particles)")
+          f"clip_norm {a.clip_norm}, warm_start {a.warm_start}, planar min det {pv.guides.flow.PLANAR_MIN_DET}; gap = log p(x) - ELBO per row (Trace_ELBO, 1000 particles)")
     print("| guide | objective | diverged | gap <= 0.05 | median gap | max gap | s / run |")
     print("|---|---|---|---|---|---|---|")
     for g in a.guides.split(","):

@@ -102,3 +102,28 @@ def test_automatic_warm_start_is_for_flows():
             assert "warm_start" not in obj.config()  # automatic: not pinned in a run's config
     with pytest.raises(pv.errors.ConfigError, match="warm_start"):
         pv.objectives.get("stl", warm_start=-1)
+
+
+def test_planar_layer_keeps_its_determinant_away_from_zero():
+    """The cause of planar + stl seed 2's late blow-up: Pyro's planar bound w.u_hat > -1 lets det J -> 0. pyrovi's
+    layer keeps det J >= PLANAR_MIN_DET on every path (log|det J|, the STL score's solve, the inverse)."""
+    from pyrovi.guides.flow import PLANAR_MIN_DET, InvertiblePlanar, _transpose_solve_step
+
+    torch.manual_seed(0)
+    w = torch.randn(500, 2, dtype=torch.float64)
+    u = -30.0 * w  # w.u << -1: Pyro's u_hat gives w.u_hat = -1 + softplus(-30 |w|^2), det J ~ 1e-13 at w.x + b = 0
+    b = torch.randn(500, 1, dtype=torch.float64)
+    x = -b * w / w.pow(2).sum(-1, keepdim=True)  # w.x + b = 0: where the determinant is smallest
+    t = InvertiblePlanar((b, u, w))
+    wu = (w * t.u_hat(u, w)).sum(-1)
+    torch.testing.assert_close(wu, PLANAR_MIN_DET - 1.0 + torch.nn.functional.softplus((w * u).sum(-1)))
+    y = t(x)
+    log_det = t.log_abs_det_jacobian(x, y)
+    assert log_det.min().item() >= math.log(PLANAR_MIN_DET) - 1e-9
+    torch.testing.assert_close(log_det, torch.log1p(wu))  # tanh' = 1 here: det J = 1 + w.u_hat
+    # the STL/DReG score's J^{-T} step is bounded by 1 / PLANAR_MIN_DET (Sherman-Morrison with det >= 0.1)
+    g = torch.randn(500, 2, dtype=torch.float64)
+    v = _transpose_solve_step(None, t, None, x, g)
+    assert (v.norm(dim=-1) / g.norm(dim=-1)).max().item() <= 1.0 / PLANAR_MIN_DET + 1e-6
+    # the inverse (scoring an arbitrary z) uses the same u_hat: it recovers x
+    torch.testing.assert_close(InvertiblePlanar((b, u, w))._inverse(y), x, atol=1e-8, rtol=1e-8)

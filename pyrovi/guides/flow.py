@@ -63,16 +63,32 @@ from ..nets import as_widths
 from .amortized import Amortized
 
 __all__ = ["FLOWS", "Flow", "FlowHead", "FlowDistribution", "DetachedFlowScore", "flow_options", "InvertiblePlanar",
-           "InvertibleRadial"]
+           "InvertibleRadial", "PLANAR_MIN_DET"]
 
 FLOWS = ("iaf", "spline", "planar", "radial")
+
+#: A planar layer keeps ``w.u_hat >= -1 + PLANAR_MIN_DET``, so its Jacobian determinant
+#: ``1 + (1 - tanh^2) w.u_hat`` is at least this (Pyro's own bound is 0). Near 0 the layer folds space
+#: almost flat: log q(z) spikes and the STL/DReG gradient, which divides by the determinant, spikes
+#: with it; on the issue-17 benchmark 1 of 5 planar + stl seeds blew up late that way (docs/objectives.md).
+PLANAR_MIN_DET = 0.1
 
 
 # --------------------------------------------------------------------------- inverses Pyro lacks
 
 
 class InvertiblePlanar(ConditionedPlanar):
-    """Pyro's conditioned planar transform plus an inverse (for scoring arbitrary z)."""
+    """Pyro's conditioned planar transform plus an inverse (for scoring arbitrary z), with its Jacobian
+    determinant kept at least :data:`PLANAR_MIN_DET`."""
+
+    def u_hat(self, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``u`` moved along ``w`` so that ``w.u_hat = -1 + PLANAR_MIN_DET + softplus(w.u)``, shapes ``(..., n)``.
+
+        Pyro's map is the same with 0 for ``PLANAR_MIN_DET``; every path (sampling, log|det J|, the inverse,
+        the STL/DReG score) goes through this method."""
+        alpha = (u * w).sum(-1, keepdim=True)
+        target = PLANAR_MIN_DET - 1.0 + F.softplus(alpha)
+        return u + (target - alpha) * w / w.pow(2).sum(-1, keepdim=True)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         bias, u, w = self._params() if callable(self._params) else self._params
