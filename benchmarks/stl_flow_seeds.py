@@ -126,7 +126,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     x = data()
     print(f"posterior correlation {posterior_correlation():.3f}; {a.epochs} epochs, batch 100, lr 3e-3, "
-          f"clip_norm {a.clip_norm}, warm_start {a.warm_start}, Pyro's planar {a.pyro_planar}; gap = log p(x) - ELBO per row (Trace_ELBO, 1000 particles)")
+          f"clip_norm {a.clip_norm}, warm_start {a.warm_start}, Pyro's planar {a.pyro_planar}; "
+          "gap = log p(x) - ELBO per row (Trace_ELBO, 1000 particles)")
     print("| guide | objective | diverged | gap <= 0.05 | median gap | max gap | s / run |")
     print("|---|---|---|---|---|---|---|")
     for g in a.guides.split(","):
