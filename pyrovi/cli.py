@@ -218,9 +218,11 @@ def _train(args) -> int:
     from .evaluation import evaluate
     from .train import fit
 
-    from .errors import check_positive
+    from .errors import ConfigError, check_positive
 
     check_positive("--evaluate-k", args.evaluate_k, integer=True, allow_zero=True)  # before hours of training
+    if not 0 <= args.val_fraction < 1:  # named here: data.load would report it as a split fraction
+        raise ConfigError(f"--val-fraction must be in [0, 1) (0: no validation split), got {args.val_fraction}")
     binarize = None if args.binarize == "none" else args.binarize
     ds = data.load(args.data, seed=args.seed, binarize=binarize, split=(args.val_fraction, 0.1))
     import pyro

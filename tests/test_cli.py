@@ -46,3 +46,9 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path):
     assert "unknown objective 'elbow'; valid objectives: dreg, elbo" in r.stderr
     assert "Traceback" not in r.stderr
     assert main(["sample", str(tmp_path / "missing")]) == 2
+
+
+def test_val_fraction_out_of_range_is_named_in_cli_spelling(capsys):
+    assert main(["train", "--data", "digits", "--val-fraction", "1.5", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "--val-fraction must be in [0, 1)" in err and "1.5" in err and len(err.strip().splitlines()) == 1
