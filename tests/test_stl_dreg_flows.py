@@ -49,22 +49,24 @@ def test_two_seeds_train_without_divergence(guide, objective):
 
 
 @pytest.mark.slow
-def test_ten_seeds_stl_and_dreg_on_flows():
+@pytest.mark.parametrize("objective", ["stl", "dreg"])
+@pytest.mark.parametrize("guide", list(lg.GUIDES))
+def test_ten_seeds_stl_and_dreg_on_flows(guide, objective):
     """Issue 17: stl and dreg (K=8) with Flow(iaf), Flow(planar), Auto(family="flow"), 10 of 10 seeds without
-    divergence or late rise; stl + iaf within 0.05 nats of exact log p(x) for at least 8 of 10 (about an hour
-    on one core)."""
+    divergence or late rise; stl + iaf within 0.05 nats of exact log p(x) for at least 8 of 10 (each case about
+    ten minutes on one core; one case per test so that they can run in separate processes, ``-k iaf``)."""
     x = lg.data()
-    results = {}
-    for guide in lg.GUIDES:
-        for objective in ("stl", "dreg"):
-            results[guide, objective] = [lg.run(guide, objective, seed, x) for seed in range(10)]
-    for key, rs in results.items():
-        assert sum(r["diverged"] for r in rs) == 0, (key, [r.get("error") for r in rs])
-        # no late rise either (Pyro's planar layer: planar + stl seed 2 ended 2.9 nats above its best epoch,
-        # planar + dreg seed 8 at 74 nats); healthy runs end within 0.07 nats of their best (benchmarks/RESULTS.md)
-        assert max(r["loss"] - r["best_loss"] for r in rs) < 0.5, (key, [(r["loss"], r["best_loss"]) for r in rs])
-    gaps = [r["gap"] for r in results["iaf", "stl"]]
-    assert sum(gap <= 0.05 for gap in gaps) >= 8, gaps
+    rs = []
+    for seed in range(10):
+        rs.append(lg.run(guide, objective, seed, x))
+        print(f"{guide} {objective} seed {seed}: {rs[-1]}", flush=True)  # the per-seed record (pytest -s)
+    assert sum(r["diverged"] for r in rs) == 0, [r.get("error") for r in rs]
+    # no late rise either (Pyro's planar layer: planar + stl seed 2 ended 2.9 nats above its best epoch,
+    # planar + dreg seed 8 at 74 nats); healthy runs end within 0.07 nats of their best (benchmarks/RESULTS.md)
+    assert max(r["loss"] - r["best_loss"] for r in rs) < 0.5, [(r["loss"], r["best_loss"]) for r in rs]
+    if (guide, objective) == ("iaf", "stl"):
+        gaps = [r["gap"] for r in rs]
+        assert sum(gap <= 0.05 for gap in gaps) >= 8, gaps
 
 
 def _guide_grads(obj, model, guide, x, seed):
