@@ -395,6 +395,8 @@ def sample_codes(run, prior: Optional[CodeTransformer], n: int, *, label: Option
                  temperature: float = 1.0, top_k: Optional[int] = None, seed: int = 0) -> torch.Tensor:
     """``n`` code grids ``(n, L)`` from ``prior`` (uniform codes when ``prior`` is None)."""
     _is_vq(run)
+    check_positive("n", n, integer=True)
+    run.check_rows(f"n={n}", n)  # before drawing: a typo of a few zeros is an error, not a kill
     g = torch.Generator().manual_seed(seed)
     if prior is None:
         if label is not None:

@@ -325,17 +325,11 @@ class Run:
         self.directory = directory
         return directory
 
-    @torch.no_grad()
-    def sample(self, n: int = 64) -> torch.Tensor:
-        """``n`` prior samples decoded to data space, ``(n, D)`` (pyrovi's models)."""
-        if not hasattr(self.model, "sample"):
-            raise ConfigError(f"{type(self.model).__name__} has no sample(n) method")
-        from .errors import check_positive
+    def sample(self, n: int = 64, *, label=None, seed=None) -> torch.Tensor:
+        """``n`` prior samples decoded to data space, ``(n, D)``: :func:`pyrovi.uses.sample_prior` on this run."""
+        from .uses import sample_prior
 
-        check_positive("n", n, integer=True)
-        self.check_rows(f"n={n}", n)
-        with self.scope():
-            return self.model.sample(n)
+        return sample_prior(self, n, label=label, seed=seed)
 
 
 def _touch(model, guide, args, kwargs) -> None:

@@ -51,6 +51,19 @@ def _parts(run):
     raise ConfigError(f"run must be a pyrovi Run or a (model, guide) pair, got {type(run).__name__}")
 
 
+def _check_rows(run, option: str, rows: int) -> None:
+    """Refuse ``rows`` datapoints through the networks at once beyond the memory budget (:mod:`pyrovi.budget`),
+    before anything is drawn: a typo of a few zeros is an error, not a kill."""
+    if hasattr(run, "check_rows"):
+        run.check_rows(option, rows)
+        return
+    from . import budget
+
+    model, guide, _ = _parts(run)
+    budget.check_rows(option, rows, budget.widest(model, guide), f"use a smaller {option.split('=')[0]}",
+                      what=f"{rows} datapoints through the networks at once")
+
+
 def _device(model) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -148,6 +161,7 @@ def sample_prior(run, n: int, *, label=None, seed: Optional[int] = None) -> torc
     model, _, scope = _parts(run)
     if not hasattr(model, "sample"):
         raise ConfigError(f"{type(model).__name__} has no sample(n) method")
+    _check_rows(run, f"n={n}", n)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     kw = {"generator": gen}
     if getattr(model, "uses_labels", False):
@@ -237,6 +251,8 @@ def interpolate(run, x1, x2, *, steps: int = 8, method: str = "linear", y1=None,
     if x1.shape != x2.shape:
         raise ConfigError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
     P = x1.shape[0]
+    interpolation_weights(steps)  # steps >= 2, before the size check names it
+    _check_rows(run, f"steps={steps}", P * steps)
     y1 = _labels(model, y1, P, "y1")
     y2 = _labels(model, y2, P, "y2")
     z1, z2 = encode(run, x1, y1), encode(run, x2, y2)  # (P, *event)

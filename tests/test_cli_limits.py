@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 import pyrovi as pv
@@ -132,6 +133,27 @@ def test_api_sizes_over_the_budget(run_dir, monkeypatch):
         pv.evaluate(run, X, k=10 ** 6, chunk=10 ** 6, batch_size=40, save=False)
     with pytest.raises(ConfigError, match="particles=100000000"):
         pv.diagnose(run, X, particles=10 ** 8, n=40, save=False)
+
+
+def test_sampling_and_interpolation_sizes_over_the_budget(run_dir, monkeypatch):
+    """The one prior sampler (uses.sample_prior, behind Run.sample) and interpolate check their sizes, for a Run
+    and for a bare (model, guide) pair, before drawing anything; VQ code sampling too."""
+    monkeypatch.setenv(budget.ENV, "64M")
+    run = pv.load_run(str(run_dir / "run"))
+    m = pv.models.VAE((4,), 2, hidden=(8,))
+    for target in (run, (m, pv.guides.DiagNormal(m, hidden=(8,)))):
+        with pytest.raises(ConfigError, match="n=100000000 needs about"):
+            pv.uses.sample_prior(target, 10 ** 8)
+        with pytest.raises(ConfigError, match="steps=100000000 needs about"):
+            pv.uses.interpolate(target, X[:2], X[2:4], steps=10 ** 8)
+        assert pv.uses.sample_prior(target, 3, seed=0).shape == (3, 4)  # within the budget: works
+    torch.testing.assert_close(run.sample(5, seed=1), pv.uses.sample_prior(run, 5, seed=1))  # one sampler
+    digits = pv.data.load("digits")
+    vq = pv.models.VQVAE(digits.shape, 8, code_dim=4, channels=8, image_shape=digits.image_shape)
+    vq_run = pv.fit(vq, pv.guides.Codebook(vq), digits.train.x[:64], epochs=1, batch_size=32, progress=False,
+                    device="cpu", figures=False)
+    with pytest.raises(ConfigError, match="n=100000000 needs about"):
+        pv.priors.sample_codes(vq_run, None, 10 ** 8)
 
 
 # --------------------------------------------------------------------------- compare on malformed files
