@@ -238,12 +238,33 @@ def bound_name(cfg: dict) -> str:
 
 
 _TEST_ROWS = [
-    ("log_likelihood", "IWAE log p(x) (nats)"), ("log_likelihood_se", "standard error over datapoints (nats)"),
+    ("log_likelihood", None),  # labelled by _log_likelihood_label: what the number is depends on K and the guide
+    ("log_likelihood_mc_se", "Monte-Carlo standard error of that estimate (nats)"),
+    ("log_likelihood_sd_over_data", "spread of log p(x) over datapoints, sd (nats)"),
+    ("log_likelihood_se_over_data", "standard error of the mean over datapoints, sd/sqrt(n) (nats)"),
     ("elbo", "ELBO (nats)"), ("reconstruction", "reconstruction E_q log p(x\\|z) (nats)"),
     ("kl", "KL(q \\|\\| p), Monte Carlo (nats)"), ("mse", "squared error of E[x\\|z] per dimension"),
     ("bits_per_dim", "bits/dim"), ("active_units", "active units"), ("latent_units", "latent units"),
     ("k", "importance samples K"), ("n", "datapoints"),
 ]
+
+
+def _log_likelihood_label(test: dict) -> str:
+    """What ``log_likelihood`` is: the IWAE estimate for K > 1; for K = 1 the ELBO itself, exact for q when the
+    guide draws nothing random (a VQ-VAE's point-mass codes, enumerated sites with held globals)."""
+    k = test.get("k")
+    if k is None or k > 1:
+        return f"IWAE log p(x), K = {k} (nats)"
+    if test.get("log_likelihood_mc_se") == 0.0:
+        return "log p(x) bound, K = 1: the ELBO, exact for this q (it draws nothing random) (nats)"
+    return "log p(x) bound, K = 1: a one-draw ELBO estimate (nats)"
+
+
+def _test_rows(test: dict) -> list:
+    rows = [(key, label or _log_likelihood_label(test)) for key, label in _TEST_ROWS]
+    if "log_likelihood_se_over_data" not in test:  # metrics written before the two errors were told apart
+        rows.insert(1, ("log_likelihood_se", "standard error over datapoints (nats)"))
+    return rows
 
 
 def _test_section(test: dict, cfg: Optional[dict] = None) -> list:
@@ -258,7 +279,7 @@ def _test_section(test: dict, cfg: Optional[dict] = None) -> list:
                  "is no log p(x), ELBO or bits/dim to report: only how well it reconstructs.")
     test = shown_metrics(test, cfg)
     lines = ["## Test metrics", "", intro, "", "| metric | value |", "| --- | --- |"]
-    lines += [f"| {label} | {_fmt(test.get(key))} |" for key, label in _TEST_ROWS if key in test]
+    lines += [f"| {label} | {_fmt(test.get(key))} |" for key, label in _test_rows(test) if key in test]
     lines.append("")
     for site, s in (test.get("latents") or {}).items():
         lines += _latent_table(site, s)

@@ -327,7 +327,7 @@ class Run:
 
     def sample(self, n: int = 64, *, label=None, seed=None) -> torch.Tensor:
         """``n`` prior samples decoded to data space, ``(n, D)``: :func:`pyrovi.uses.sample_prior` on this run."""
-        from .uses import sample_prior
+        from .generate import sample_prior
 
         return sample_prior(self, n, label=label, seed=seed)
 

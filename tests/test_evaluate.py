@@ -248,3 +248,23 @@ def test_active_units_from_draws_subtract_monte_carlo_noise():
     # without the correction every unit would show Cov ~ 1/k = 0.05 > 0.01 and count as active
     assert res["active_units"] == 0, lat["mean_variance"]
     assert max(lat["mean_variance"]) < 0.01
+
+
+def test_report_names_each_uncertainty_and_what_log_likelihood_is():
+    """The report's test table: the IWAE estimate for K > 1, a one-draw ELBO for K = 1; the Monte-Carlo error and
+    the spread over datapoints on separate, named rows (issue 17, item 6); old metrics keep their one row."""
+    from pyrovi.report import _test_section
+
+    base = {"log_likelihood": -20.0, "log_likelihood_mc_se": 0.01, "log_likelihood_sd_over_data": 3.0,
+            "log_likelihood_se_over_data": 0.1, "log_likelihood_se": 0.1, "elbo": -21.0, "n": 900}
+    cfg = {"model": {"name": "vae"}}
+    many = "\n".join(_test_section(dict(base, k=100), cfg))
+    assert "| IWAE log p(x), K = 100 (nats) | -20.0000 |" in many
+    assert "| Monte-Carlo standard error of that estimate (nats) | 0.0100 |" in many
+    assert "| spread of log p(x) over datapoints, sd (nats) | 3.0000 |" in many
+    assert "| standard error of the mean over datapoints, sd/sqrt(n) (nats) | 0.1000 |" in many
+    assert "standard error over datapoints (nats)" not in many  # the former name is not shown twice
+    one = "\n".join(_test_section(dict(base, k=1), cfg))
+    assert "IWAE" not in one and "| log p(x) bound, K = 1: a one-draw ELBO estimate (nats) | -20.0000 |" in one
+    old = {"log_likelihood": -20.0, "log_likelihood_se": 0.1, "k": 10}  # a metrics.json from before item 6
+    assert "| standard error over datapoints (nats) | 0.1000 |" in "\n".join(_test_section(old, cfg))

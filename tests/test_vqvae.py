@@ -179,6 +179,12 @@ def test_evaluate_on_a_vq_run_reports_the_elbo(digits):
     assert vq["bits_per_dim"] == pytest.approx(res["bits_per_dim"], rel=1e-5)
     # fit's validation loss is -ELBO (eval mode), its training loss also carries the VQ penalty
     assert run.history[-1]["val_loss"] == pytest.approx(-vq_metrics(run, digits.val, save=False)["elbo"], rel=1e-5)
+    # the report says what that number is: the ELBO with K = 1, exact for the point-mass q, not an IWAE estimate
+    from pyrovi.report import _test_section
+
+    text = "\n".join(_test_section(res, {"model": {"name": "vqvae"}}))
+    assert "IWAE" not in text and "| log p(x) bound, K = 1: the ELBO, exact for this q" in text
+    assert "| Monte-Carlo standard error of that estimate (nats) | 0.0000 |" in text
 
 
 # --------------------------------------------------------------------------- codebook updates
