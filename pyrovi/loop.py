@@ -623,8 +623,11 @@ def _probes(run, train_, rows: int, semi: bool) -> list:
     from .inputs import labelled_rows
 
     lab = labelled_rows(y)
-    calls = [run.call_args(train_.x[m][:rows], y[m][:rows] if has_y else None)
-             for m, has_y in ((~lab, False), (lab, True)) if bool(m.any())]
+    calls = []
+    for m, has_y in ((~lab, False), (lab, True)):
+        idx = m.nonzero().flatten()[:rows]  # index first: a boolean mask would gather every such row of the data
+        if len(idx):
+            calls.append(run.call_args(train_.x[idx], y[idx] if has_y else None))
     return calls
 
 
