@@ -50,7 +50,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from . import inputs
-from .run import update_metrics
+from .run_files import update_metrics
 from .errors import ConfigError, check_positive
 from .progress import bar
 from .evaluation import Tally, latent_summary, per_datapoint_weights, prepare, seeded

@@ -56,7 +56,7 @@ from . import data as data_mod
 from . import enumeration, inputs
 from . import particles as particles_mod
 from .progress import bar
-from .run import update_metrics
+from .run_files import update_metrics
 from .errors import ConfigError, check_positive
 from .traces import data_dim, guess_max_plate_nesting, in_data_plate, rng_neutral, trace_pair
 from .weights import LogWeights, log_weights

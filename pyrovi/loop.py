@@ -36,7 +36,8 @@ from .callbacks import Dispatch, State
 from . import particles
 from .checkpoint import read_json, write_json
 from .errors import ConfigError, PyroviError, TrainingError
-from .run import CHECKPOINT, CONFIG, METRICS, Run, default_device, discover_params, empty_param_state, release_run
+from .run import Run, default_device, discover_params, empty_param_state
+from .run_files import CHECKPOINT, CONFIG, METRICS, release_run
 from .train_state import best_from_checkpoint, make_optimizer, new_loop, prepare_out, restore, save_checkpoint, scheduler
 from .precision import autocast, compile_nets, grad_scaler, tf32
 from .traces import ScalePlate, guess_max_plate_nesting, structure

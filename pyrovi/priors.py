@@ -41,7 +41,7 @@ from ._version import __version__
 from . import data as data_mod
 from . import inputs
 from .checkpoint import load_tensors, read_json, save_tensors, write_json
-from .run import update_metrics
+from .run_files import update_metrics
 from .errors import CheckpointError, ConfigError, DataError, check_positive
 
 __all__ = ["CodeTransformer", "PriorConfig", "fit_prior", "encode_codes", "evaluate_prior", "save_prior",

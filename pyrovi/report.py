@@ -69,7 +69,8 @@ def write(run, *, data=None, x_recon: Optional[torch.Tensor] = None, **load_kwar
     Returns:
         The figure file names written.
     """
-    from .run import HISTORY, load_run, read_history
+    from .run import load_run
+    from .run_files import HISTORY, read_history
 
     if isinstance(run, (str, os.PathLike)):
         run = load_run(os.fspath(run), **load_kwargs)
@@ -360,7 +361,7 @@ def write_report(run, extra_sections: Optional[list] = None) -> str:
     Returns the Markdown text.
     """
     from .diagnostics import DiagnosticsSummary
-    from .run import CONFIG, METRICS
+    from .run_files import CONFIG, METRICS
 
     if isinstance(run, (str, os.PathLike)):
         d = os.fspath(run)
@@ -458,7 +459,7 @@ _COMPARE_COLS = [
 
 
 def _run_row(directory: str) -> tuple:
-    from .run import read_summary
+    from .run_files import read_summary
 
     cfg, metrics, history = read_summary(directory)  # checked as data: a malformed file is a CheckpointError
     test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}

@@ -17,7 +17,7 @@ import torch
 from ._version import __version__
 from .checkpoint import load_tensors, save_tensors
 from .errors import CheckpointError, ConfigError, PyroviError, TrainingError
-from .run import CHECKPOINT, HISTORY, METRICS, WEIGHTS, append_history, checkpoint_history, lock_run
+from .run_files import CHECKPOINT, HISTORY, METRICS, WEIGHTS, append_history, checkpoint_history, lock_run
 
 __all__ = ["adam", "OPTIMIZERS", "optimizer_class", "check_optimizer_kwargs", "make_optimizer", "scheduler", "save_checkpoint", "restore", "best_from_checkpoint", "prepare_out", "new_loop",
            "check_checkpoint", "check_history", "HISTORY_KEYS"]

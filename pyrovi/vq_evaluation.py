@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import inputs
-from .run import update_metrics
+from .run_files import update_metrics
 from .errors import ConfigError, check_positive
 from .models.vqvae import VQVAE
 from .traces import trace_pair

@@ -21,7 +21,7 @@ import pytest
 import pyrovi as pv
 from pyrovi import budget, cli
 from pyrovi.errors import CheckpointError, ConfigError
-from pyrovi.run import RunSetWarning
+from pyrovi.run_files import RunSetWarning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MPLBACKEND="Agg")

@@ -24,7 +24,7 @@ import torch
 import pyrovi as pv
 from pyrovi import train_state
 from pyrovi.checkpoint import load_tensors
-from pyrovi.run import checkpoint_history
+from pyrovi.run_files import checkpoint_history
 from pyrovi.errors import ConfigError, TrainingError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

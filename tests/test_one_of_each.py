@@ -126,7 +126,7 @@ def test_a_failed_fit_frees_its_run_directory_at_once(tmp_path):
                resume=True)
     import subprocess
     import sys
-    code = ("import pyrovi.run as r, sys; r.lock_run(sys.argv[1]); print('locked')")
+    code = ("import pyrovi.run_files as r, sys; r.lock_run(sys.argv[1]); print('locked')")
     proc = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "locked" in proc.stdout, proc.stderr[-500:]
 

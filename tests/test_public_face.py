@@ -244,7 +244,7 @@ LAYERS = [
     ("pyrovi.inputs", "pyrovi.traces", "pyrovi.stratify", "pyrovi.stop_gradient", "pyrovi.weights",
      "pyrovi.fastpath", "pyrovi.objectives", "pyrovi.enumeration", "pyrovi.vimco", "pyrovi.particles"),
     ("pyrovi.models", "pyrovi.guides"),
-    ("pyrovi.run", "pyrovi.budget", "pyrovi.generate"),
+    ("pyrovi.run", "pyrovi.run_files", "pyrovi.budget", "pyrovi.generate"),
     ("pyrovi.train_state", "pyrovi.loop", "pyrovi.distributed"),
     ("pyrovi.evaluation", "pyrovi.diagnostics", "pyrovi.vq_evaluation", "pyrovi.uses",
      "pyrovi.sample_quality", "pyrovi.priors"),

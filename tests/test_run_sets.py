@@ -224,7 +224,7 @@ def _summary_outcome(out, tables: dict) -> str:
     """Like :func:`_outcome` for the files ``pyrovi compare`` reads (config.json, history.csv)."""
     import json
 
-    from pyrovi.run import read_summary
+    from pyrovi.run_files import read_summary
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -17,7 +17,7 @@ import pyrovi as pv
 import pyrovi.loop
 from pyrovi.traces import ScaleLatents
 from pyrovi.checkpoint import load_tensors
-from pyrovi.run import checkpoint_history
+from pyrovi.run_files import checkpoint_history
 from pyrovi.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

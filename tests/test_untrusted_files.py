@@ -22,7 +22,7 @@ import pyrovi as pv
 from pyrovi import cli
 from pyrovi.checkpoint import load_tensors, save_tensors
 from pyrovi.errors import CheckpointError
-from pyrovi.run import checkpoint_history
+from pyrovi.run_files import checkpoint_history
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MPLBACKEND="Agg")
@@ -293,7 +293,7 @@ try:
     elif spec["call"] == "load_run":
         pv.load_run(spec["arg"])
     elif spec["call"] == "history":
-        from pyrovi.run import read_history
+        from pyrovi.run_files import read_history
         read_history(spec["arg"])
     out["outcome"] = "loaded"
 except PyroviError as e:
@@ -511,7 +511,7 @@ def test_second_trainer_on_one_out_fails_at_once_naming_the_holder(tmp_path):
 
 UPDATER = r"""
 import sys
-from pyrovi.run import update_metrics
+from pyrovi.run_files import update_metrics
 d, key, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 for i in range(n):
     update_metrics(d, f"{key}{i % 3}", {"i": i})
