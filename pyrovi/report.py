@@ -271,7 +271,8 @@ def _test_rows(test: dict) -> list:
 def _test_section(test: dict, cfg: Optional[dict] = None) -> list:
     cfg = cfg or {}
     if has_density(cfg):
-        intro = f"Held-out data, K = {test.get('k')} importance samples per datapoint (`pyrovi.evaluate`)."
+        k = test.get("k")
+        intro = f"Held-out data, K = {k} importance sample{'' if k == 1 else 's'} per datapoint (`pyrovi.evaluate`)."
         if is_density(cfg):
             intro += (" The likelihood is continuous (Gaussian): log p(x) is a log-*density*, so it and "
                       "bits/dim depend on the data's scale and bits/dim can be negative.")
