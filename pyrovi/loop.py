@@ -37,7 +37,7 @@ from . import particles
 from .checkpoint import read_json, write_json
 from .errors import ConfigError, PyroviError, TrainingError
 from .run import Run, default_device, discover_params, empty_param_state
-from .run_files import CHECKPOINT, CONFIG, METRICS, release_run
+from .run_files import CHECKPOINT, CONFIG, HELD_OUT_KEYS, METRICS, release_run
 from .train_state import best_from_checkpoint, make_optimizer, new_loop, prepare_out, restore, save_checkpoint, scheduler
 from .precision import autocast, compile_nets, grad_scaler, tf32
 from .traces import ScalePlate, guess_max_plate_nesting, structure
@@ -567,10 +567,6 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
 
 
 # --------------------------------------------------------------------------- a whole fit
-
-
-#: results of evaluate/diagnose/vq_metrics/fit_prior kept in metrics.json beside fit's own numbers
-HELD_OUT_KEYS = ("test", "diagnostics", "vq", "prior")
 
 
 def _held_out_metrics(out: Optional[str]) -> dict:

@@ -47,6 +47,7 @@ from .run_files import (
     config_digest,
     is_dims,
     lock_run,
+    metrics_digest,
     read_history_digest,
     release_run,
     whole_set,
@@ -318,10 +319,11 @@ class Run:
             write_json(os.path.join(directory, CONFIG), self.config)
             history_sha = write_history(os.path.join(directory, HISTORY), self.history)
             write_json(os.path.join(directory, METRICS), self.metrics)
+            written = read_json(os.path.join(directory, METRICS), "metrics")  # the digest of what readers will read
             save_tensors(os.path.join(directory, WEIGHTS), self.state_tensors(),
                          {"constraints": self.param_constraints(), "pyrovi_version": __version__,
                           "config_sha256": config_digest(self.config), "epochs": len(self.history),
-                          "history_sha256": history_sha})
+                          "history_sha256": history_sha, "metrics_sha256": metrics_digest(written)})
         finally:
             release_run(directory)
         self.directory = directory
@@ -440,11 +442,11 @@ def _load_once(directory, model, guide, device, model_kwargs) -> Run:
         warnings.warn(f"{directory} has no {WEIGHTS} (training did not finish); loaded the last checkpoint, "
                       f"epoch {loop.get('epoch')}; continue it with fit(..., out=..., resume=True)", stacklevel=2)
     history, history_sha = ([], None) if from_checkpoint else read_history_digest(os.path.join(directory, HISTORY))
-    if not from_checkpoint:
-        check_set(directory, config, meta, history, history_sha)
-    metrics = {}
+    metrics = None
     if os.path.isfile(os.path.join(directory, METRICS)):
         metrics = read_json(os.path.join(directory, METRICS), "metrics")
+    if not from_checkpoint:
+        check_set(directory, config, meta, history, history_sha, metrics)
     from .inputs import check_model_kwargs
 
     if from_checkpoint:  # history.csv may hold a row past the checkpoint (killed between the two writes)

@@ -27,7 +27,8 @@ from .errors import CheckpointError, ConfigError, PyroviError
 
 __all__ = ["CONFIG", "WEIGHTS", "CHECKPOINT", "HISTORY", "METRICS", "RunSetWarning", "lock_run", "release_run",
            "writer_active", "update_metrics", "write_history", "append_history", "read_history",
-           "read_history_digest", "checkpoint_history", "read_summary", "weights_meta", "check_metrics",
+           "read_history_digest", "checkpoint_history", "read_summary", "weights_meta", "check_metrics", "HELD_OUT_KEYS",
+           "metrics_digest",
            "check_config", "check_sizes", "check_set", "config_digest", "whole_set"]
 
 CONFIG = "config.json"
@@ -253,12 +254,31 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256((json.dumps(config, indent=2, sort_keys=True, allow_nan=True) + "\n").encode()).hexdigest()
 
 
-def check_set(directory: str, config: dict, meta: dict, history: list, history_sha=None) -> None:
-    """Warn when config.json or history.csv are not the ones the weights were saved with.
+#: results of evaluate/diagnose/vq_metrics/fit_prior kept in metrics.json beside fit's own numbers; written
+#: later than the weights (under the lock, :func:`update_metrics`), so :func:`metrics_digest` leaves them out
+HELD_OUT_KEYS = ("test", "diagnostics", "vq", "prior")
+
+
+def metrics_digest(metrics) -> "str | None":
+    """SHA-256 of fit's own part of ``metrics.json`` (everything but :data:`HELD_OUT_KEYS`), as read back
+    from the file; None for anything but a JSON object. Stored in the weights beside the config's digest."""
+    if not isinstance(metrics, dict):
+        return None
+    return config_digest({k: v for k, v in metrics.items() if k not in HELD_OUT_KEYS})
+
+
+def check_set(directory: str, config: dict, meta: dict, history: list, history_sha=None, metrics=None) -> None:
+    """Warn when config.json, history.csv or fit's part of metrics.json are not the ones the weights were
+    saved with.
 
     A run directory is written file by file; a process killed while resuming or overwriting
     a finished run could otherwise leave one run's weights beside another's config.
+    ``metrics``: metrics.json as read (None: absent, not checked).
     """
+    saved = meta.get("metrics_sha256")
+    if isinstance(saved, str) and metrics is not None and saved != metrics_digest(metrics):
+        warnings.warn(f"{directory}: metrics.json is not the one {WEIGHTS} was saved with (its training numbers "
+                      "are another save's: an interrupted save, resume or overwrite?)", RunSetWarning, stacklevel=3)
     digest, epochs = meta.get("config_sha256"), meta.get("epochs")
     if isinstance(digest, str) and digest != config_digest(config):
         warnings.warn(f"{directory}: config.json is not the one {WEIGHTS} was saved with (an interrupted "
@@ -493,7 +513,8 @@ def _read_summary_once(directory: str) -> tuple:
     check_metrics(metrics, path)
     history, history_sha = read_history_digest(os.path.join(directory, HISTORY))
     if os.path.lexists(os.path.join(directory, WEIGHTS)):  # a finished run: the files its weights name
-        check_set(directory, config, weights_meta(os.path.join(directory, WEIGHTS)), history, history_sha)
+        check_set(directory, config, weights_meta(os.path.join(directory, WEIGHTS)), history, history_sha,
+                  metrics if os.path.lexists(path) else None)
     return config, metrics, history
 
 

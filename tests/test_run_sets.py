@@ -57,7 +57,9 @@ def _signature(run) -> tuple:
 
     tensors = tuple(sorted((k, v.detach().cpu().numpy().tobytes()) for k, v in run.state_tensors().items()))
     history = [{k: v for k, v in h.items() if k not in ("seconds", "items_per_second")} for h in run.history]
-    return json.dumps(run.config, sort_keys=True), json.dumps(history, sort_keys=True), tensors  # not timings
+    metrics = {k: v for k, v in run.metrics.items() if k != "train_seconds"}
+    return (json.dumps(run.config, sort_keys=True), json.dumps(history, sort_keys=True), tensors,  # not timings
+            json.dumps(metrics, sort_keys=True))
 
 
 def _outcome(out, wholes: dict) -> str:
@@ -239,3 +241,28 @@ def _summary_outcome(out, tables: dict) -> str:
     names = [name for name, t in tables.items() if t == sig]
     assert names, f"{out}: compare read, without a warning, a config and history of no single save"
     return names[0]
+
+
+def test_metrics_of_another_save_are_a_mixed_set(saves, tmp_path):
+    """fit's own part of metrics.json is named by the weights like config and history: another save's metrics
+    beside these weights warn (load_run and compare); held-out results written later by evaluate do not."""
+    import json
+
+    from pyrovi.run_files import RunSetWarning, read_summary
+
+    template, _ = saves
+    out = tmp_path / "run"
+    shutil.copytree(template, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole set: no warning at all
+        pv.evaluate(pv.load_run(str(out)), X, k=2, progress=False)  # writes "test" into metrics.json later
+        assert "test" in read_summary(str(out))[1]
+        pv.load_run(str(out))  # a held-out result written after the weights: still one set
+    path = out / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["train_loss"] = metrics["train_loss"] + 1.0  # another save's training numbers
+    path.write_text(json.dumps(metrics))
+    with pytest.warns(RunSetWarning, match="metrics.json is not the one"):
+        pv.load_run(str(out))
+    with pytest.warns(RunSetWarning, match="metrics.json is not the one"):
+        read_summary(str(out))
