@@ -529,8 +529,8 @@ def load_text(
     x = torch.from_numpy(codes).reshape(n, length)  # (N, T)
     n_train = n - n_val - n_test
 
-    def part(a, b):
-        return Split(x[a:b].contiguous(), None)
+    def part(a, b):  # contiguous blocks: row ranges (views) of the one array, as in from_arrays
+        return Split(x[a:b], None)
 
     return Dataset(
         name=name,
