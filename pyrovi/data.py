@@ -415,7 +415,7 @@ def load(
         return _load_images(path, name, split, seed, None if binarize == "default" else binarize)
     if sep:
         reader = lookup(FILE_READERS, kind, "dataset kind")
-        box = list(reader(path))
+        box = list(reader(path, float32=True))  # wide numbers become float32 while read: no second array
         default_bin = None
     else:
         box = list(lookup(_BUILTIN, kind, "dataset")())

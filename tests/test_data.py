@@ -197,18 +197,21 @@ def test_splits_are_the_rows_the_seeded_gather_gave(tmp_path, monkeypatch, split
     x8 = rng.integers(0, 256, (1001, 3, 2), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", x=x, y=y)
     np.savez(tmp_path / "d8.npz", x=x8)
+    x64 = rng.standard_normal((1001, 5))  # float64: converted to float32 while read, then reordered in place
+    np.savez(tmp_path / "d64.npz", x=x64, y=y)
     x_before = x.copy()
     cases = {
         "load npz": (pv.data.load(f"npz:{tmp_path / 'd.npz'}", split=split, seed=11), x, y),
         "load uint8": (pv.data.load(f"npz:{tmp_path / 'd8.npz'}", split=split, seed=11),
                        x8.reshape(1001, 6) / np.float32(255), np.zeros(1001, np.int64)),
+        "load float64": (pv.data.load(f"npz:{tmp_path / 'd64.npz'}", split=split, seed=11), x64, y),
         "from_arrays": (pv.data.from_arrays(x, y, split=split, seed=11), x, y),
         "from_arrays uint8": (pv.data.from_arrays(x8, split=split, seed=11),
                               x8.reshape(1001, 6) / np.float32(255), np.zeros(1001, np.int64)),
     }
     assert np.array_equal(x, x_before)  # the caller's array is not reordered
     for case, (ds, xs, ys) in cases.items():
-        want = _gathered_splits(torch.as_tensor(xs, dtype=torch.float32), torch.as_tensor(ys), split, 11)
+        want = _gathered_splits(torch.as_tensor(xs).float(), torch.as_tensor(ys), split, 11)
         for s, (wx, wy) in zip((ds.train, ds.val, ds.test), want):
             # pure data movement (and the same x/255 for uint8): exact equality is the right check
             assert torch.equal(s.x, wx), case

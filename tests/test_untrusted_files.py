@@ -370,6 +370,8 @@ BOMBS = {
         lambda t: ("reader", _npz_zeros(t / "b.npz", (32 * MIB,)), "read_npz"), "loaded"),
     "npz 128 MiB of deflated zeros (data.load)": (lambda t: ("load", "npz:" + str(_npz_zeros(
         t / "c.npz", (MIB, 32))), None), "loaded"),
+    "npz 256 MiB of deflated float64 zeros (data.load)": (lambda t: ("load", "npz:" + str(_npz_zeros(
+        t / "l.npz", (MIB, 32), "<f8")), None), "loaded"),  # read as float32 while inflating: 128 MiB
     "npz longer than its header": (lambda t: ("reader", _npz_zeros(t / "d.npz", (MIB,), lie=64 * MIB), "read_npz"),
                                    "refused"),
     "gzip IDX 400 MiB (reader)": (lambda t: ("reader", _gzip_zeros(
