@@ -249,9 +249,10 @@ def read_idx_pair(spec: str, float32: bool = False):
 
 
 def _as_float32(dtype: np.dtype, float32: bool) -> bool:
-    """Whether a reader asked for ``float32`` items converts ``dtype`` while streaming: numbers wider than a byte
-    that are not float32 already (uint8 stays: :mod:`pyrovi.data` scales it by 1/255; int8/bool stay small)."""
-    return float32 and dtype.kind in "fiu" and dtype.itemsize > 1 and not (dtype.kind == "f" and dtype.itemsize == 4)
+    """Whether a reader asked for ``float32`` items converts ``dtype`` while streaming: float16/float64 and
+    int16..int64, the types :func:`pyrovi.data.from_arrays` converts with ``.float()`` (uint8 stays: it is
+    scaled by 1/255; int8/bool stay small; unsigned wider types stay, refused as before)."""
+    return float32 and dtype.kind in "fi" and dtype.itemsize > 1 and not (dtype.kind == "f" and dtype.itemsize == 4)
 
 
 def _read_converted(readinto, out: np.ndarray, dtype: np.dtype) -> int:

@@ -238,3 +238,34 @@ def test_splits_share_one_array_and_static_binarization_is_unchanged():
     xb = (torch.rand(x.shape, generator=g) < torch.as_tensor(x)).float()  # the binarization before this change
     for s, (wx, _) in zip((ds.train, ds.val, ds.test), _gathered_splits(xb, torch.zeros(300), (0.2, 0.1), 2)):
         assert torch.equal(s.x, wx)
+
+
+@pytest.mark.parametrize("dt", [">f8", "<f8", "<i8", ">i4", "<i2", "<f2", ">f4", "u1", "i1", "<u2"])
+def test_readers_convert_wide_numbers_to_float32_while_streaming(tmp_path, dt):
+    """``float32=True`` (what ``data.load`` asks): the float32 array ``.float()`` would give, without the
+    file's own array in memory; uint8 (scaled later), int8 and unsigned wider types are read as stored."""
+    import io
+
+    from pyrovi.readers import read_npz
+
+    a = np.asarray((np.random.default_rng(1).standard_normal((37, 5)) * 1000).astype(dt), order="F")
+    buf = io.BytesIO()
+    np.save(buf, a)
+    (tmp_path / "a.npy").write_bytes(buf.getvalue())
+    x, _, _ = read_npz(str(tmp_path / "a.npy"), float32=True)
+    native = a.astype(a.dtype.newbyteorder("="))
+    if dt in ("u1", "i1", "<u2"):
+        assert x.dtype == native.dtype and np.array_equal(x, native)
+    else:
+        assert x.dtype == np.float32 and torch.equal(torch.from_numpy(np.ascontiguousarray(x)),
+                                                     torch.from_numpy(native).float())
+    codes = {">f8": 0x0E, ">i4": 0x0C, ">f4": 0x0D}
+    if dt in codes:  # IDX (big-endian): plain and gzip, and still refused when truncated
+        raw = bytes([0, 0, codes[dt], 2]) + struct.pack(">II", *a.shape) + np.ascontiguousarray(a).tobytes()
+        for body in (raw, gzip.compress(raw)):
+            (tmp_path / "a.idx").write_bytes(body)
+            got = read_idx(str(tmp_path / "a.idx"), float32=True)
+            assert got.dtype == np.float32 and torch.equal(torch.from_numpy(got), torch.from_numpy(native).float())
+        (tmp_path / "a.idx").write_bytes(raw[:-3])
+        with pytest.raises(DataError, match="truncated"):
+            read_idx(str(tmp_path / "a.idx"), float32=True)
