@@ -173,13 +173,14 @@ def _native(a: np.ndarray) -> np.ndarray:
     return a.view(a.dtype.newbyteorder("="))
 
 
-def read_idx(path: str) -> np.ndarray:
+def read_idx(path: str, float32: bool = False) -> np.ndarray:
     """Read one MNIST-format IDX file (plain or gzip) into a NumPy array.
 
     Layout: two zero bytes, a type byte, a rank byte, ``rank`` big-endian
     uint32 sizes, then the data, big-endian. Any mismatch raises :class:`DataError`.
     The data is streamed into an array of the size the header announces (at most
     :data:`MAX_DECOMPRESSED` bytes), so peak memory is that array, whatever the file.
+    ``float32``: wider numbers (int16, int32, float64) are converted to float32 as they stream in.
     """
     with _Stream(path, MAX_DECOMPRESSED + (1 << 16)) as s:
         raw = s.read(4)
@@ -201,8 +202,12 @@ def read_idx(path: str) -> np.ndarray:
         if nbytes > MAX_DECOMPRESSED:
             raise DataError(f"{path!r}: header announces dims {dims} ({nbytes} bytes), more than the "
                             f"{MAX_DECOMPRESSED} pyrovi loads into memory")
-        arr = np.empty(dims, dtype=dtype)
-        got = s.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+        if _as_float32(dtype, float32):
+            arr = np.empty(dims, dtype=np.float32)
+            got = _read_converted(s.readinto, arr.reshape(-1), dtype)
+        else:
+            arr = np.empty(dims, dtype=dtype)
+            got = s.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
         extra = s.read(1) if got == nbytes else b""
     if got != nbytes or extra:
         what = "truncated" if got < nbytes else "longer than its header says"
@@ -225,10 +230,11 @@ def guess_labels(images: str) -> Optional[str]:
     return None
 
 
-def read_idx_pair(spec: str):
-    """``"IMAGES[,LABELS]"`` -> ``(x, y, image_shape)``; the labels file is guessed when not given."""
+def read_idx_pair(spec: str, float32: bool = False):
+    """``"IMAGES[,LABELS]"`` -> ``(x, y, image_shape)``; the labels file is guessed when not given.
+    ``float32``: as for :func:`read_idx`, images only."""
     images, _, labels = spec.partition(",")
-    x = read_idx(images)
+    x = read_idx(images, float32)
     labels = labels or guess_labels(images)
     y = None
     if labels:
@@ -242,8 +248,33 @@ def read_idx_pair(spec: str):
 # --- npz / npy -------------------------------------------------------------------------
 
 
-def _npy(f, path: str, limit: int) -> np.ndarray:
-    """One ``.npy`` stream (inside an ``.npz`` or alone) into an array of the size its header announces."""
+def _as_float32(dtype: np.dtype, float32: bool) -> bool:
+    """Whether a reader asked for ``float32`` items converts ``dtype`` while streaming: float16/float64 and
+    int16..int64, the types :func:`pyrovi.data.from_arrays` converts with ``.float()`` (uint8 stays: it is
+    scaled by 1/255; int8/bool stay small; unsigned wider types stay, refused as before)."""
+    return float32 and dtype.kind in "fi" and dtype.itemsize > 1 and not (dtype.kind == "f" and dtype.itemsize == 4)
+
+
+def _read_converted(readinto, out: np.ndarray, dtype: np.dtype) -> int:
+    """Fill the flat float32 ``out`` from a stream of ``dtype`` items, converted a chunk at a time (a float64 file
+    never exists in memory whole); the number of bytes read (fewer than ``out.size`` items' only at the end)."""
+    step = max(1, _CHUNK // dtype.itemsize)
+    buf = np.empty(step * dtype.itemsize, dtype=np.uint8)
+    got = 0
+    for i in range(0, out.size, step):
+        m = min(step, out.size - i)
+        n = readinto(memoryview(buf)[: m * dtype.itemsize])
+        got += n
+        if n < m * dtype.itemsize:
+            break
+        with np.errstate(over="ignore", invalid="ignore"):  # 1e300 -> inf: refused later by validation
+            out[i:i + m] = buf[:n].view(dtype)  # byte order handled; rounds to nearest, as torch's .float()
+    return got
+
+
+def _npy(f, path: str, limit: int, float32: bool = False) -> np.ndarray:
+    """One ``.npy`` stream (inside an ``.npz`` or alone) into an array of the size its header announces
+    (``float32``: numbers converted to float32 while streaming, see :func:`_as_float32`)."""
     fmt = np.lib.format
     version = fmt.read_magic(f)
     if version == (1, 0):
@@ -259,22 +290,36 @@ def _npy(f, path: str, limit: int) -> np.ndarray:
     if nbytes > limit:
         raise DataError(f"{path!r}: an array of shape {shape} and dtype {dtype} ({nbytes} bytes) is more than the "
                         f"{limit} bytes pyrovi loads into memory")
-    buf = np.empty(nbytes, dtype=np.uint8)
-    got, view = 0, memoryview(buf)
-    while got < nbytes:
-        n = f.readinto(view[got:got + _CHUNK])
-        if not n:
-            raise DataError(f"{path!r} could not be read as .npz/.npy: an array is truncated "
-                            f"({got} of {nbytes} bytes)")
-        got += n
+
+    def readinto(view) -> int:  # fill view, fewer bytes only at the end of the stream
+        k = 0
+        while k < len(view):
+            n = f.readinto(view[k:k + _CHUNK])
+            if not n:
+                break
+            k += n
+        return k
+
+    if _as_float32(dtype, float32):
+        buf = np.empty(math.prod(shape), dtype=np.float32)
+        got = _read_converted(readinto, buf, dtype)
+        dtype = buf.dtype
+    else:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        got = readinto(memoryview(buf))
+    if got < nbytes:
+        raise DataError(f"{path!r} could not be read as .npz/.npy: an array is truncated ({got} of {nbytes} bytes)")
     if f.read(1):
         raise DataError(f"{path!r} could not be read as .npz/.npy: an array is longer than its header says")
     arr = np.ndarray(shape, dtype=dtype, buffer=buf, order="F" if fortran else "C")
     return _native(arr)
 
 
-def read_npz(path: str):
+def read_npz(path: str, float32: bool = False):
     """A ``.npz`` (arrays ``x`` and optional ``y``, or ``X``/``images``/``data`` and ``Y``/``labels``/``targets``) or a ``.npy`` -> ``(x, y, image_shape)``.
+
+    ``float32``: ``x`` of wider numbers (float64, int16..int64, float16) is converted to float32
+    while it streams in, so a float64 file costs the float32 array, not both (uint8 is kept).
 
     Arrays are streamed (decompressed on the fly) into arrays of the size their headers
     announce, at most :data:`MAX_DECOMPRESSED` bytes each, so a small file that inflates to
@@ -287,7 +332,7 @@ def read_npz(path: str):
             magic = f.read(6)
             f.seek(0)
             if magic == b"\x93NUMPY":
-                x, y = _npy(f, path, MAX_DECOMPRESSED), None
+                x, y = _npy(f, path, MAX_DECOMPRESSED, float32), None
             else:
                 with zipfile.ZipFile(f) as zf:
                     members = {n[:-4] if n.endswith(".npy") else n: n for n in zf.namelist()}
@@ -297,7 +342,7 @@ def read_npz(path: str):
                         raise DataError(f"{path!r} has arrays {keys[:10]}; expected one named 'x' (and optionally 'y')")
                     yk = next((k for k in ("y", "Y", "labels", "targets") if k in keys), None)
                     with zf.open(members[xk]) as m:
-                        x = _npy(m, path, MAX_DECOMPRESSED)
+                        x = _npy(m, path, MAX_DECOMPRESSED, float32)
                     y = None
                     if yk:
                         with zf.open(members[yk]) as m:
@@ -326,12 +371,13 @@ class _Counted(io.RawIOBase):
         return self.s.readinto(memoryview(b).cast("B"))
 
 
-def read_csv(path: str):
+def read_csv(path: str, float32: bool = True):
     """Numeric CSV, one row per item -> ``(x, y, None)``; a ``label``/``y``/``target``/``class`` header column is ``y``.
 
     At most :data:`MAX_CSV_BYTES` of text (after gunzip; a gzip file is first inflated and
     counted without being kept); rows are parsed one at a time into a float32 array, so
     peak memory is within about twice the array returned. A UTF-8 byte-order mark is skipped.
+    ``x`` is always float32 (``float32`` is accepted so every reader is called alike).
     """
     with _Stream(path, MAX_CSV_BYTES) as s:  # the size first: a gzip bomb is refused before any parsing
         while s.read(_CHUNK):

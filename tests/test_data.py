@@ -171,3 +171,101 @@ def test_csv_with_label_column(tmp_path):
     p.write_text("1,2\n3,x\n")
     with pytest.raises(DataError, match="non-numeric"):
         pv.data.load(f"csv:{p}")
+
+
+# --------------------------------------------------------------------------- split rows without a second copy
+
+
+def _gathered_splits(x, y, split, seed):
+    """The splits as pyrovi built them before the in-place reordering: an int64 permutation, then x[idx] copies."""
+    n = x.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test, n_val = int(round(n * split[1])), int(round(n * split[0]))
+    parts = perm[n_test + n_val:], perm[n_test:n_test + n_val], perm[:n_test]
+    return [(x[i], y[i]) for i in parts]
+
+
+@pytest.mark.parametrize("split", [(0.1, 0.1), (0.0, 0.2), (0.3, 0.0), (0.0, 0.0), (0.45, 0.5)])
+@pytest.mark.parametrize("chunk", [1, 16 << 20])  # bytes per step: one row, all rows
+def test_splits_are_the_rows_the_seeded_gather_gave(tmp_path, monkeypatch, split, chunk):
+    """Same seed, same train/val/test tensors as ``x[perm_part]``, row for row, on every path: handed over by
+    ``load`` (reordered in place, in steps of ``chunk`` bytes), converted from uint8, or the caller's array."""
+    monkeypatch.setattr(pv.data, "_PERMUTE_CHUNK", chunk)
+    rng = np.random.default_rng(7)
+    x = rng.random((1001, 5)).astype(np.float32)
+    y = rng.integers(0, 10, 1001)
+    x8 = rng.integers(0, 256, (1001, 3, 2), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    np.savez(tmp_path / "d8.npz", x=x8)
+    x64 = rng.standard_normal((1001, 5))  # float64: converted to float32 while read, then reordered in place
+    np.savez(tmp_path / "d64.npz", x=x64, y=y)
+    x_before = x.copy()
+    cases = {
+        "load npz": (pv.data.load(f"npz:{tmp_path / 'd.npz'}", split=split, seed=11), x, y),
+        "load uint8": (pv.data.load(f"npz:{tmp_path / 'd8.npz'}", split=split, seed=11),
+                       x8.reshape(1001, 6) / np.float32(255), np.zeros(1001, np.int64)),
+        "load float64": (pv.data.load(f"npz:{tmp_path / 'd64.npz'}", split=split, seed=11), x64, y),
+        "from_arrays": (pv.data.from_arrays(x, y, split=split, seed=11), x, y),
+        "from_arrays uint8": (pv.data.from_arrays(x8, split=split, seed=11),
+                              x8.reshape(1001, 6) / np.float32(255), np.zeros(1001, np.int64)),
+    }
+    assert np.array_equal(x, x_before)  # the caller's array is not reordered
+    for case, (ds, xs, ys) in cases.items():
+        want = _gathered_splits(torch.as_tensor(xs).float(), torch.as_tensor(ys), split, 11)
+        for s, (wx, wy) in zip((ds.train, ds.val, ds.test), want):
+            # pure data movement (and the same x/255 for uint8): exact equality is the right check
+            assert torch.equal(s.x, wx), case
+            if ds.train.y is not None:
+                assert torch.equal(s.y, wy), case
+        assert len(ds.train) + len(ds.val) + len(ds.test) == 1001
+
+
+def test_permutation_is_the_same_for_large_n():
+    """The int32 permutation pyrovi draws is torch's int64 one (seeded), also past 2**24 rows."""
+    from pyrovi.data import _split_perm
+
+    perm, n_test, n_val = _split_perm((1 << 24) + 3, (0.1, 0.1), 5)
+    assert perm.dtype == torch.int32 and n_test == n_val == round(((1 << 24) + 3) * 0.1)
+    assert torch.equal(perm.long(), torch.randperm((1 << 24) + 3, generator=torch.Generator().manual_seed(5)))
+
+
+def test_splits_share_one_array_and_static_binarization_is_unchanged():
+    x = np.random.default_rng(3).random((300, 4)).astype(np.float32)
+    ds = pv.data.from_arrays(x, split=(0.2, 0.1), seed=2, binarize="static")
+    ptr = ds.train.x.untyped_storage().data_ptr()
+    assert all(s.x.untyped_storage().data_ptr() == ptr for s in (ds.val, ds.test))  # views, not copies
+    g = torch.Generator().manual_seed(2 + 1)
+    xb = (torch.rand(x.shape, generator=g) < torch.as_tensor(x)).float()  # the binarization before this change
+    for s, (wx, _) in zip((ds.train, ds.val, ds.test), _gathered_splits(xb, torch.zeros(300), (0.2, 0.1), 2)):
+        assert torch.equal(s.x, wx)
+
+
+@pytest.mark.parametrize("dt", [">f8", "<f8", "<i8", ">i4", "<i2", "<f2", ">f4", "u1", "i1", "<u2"])
+def test_readers_convert_wide_numbers_to_float32_while_streaming(tmp_path, dt):
+    """``float32=True`` (what ``data.load`` asks): the float32 array ``.float()`` would give, without the
+    file's own array in memory; uint8 (scaled later), int8 and unsigned wider types are read as stored."""
+    import io
+
+    from pyrovi.readers import read_npz
+
+    a = np.asarray((np.random.default_rng(1).standard_normal((37, 5)) * 1000).astype(dt), order="F")
+    buf = io.BytesIO()
+    np.save(buf, a)
+    (tmp_path / "a.npy").write_bytes(buf.getvalue())
+    x, _, _ = read_npz(str(tmp_path / "a.npy"), float32=True)
+    native = a.astype(a.dtype.newbyteorder("="))
+    if dt in ("u1", "i1", "<u2"):
+        assert x.dtype == native.dtype and np.array_equal(x, native)
+    else:
+        assert x.dtype == np.float32 and torch.equal(torch.from_numpy(np.ascontiguousarray(x)),
+                                                     torch.from_numpy(native).float())
+    codes = {">f8": 0x0E, ">i4": 0x0C, ">f4": 0x0D}
+    if dt in codes:  # IDX (big-endian): plain and gzip, and still refused when truncated
+        raw = bytes([0, 0, codes[dt], 2]) + struct.pack(">II", *a.shape) + np.ascontiguousarray(a).tobytes()
+        for body in (raw, gzip.compress(raw)):
+            (tmp_path / "a.idx").write_bytes(body)
+            got = read_idx(str(tmp_path / "a.idx"), float32=True)
+            assert got.dtype == np.float32 and torch.equal(torch.from_numpy(got), torch.from_numpy(native).float())
+        (tmp_path / "a.idx").write_bytes(raw[:-3])
+        with pytest.raises(DataError, match="truncated"):
+            read_idx(str(tmp_path / "a.idx"), float32=True)

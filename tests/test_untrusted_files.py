@@ -289,7 +289,9 @@ try:
         out["nbytes"] = int(arr.nbytes)
     elif spec["call"] == "load":
         ds = pv.data.load(spec["arg"])
-        out["nbytes"] = sum(int(s.x.numel() * s.x.element_size()) for s in (ds.train, ds.val, ds.test))
+        # the final arrays: x and y of all three splits
+        out["nbytes"] = sum(int(t.numel() * t.element_size()) for s in (ds.train, ds.val, ds.test) for t in s
+                            if t is not None)
     elif spec["call"] == "load_run":
         pv.load_run(spec["arg"])
     elif spec["call"] == "history":
@@ -368,12 +370,17 @@ BOMBS = {
         lambda t: ("reader", _npz_zeros(t / "b.npz", (32 * MIB,)), "read_npz"), "loaded"),
     "npz 128 MiB of deflated zeros (data.load)": (lambda t: ("load", "npz:" + str(_npz_zeros(
         t / "c.npz", (MIB, 32))), None), "loaded"),
+    "npz 256 MiB of deflated float64 zeros (data.load)": (lambda t: ("load", "npz:" + str(_npz_zeros(
+        t / "l.npz", (MIB, 32), "<f8")), None), "loaded"),  # read as float32 while inflating: 128 MiB
     "npz longer than its header": (lambda t: ("reader", _npz_zeros(t / "d.npz", (MIB,), lie=64 * MIB), "read_npz"),
                                    "refused"),
     "gzip IDX 400 MiB (reader)": (lambda t: ("reader", _gzip_zeros(
         t / "e-images-idx3-ubyte.gz", _idx_head((400, 1024, 1024)), 400 * MIB), "read_idx"), "loaded"),
     "gzip IDX 64 MiB (data.load)": (lambda t: ("load", "idx:" + str(_gzip_zeros(
         t / "f-images-idx3-ubyte.gz", _idx_head((65536, 32, 32)), 64 * MIB)), None), "loaded"),
+    "gzip IDX 64 MiB with labels (data.load)": (lambda t: _gzip_zeros(  # the labels file beside it is found
+        t / "k-labels-idx1-ubyte.gz", _idx_head((65536,)), 65536) and ("load", "idx:" + str(_gzip_zeros(
+            t / "k-images-idx3-ubyte.gz", _idx_head((65536, 32, 32)), 64 * MIB)), None), "loaded"),
     "gzip IDX announcing 4 GiB": (lambda t: ("reader", _gzip_zeros(
         t / "g.gz", _idx_head((1 << 16, 1 << 16)), MIB), "read_idx"), "refused"),
     "gzip IDX with 512 MiB past its header": (lambda t: ("reader", _gzip_zeros(
@@ -398,9 +405,11 @@ def test_memory_bombs_refused_or_loaded_within_2x(tmp_path, case):
     if expected == "refused":
         assert r["delta"] < 64 * MIB, r  # refused before inflating
     else:
-        assert r["delta"] <= 2 * r["nbytes"] + 32 * MIB, r
+        # peak RSS growth within twice the final arrays, strictly: data.load reorders the rows of the one
+        # array it read in place (no second copy); the readers stream into an array of the announced size
+        assert r["delta"] <= 2 * r["nbytes"], r
     print(f"{case}: file {size} bytes, {r['outcome']}, peak RSS +{r['delta'] / MIB:.0f} MiB"
-          f"{', array %d MiB' % (r['nbytes'] // MIB) if 'nbytes' in r else ''}")
+          f"{', arrays %.1f MiB, %.2fx' % (r['nbytes'] / MIB, r['delta'] / r['nbytes']) if 'nbytes' in r else ''}")
 
 
 def _pagemap(d, name):
