@@ -332,59 +332,80 @@ def _slope(f, a: torch.Tensor) -> torch.Tensor:
 def _autoregressive_jacobian(module, t, ctx: torch.Tensor, x: torch.Tensor) -> tuple:
     """``(dy/dx (..., n, n), grad_x log|det J| (..., n))`` of the conditioned autoregressive layer ``t`` at ``x``.
 
-    The layer is ``y_i = phi(x_i; theta_i(x))`` with ``theta = MADE(x, context)``. The MADE's
-    Jacobian (``ConditionalAutoRegressiveNN``: masked linear layers and an elementwise
-    nonlinearity) is carried forward by hand, one tangent per input direction, so the
-    context's share of the first layer is never differentiated; ``phi``'s partial derivatives
-    in ``x_i`` and ``theta_i`` come from two reverse passes over the layer's own map (each
-    output reads only its own coordinate's parameters), and the chain rule joins the two.
+    The layer is ``y_i = phi(x_i; theta_i)`` with ``theta = MADE(x, context)``, a
+    ``ConditionalAutoRegressiveNN`` (masked linear layers ``W_l``, elementwise nonlinearity
+    ``f``), in closed form: with one hidden layer ``d theta / dx = W_out diag(f'(a)) W_1x``
+    (``W_1x``: the first layer's columns that read x, masked), deeper MADEs carry that
+    product through each hidden layer. ``phi``'s partials are contracted with ``W_out`` first
+    (``C[i, h] = sum_k d y_i / d theta_ki W_out[ki, h]``), so no per-draw tensor of size
+    ``n x`` (MADE outputs) is formed: ``dy/dx = diag(d phi/d x) + (C diag(f'(a))) W_1x``, and
+    ``grad log|det J|`` the same with ``log|det J|``'s partials. ``phi``'s partials are in
+    closed form for the iaf (``y = exp(s) x + m``) and from two reverse passes over the
+    layer's own map otherwise (spline); the context's share of the first layer is computed
+    once per context row, not per particle.
     """
     arn, n = module.nn, x.shape[-1]
     c = ctx.shape[-1]
-    lead = (n,) + (1,) * (x.dim() - 1)  # the direction dim, broadcast over the batch
     first = arn.layers[0]
     w1 = first.weight * first.mask  # (H, c + n): the MADE reads cat([context, x])
-    a = F.linear(ctx, w1[:, :c], first.bias) + F.linear(x, w1[:, c:])  # the context's share once, not per particle
-    tan = w1[:, c:].T.contiguous().reshape(lead + (-1,))  # (n, 1.., H): d a / d x_j (contiguous: so are the
-    # products below, whose strides follow it, and their reshapes are views, not copies)
-    for layer in arn.layers[1:]:
-        tan = tan * _slope(arn.f, a)  # (n, ..., H)
-        tan = (tan.reshape(-1, tan.shape[-1]) @ (layer.weight * layer.mask).T).reshape(tan.shape[:-1] + (-1,))
-        a = layer(arn.f(a))
+    tangent = w1[:, c:]  # d a / d x: (H, n) for every draw; (..., H, n) after a second hidden layer
+    a = F.linear(ctx, w1[:, :c], first.bias) + F.linear(x, tangent)
+    for layer in arn.layers[1:-1]:
+        w = layer.weight * layer.mask
+        tangent = w @ (_slope(arn.f, a).unsqueeze(-1) * tangent)
+        a = F.linear(arn.f(a), w, layer.bias)
+    last = arn.layers[-1]
+    w_out = last.weight * last.mask  # (m n, H): output k n + i is parameter row k of coordinate i
+    theta = F.linear(arn.f(a), w_out, last.bias)
+    slope = _slope(arn.f, a)
     if arn.skip_layer is not None:
-        a = a + arn.skip_layer(torch.cat([ctx.expand(x.shape[:-1] + ctx.shape[-1:]), x], dim=-1))
-        tan = tan + (arn.skip_layer.weight * arn.skip_layer.mask)[:, c:].T.contiguous().reshape(lead + (-1,))
+        w_skip = arn.skip_layer.weight * arn.skip_layer.mask
+        theta = theta + F.linear(ctx, w_skip[:, :c], arn.skip_layer.bias) + F.linear(x, w_skip[:, c:])
+    m = theta.shape[-1] // n
     single = arn.output_multiplier == 1 or arn.count_params == 1
-    params = _made_params(arn, a)
-    params = (params,) if single else tuple(params)
-    tans = _made_params(arn, tan.expand((n,) + a.shape))
-    tans = (tans,) if single else tuple(tans)
     if isinstance(t, AffineAutoregressive) and not t.stable and not single:
-        # iaf, in closed form: y = exp(s) x + m (s clamped, its gradient kept, as Pyro does), log|det| = sum s
-        s = clamp_preserve_gradients(params[1], t.log_scale_min_clip, t.log_scale_max_clip)
-        scale = torch.exp(s)
-        tm, ts = tans  # (n, ..., n) each: d m_i / d x_j, d s_i / d x_j at [j, ..., i]
-        jac = torch.diag_embed(scale) + (tm + (scale * x) * ts).movedim(0, -1)
-        return jac, ts.sum(-1).movedim(0, -1)
-    with torch.enable_grad():
-        x_ = x.detach().requires_grad_(True)
-        ps = [p.detach().requires_grad_(True) for p in params]
-        given = (lambda _: ps[0]) if single else (lambda _: tuple(ps))  # the MADE's output, given
-        if hasattr(t, "spline"):  # a spline layer reads its MADE through its spline's own reference
-            t.spline.nn = given
-        else:
-            t.arn = given
-        y = t(x_)  # Transform.__call__ caches (x, y): log_abs_det_jacobian then reads the cached value
-        ld = t.log_abs_det_jacobian(x_, y)
-        dy = torch.autograd.grad(y.sum(), [x_] + ps, retain_graph=True, allow_unused=True)
-        dld = torch.autograd.grad(ld.sum(), [x_] + ps, allow_unused=True)
-    jac = torch.diag_embed(dy[0])
-    grad_ld = torch.zeros_like(x) if dld[0] is None else dld[0]  # an affine layer's log|det| reads theta only
-    for gy, gl, tp in zip(dy[1:], dld[1:], tans):  # tp (n, ..., [k,] n): d theta / d x_j
-        if gy is not None:  # y_i reads theta[..., i] only: d y_i / d x_j = sum_k dy_i/dtheta_ki dtheta_ki/dx_j
-            jac = jac + (gy.unsqueeze(0) * tp).reshape((n,) + x.shape[:-1] + (-1, n)).sum(-2).movedim(0, -1)
-        if gl is not None:
-            grad_ld = grad_ld + (gl.unsqueeze(0) * tp).reshape((n,) + x.shape[:-1] + (-1,)).sum(-1).movedim(0, -1)
+        # iaf: y = exp(s) x + mu (s clamped, its gradient kept, as Pyro does), log|det| = sum s
+        scale = torch.exp(clamp_preserve_gradients(theta[..., n:], t.log_scale_min_clip, t.log_scale_max_clip))
+        gy = torch.stack([torch.ones_like(x), scale * x], dim=-2)  # (..., 2, n): d y_i / d (mu_i, s_i)
+        gl = torch.cat([x.new_zeros(n), x.new_ones(n)])  # d log|det| / d theta, the same for every draw
+        dy_dx, dld_dx = scale, None
+    else:
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(True)
+            theta_ = theta.detach().requires_grad_(True)
+            params = _made_params(arn, theta_)
+            given = lambda _: params  # noqa: E731 - the MADE's output, given
+            if hasattr(t, "spline"):  # a spline layer reads its MADE through its spline's own reference
+                t.spline.nn = given
+            else:
+                t.arn = given
+            y = t(x_)  # Transform.__call__ caches (x, y): log_abs_det_jacobian then reads the cached value
+            ld = t.log_abs_det_jacobian(x_, y)
+            dy_dx, gy = torch.autograd.grad(y.sum(), [x_, theta_], retain_graph=True, allow_unused=True)
+            dld_dx, gl = torch.autograd.grad(ld.sum(), [x_, theta_], allow_unused=True)
+        gy = torch.zeros_like(theta) if gy is None else gy
+        gy = gy.reshape(gy.shape[:-1] + (m, n))
+        gl = torch.zeros_like(theta) if gl is None else gl
+    hidden = w_out.shape[-1]
+    if tangent.dim() == 2 and m * n <= 2 * (m + n):
+        # d theta / dx of every draw in one product, f'(a) @ P with P[h, (p, j)] = W_out[p, h] W_1x[h, j]:
+        # at most twice the multiply-adds of the contraction below, and no (..., n, H) tensor (iaf: m = 2)
+        p = (w_out.T.unsqueeze(-1) * tangent.unsqueeze(1)).reshape(hidden, -1)  # (H, m n n)
+        dtheta = (slope.reshape(-1, hidden) @ p).reshape(slope.shape[:-1] + (m, n, n))
+        jac = (gy.unsqueeze(-1) * dtheta).sum(-3)
+    else:
+        cy = torch.einsum("...ki,kih->...ih", gy, w_out.reshape(m, n, hidden)) * slope.unsqueeze(-2)  # (..., n, H)
+        jac = (cy.reshape(-1, hidden) @ tangent).reshape(cy.shape[:-1] + (n,)) if tangent.dim() == 2 else cy @ tangent
+    if dy_dx is not None:  # jac was strictly triangular (the masks): add phi's own d y_i / d x_i
+        jac.diagonal(dim1=-2, dim2=-1).add_(dy_dx)
+    v = (gl @ w_out) * slope  # (..., H): d log|det| / d a
+    grad_ld = v @ tangent if tangent.dim() == 2 else (v.unsqueeze(-2) @ tangent).squeeze(-2)
+    if arn.skip_layer is not None:
+        ws = w_skip[:, c:]
+        jac = jac + torch.einsum("...ki,kij->...ij", gy, ws.reshape(m, n, n))
+        grad_ld = grad_ld + gl @ ws
+    if dld_dx is not None:
+        grad_ld = grad_ld + dld_dx
     return jac, grad_ld  # jac[..., i, j] = dy_i / dx_j
 
 
