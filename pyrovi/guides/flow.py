@@ -394,8 +394,14 @@ def _autoregressive_jacobian(module, t, ctx: torch.Tensor, x: torch.Tensor) -> t
         dtheta = (slope.reshape(-1, hidden) @ p).reshape(slope.shape[:-1] + (m, n, n))
         jac = (gy.unsqueeze(-1) * dtheta).sum(-3)
     else:
-        cy = torch.einsum("...ki,kih->...ih", gy, w_out.reshape(m, n, hidden)) * slope.unsqueeze(-2)  # (..., n, H)
-        jac = (cy.reshape(-1, hidden) @ tangent).reshape(cy.shape[:-1] + (n,)) if tangent.dim() == 2 else cy @ tangent
+        # C[i, ..., h] = sum_k d y_i / d theta_ki W_out[ki, h] f'(a_h), coordinate-major (one bmm, no permuted copy)
+        lead = slope.shape[:-1]
+        cy = gy.expand(lead + (m, n)).reshape(-1, m, n).permute(2, 0, 1) @ w_out.reshape(m, n, hidden).transpose(0, 1)
+        cy = cy.reshape((n,) + slope.shape).mul_(slope)  # (n, ..., H)
+        if tangent.dim() == 2:
+            jac = (cy.reshape(-1, hidden) @ tangent).reshape((n,) + lead + (n,)).movedim(0, -2)
+        else:
+            jac = (cy.unsqueeze(-2) @ tangent).squeeze(-2).movedim(0, -2)
     if dy_dx is not None:  # jac was strictly triangular (the masks): add phi's own d y_i / d x_i
         jac.diagonal(dim1=-2, dim2=-1).add_(dy_dx)
     v = (gl @ w_out) * slope  # (..., H): d log|det| / d a
