@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from functools import partial
 from typing import Optional
 
@@ -143,16 +144,17 @@ class _ConditionalRadial(ConditionalRadial):
 
 
 class _Draw:
-    """What the last :meth:`FlowDistribution.rsample` drew, detached: ``u_0 .. u_K`` and ``log q(u_K)``.
+    """What the last :meth:`FlowDistribution.rsample` drew, detached: ``u_0 .. u_K``, ``log q(u_K)`` and each
+    layer's log-scale where the layer computed one (an iaf layer's clamped ``s``; None for the others).
 
     Shared by a flow's q, its expanded copies (Pyro's particle plate expands q before drawing)
     and its stop-gradient score, so the score reads the very values the sampler computed.
     """
 
-    __slots__ = ("us", "log_q")
+    __slots__ = ("us", "log_q", "log_scales")
 
     def __init__(self):
-        self.us, self.log_q = None, None
+        self.us, self.log_q, self.log_scales = None, None, None
 
 
 class FlowDistribution(dist.TransformedDistribution):
@@ -195,7 +197,12 @@ class FlowDistribution(dist.TransformedDistribution):
                 log_q = log_q - ld
             log_q = log_q + self.base_dist.log_prob(us[0])
         self.draw.us, self.draw.log_q = [u.detach() for u in us], log_q.detach()
+        self.draw.log_scales = [_detached_or_none(getattr(t, "_cached_log_scale", None)) for t in self.transforms]
         return x
+
+
+def _detached_or_none(t):
+    return None if t is None else t.detach()
 
 
 class DetachedFlowScore(dist.TorchDistribution):
@@ -246,8 +253,10 @@ class DetachedFlowScore(dist.TorchDistribution):
         us = self.draw.us
         with torch.no_grad():
             g = -(us[0] - self.loc) / self.scale ** 2
-            for t, x in zip(self.head.transforms, us[:-1]):
-                g = _transpose_solve_step(t, t.condition(self.h), self.h, x, g)
+            for module, x, log_scale in zip(self.head.transforms, us[:-1], self.draw.log_scales):
+                # an autoregressive layer is read from its module (conditioning one builds a Module: ~0.2 ms)
+                t = None if _ar_info(module) else module.condition(self.h)
+                g = _transpose_solve_step(module, t, self.h, x, g, log_scale)
         return g
 
 
@@ -264,8 +273,12 @@ class _ScoreFromDraw(torch.autograd.Function):
         return grad.unsqueeze(-1) * ctx.score.value_gradient().to(grad.dtype), None
 
 
-def _transpose_solve_step(module, t, ctx: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``J^{-T} (g - grad_x log|det J|)`` for the layer ``module`` conditioned on ``ctx`` as ``t``, at ``x``."""
+def _transpose_solve_step(module, t, ctx: torch.Tensor, x: torch.Tensor, g: torch.Tensor,
+                          log_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``J^{-T} (g - grad_x log|det J|)`` for the layer ``module`` conditioned on ``ctx`` as ``t``, at ``x``.
+
+    ``t`` None: an autoregressive ``module`` (read directly); ``log_scale``: an iaf layer's, as its sampler
+    computed it at ``x`` (else recomputed)."""
     if isinstance(t, ConditionedPlanar):
         # y = x + u tanh(w.x + b): J = I + u psi^T, psi = (1 - tanh^2) w, log|det J| = log|1 + psi.u|
         bias, u, w = t._params() if callable(t._params) else t._params
@@ -293,19 +306,41 @@ def _transpose_solve_step(module, t, ctx: torch.Tensor, x: torch.Tensor, g: torc
         v = g - dld * e
         return v / a - (b / (a * (a + b))) * e * (e * v).sum(-1, keepdim=True)  # J symmetric: J^{-1} v
     # autoregressive (iaf, spline): J is triangular in the layer's variable order
-    jac, grad_ld = _autoregressive_jacobian(module, t, ctx, x)
+    jac, grad_ld = _autoregressive_jacobian(module, ctx, x, log_scale)
     v = g - grad_ld
+    order = _ar_info(module)[1]
+    if order != "permuted":  # J lower (identity order) or upper (reversed) triangular as it is: J^T the other
+        return torch.linalg.solve_triangular(jac.transpose(-1, -2), v.unsqueeze(-1), upper=order == "lower").squeeze(-1)
     perm = module.nn.get_permutation()  # output perm[i] depends on inputs perm[:i]
-    n = perm.numel()
-    order = torch.arange(n, device=perm.device)
-    if torch.equal(perm, order) or torch.equal(perm, order.flip(0)):  # J lower / upper triangular as it is
-        upper_t = bool(perm[0] == 0)  # J lower: J^T upper
-        return torch.linalg.solve_triangular(jac.transpose(-1, -2), v.unsqueeze(-1), upper=upper_t).squeeze(-1)
     lower = jac[..., perm, :][..., :, perm]  # row/column i = variable perm[i]: lower triangular
     sol = torch.linalg.solve_triangular(lower.transpose(-1, -2), v[..., perm].unsqueeze(-1), upper=True)
     out = torch.empty_like(v)
     out[..., perm] = sol.squeeze(-1)
     return out
+
+
+_AR_INFO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _ar_info(module) -> Optional[tuple]:
+    """``(iaf log-scale clip (min, max) or None, variable order)`` of an autoregressive layer, None for others.
+
+    Fixed when the layer is built, so read once per module: the order is ``"lower"`` (identity: J lower
+    triangular), ``"upper"`` (reversed) or ``"permuted"``; the clip is set for Pyro's (non-stable) affine layer.
+    """
+    if module not in _AR_INFO:
+        info = None
+        if isinstance(module, (ConditionalAffineAutoregressive, ConditionalSplineAutoregressive)):
+            t = module.condition(None)  # its options only: the MADE is not called
+            arn = module.nn
+            iaf = (isinstance(t, AffineAutoregressive) and not t.stable
+                   and arn.output_multiplier == 2 and arn.count_params == 2)
+            perm = arn.get_permutation()
+            order = torch.arange(perm.numel(), device=perm.device)
+            kind = "lower" if torch.equal(perm, order) else "upper" if torch.equal(perm, order.flip(0)) else "permuted"
+            info = ((t.log_scale_min_clip, t.log_scale_max_clip) if iaf else None, kind)
+        _AR_INFO[module] = info
+    return _AR_INFO[module]
 
 
 def _made_params(arn, h: torch.Tensor) -> tuple:
@@ -329,8 +364,9 @@ def _slope(f, a: torch.Tensor) -> torch.Tensor:
         return torch.autograd.grad(f(a_).sum(), a_)[0]
 
 
-def _autoregressive_jacobian(module, t, ctx: torch.Tensor, x: torch.Tensor) -> tuple:
-    """``(dy/dx (..., n, n), grad_x log|det J| (..., n))`` of the conditioned autoregressive layer ``t`` at ``x``.
+def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_scale: Optional[torch.Tensor] = None
+                             ) -> tuple:
+    """``(dy/dx (..., n, n), grad_x log|det J| (..., n))`` of the autoregressive layer ``module`` at ``x``, context ``ctx``.
 
     The layer is ``y_i = phi(x_i; theta_i)`` with ``theta = MADE(x, context)``, a
     ``ConditionalAutoRegressiveNN`` (masked linear layers ``W_l``, elementwise nonlinearity
@@ -342,34 +378,37 @@ def _autoregressive_jacobian(module, t, ctx: torch.Tensor, x: torch.Tensor) -> t
     ``grad log|det J|`` the same with ``log|det J|``'s partials. ``phi``'s partials are in
     closed form for the iaf (``y = exp(s) x + m``) and from two reverse passes over the
     layer's own map otherwise (spline); the context's share of the first layer is computed
-    once per context row, not per particle.
+    once per context row, not per particle. An iaf layer's ``log_scale`` (clamped ``s``), when
+    given (the sampler's), spares the MADE's output layer.
     """
     arn, n = module.nn, x.shape[-1]
     c = ctx.shape[-1]
-    first = arn.layers[0]
+    first, *hidden_layers, last = list(arn.layers)  # (slicing a ModuleList builds one: ~50 us)
     w1 = first.weight * first.mask  # (H, c + n): the MADE reads cat([context, x])
     tangent = w1[:, c:]  # d a / d x: (H, n) for every draw; (..., H, n) after a second hidden layer
     a = F.linear(ctx, w1[:, :c], first.bias) + F.linear(x, tangent)
-    for layer in arn.layers[1:-1]:
+    for layer in hidden_layers:
         w = layer.weight * layer.mask
         tangent = w @ (_slope(arn.f, a).unsqueeze(-1) * tangent)
         a = F.linear(arn.f(a), w, layer.bias)
-    last = arn.layers[-1]
     w_out = last.weight * last.mask  # (m n, H): output k n + i is parameter row k of coordinate i
-    theta = F.linear(arn.f(a), w_out, last.bias)
     slope = _slope(arn.f, a)
+    m = w_out.shape[0] // n
+    clip = _ar_info(module)[0]
     if arn.skip_layer is not None:
         w_skip = arn.skip_layer.weight * arn.skip_layer.mask
-        theta = theta + F.linear(ctx, w_skip[:, :c], arn.skip_layer.bias) + F.linear(x, w_skip[:, c:])
-    m = theta.shape[-1] // n
-    single = arn.output_multiplier == 1 or arn.count_params == 1
-    if isinstance(t, AffineAutoregressive) and not t.stable and not single:
+    if clip is None or log_scale is None:
+        theta = F.linear(arn.f(a), w_out, last.bias)
+        if arn.skip_layer is not None:
+            theta = theta + F.linear(ctx, w_skip[:, :c], arn.skip_layer.bias) + F.linear(x, w_skip[:, c:])
+    if clip is not None:
         # iaf: y = exp(s) x + mu (s clamped, its gradient kept, as Pyro does), log|det| = sum s
-        scale = torch.exp(clamp_preserve_gradients(theta[..., n:], t.log_scale_min_clip, t.log_scale_max_clip))
-        gy = torch.stack([torch.ones_like(x), scale * x], dim=-2)  # (..., 2, n): d y_i / d (mu_i, s_i)
+        scale = torch.exp(clamp_preserve_gradients(theta[..., n:], *clip) if log_scale is None else log_scale)
+        gy = torch.stack([torch.ones_like(scale), scale * x], dim=-2)  # (..., 2, n): d y_i / d (mu_i, s_i)
         gl = torch.cat([x.new_zeros(n), x.new_ones(n)])  # d log|det| / d theta, the same for every draw
         dy_dx, dld_dx = scale, None
     else:
+        t = module.condition(ctx)
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
             theta_ = theta.detach().requires_grad_(True)
