@@ -123,25 +123,26 @@ def detached(q):
 
 
 def fast_stop_gradient_weights(model, guide, args: tuple, particles: int, beta: float = 1.0,
-                               scale: "ScaleLatentGradients | None" = None):
+                               scale: "ScaleLatentGradients | None" = None, stratify: bool = False):
     """:func:`pyrovi.fastpath.fast_log_weights` with ``log q`` scored by each q's stop-gradient twin.
 
-    For pyrovi's model/guide pairs without mixture sites (the fast path's plain draws):
-    ``particles`` draws ``z ~ q`` per site; with ``scale`` (DReG) the model and the twin read
-    ``z`` through :class:`ScaleLatentGradients` (``rank`` 2: particles, datapoints).
+    For pyrovi's model/guide pairs: ``particles`` draws ``z ~ q`` per site, drawn as the fast
+    path draws them (:func:`pyrovi.fastpath._draw`: a mixture site expanded to ``(S, B)``; with
+    ``stratify``, stratified over its components, ``particles`` being per component times
+    ``guide.strata``, with ``log_rho``); with ``scale`` (DReG) the model and the twin read ``z``
+    through :class:`ScaleLatentGradients` (``rank`` 2: particles, datapoints).
     Returns :class:`~pyrovi.weights.LogWeights` with shapes ``(S, B)``.
     """
+    from .fastpath import _draw
     from .weights import LogWeights
 
     x, y = args[0], (args[1] if len(args) > 1 else None)
-    qs = guide.posterior(x, y)  # {site: q}, batch (B,)
-    z, log_q = {}, None
+    qs, z, _, log_rho = _draw(guide, x, y, particles, score=False, stratify=stratify)  # z (S, B, *event)
+    log_q = None
     for s, q in qs.items():
-        v = q.rsample((particles,))  # (S, B, *event)
-        n = len(q.event_shape)
+        v = z[s]
         if scale is not None:
-            v = scale.wrap(v, n, None)
-        z[s] = v
+            v = z[s] = scale.wrap(v, len(q.event_shape), None)
         lq = detached(q).log_prob(v)  # (S, B)
         log_q = lq if log_q is None else log_q + lq
     log_lik, priors = model.fast_log_joint(x, z, y)
@@ -152,7 +153,9 @@ def fast_stop_gradient_weights(model, guide, args: tuple, particles: int, beta: 
     if log_lik.shape != log_q.shape:
         log_lik = log_lik.expand_as(log_q)
     log_w = log_lik + (log_prior - log_q) if beta == 1.0 else log_lik + beta * (log_prior - log_q)
-    return LogWeights(log_w, log_lik + log_prior, log_q, log_lik, 1.0, True, None, None, None)
+    if log_rho is not None:
+        log_rho = log_rho.expand_as(log_w)
+    return LogWeights(log_w, log_lik + log_prior, log_q, log_lik, 1.0, True, None, None, log_rho)
 
 
 class _ScaleGrad(torch.autograd.Function):
