@@ -343,6 +343,23 @@ def _ar_info(module) -> Optional[tuple]:
     return _AR_INFO[module]
 
 
+_AR_PAIRS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _ar_pairs(module, device) -> tuple:
+    """``(rows, cols, rows * n + cols)``: the strictly triangular entries of an autoregressive layer's Jacobian
+    the masks allow (output ``rows[k]`` reads input ``cols[k]``: ``cols[k]`` comes before ``rows[k]`` in the
+    layer's order)."""
+    pairs = _AR_PAIRS.get(module)
+    if pairs is None or pairs[0].device != device:
+        perm = module.nn.get_permutation()
+        pos = torch.empty_like(perm)
+        pos[perm] = torch.arange(perm.numel(), device=perm.device)  # pos[v]: variable v's place in the order
+        rows, cols = torch.nonzero(pos.unsqueeze(1) > pos.unsqueeze(0), as_tuple=True)
+        pairs = _AR_PAIRS[module] = (rows.to(device), cols.to(device), (rows * perm.numel() + cols).to(device))
+    return pairs
+
+
 def _made_params(arn, h: torch.Tensor) -> tuple:
     """Split a MADE's last-layer output ``(..., m n)`` into its parameters, as the MADE's own forward does."""
     if arn.output_multiplier == 1:
@@ -355,10 +372,10 @@ def _made_params(arn, h: torch.Tensor) -> tuple:
     return tuple(h[..., sl, :] for sl in arn.param_slices)
 
 
-def _slope(f, a: torch.Tensor) -> torch.Tensor:
-    """``f'(a)`` of the MADE's elementwise nonlinearity ``f``."""
-    if isinstance(f, nn.ReLU):
-        return (a > 0).to(a.dtype)
+def _slope(f, a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``f'(a)`` of the MADE's elementwise nonlinearity ``f`` (``inplace``: ``a`` may be overwritten)."""
+    if isinstance(f, nn.ReLU):  # 1 where a > 0, else 0 (as ReLU's backward); 3x faster than (a > 0).to()
+        return a.relu_().sign_() if inplace else torch.relu(a).sign_()
     with torch.enable_grad():
         a_ = a.detach().requires_grad_(True)
         return torch.autograd.grad(f(a_).sum(), a_)[0]
@@ -386,13 +403,13 @@ def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_sca
     first, *hidden_layers, last = list(arn.layers)  # (slicing a ModuleList builds one: ~50 us)
     w1 = first.weight * first.mask  # (H, c + n): the MADE reads cat([context, x])
     tangent = w1[:, c:]  # d a / d x: (H, n) for every draw; (..., H, n) after a second hidden layer
-    a = F.linear(ctx, w1[:, :c], first.bias) + F.linear(x, tangent)
+    a, share = F.linear(x, tangent), F.linear(ctx, w1[:, :c], first.bias)  # share: once per context row
+    a = a.add_(share) if torch.broadcast_shapes(a.shape, share.shape) == a.shape else a + share
     for layer in hidden_layers:
         w = layer.weight * layer.mask
         tangent = w @ (_slope(arn.f, a).unsqueeze(-1) * tangent)
         a = F.linear(arn.f(a), w, layer.bias)
     w_out = last.weight * last.mask  # (m n, H): output k n + i is parameter row k of coordinate i
-    slope = _slope(arn.f, a)
     m = w_out.shape[0] // n
     clip = _ar_info(module)[0]
     if arn.skip_layer is not None:
@@ -401,12 +418,16 @@ def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_sca
         theta = F.linear(arn.f(a), w_out, last.bias)
         if arn.skip_layer is not None:
             theta = theta + F.linear(ctx, w_skip[:, :c], arn.skip_layer.bias) + F.linear(x, w_skip[:, c:])
+    slope = _slope(arn.f, a, inplace=True)  # (a is not read again)
+    hidden = w_out.shape[-1]
     if clip is not None:
         # iaf: y = exp(s) x + mu (s clamped, its gradient kept, as Pyro does), log|det| = sum s
         scale = torch.exp(clamp_preserve_gradients(theta[..., n:], *clip) if log_scale is None else log_scale)
-        gy = torch.stack([torch.ones_like(scale), scale * x], dim=-2)  # (..., 2, n): d y_i / d (mu_i, s_i)
-        gl = torch.cat([x.new_zeros(n), x.new_ones(n)])  # d log|det| / d theta, the same for every draw
+        sx = scale * x  # d y_i / d s_i (d y_i / d mu_i = 1)
         dy_dx, dld_dx = scale, None
+        if tangent.dim() > 2 or arn.skip_layer is not None:  # the general contraction below needs them
+            gy = torch.stack([torch.ones_like(sx), sx], dim=-2)  # (..., 2, n): d y_i / d (mu_i, s_i)
+            gl = torch.cat([x.new_zeros(n), x.new_ones(n)])  # d log|det| / d theta, the same for every draw
     else:
         t = module.condition(ctx)
         with torch.enable_grad():
@@ -425,26 +446,34 @@ def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_sca
         gy = torch.zeros_like(theta) if gy is None else gy
         gy = gy.reshape(gy.shape[:-1] + (m, n))
         gl = torch.zeros_like(theta) if gl is None else gl
-    hidden = w_out.shape[-1]
-    if tangent.dim() == 2 and m * n <= 2 * (m + n):
-        # d theta / dx of every draw in one product, f'(a) @ P with P[h, (p, j)] = W_out[p, h] W_1x[h, j]:
-        # at most twice the multiply-adds of the contraction below, and no (..., n, H) tensor (iaf: m = 2)
-        p = (w_out.T.unsqueeze(-1) * tangent.unsqueeze(1)).reshape(hidden, -1)  # (H, m n n)
-        dtheta = (slope.reshape(-1, hidden) @ p).reshape(slope.shape[:-1] + (m, n, n))
-        jac = (gy.unsqueeze(-1) * dtheta).sum(-3)
+    if clip is not None and tangent.dim() == 2:
+        # iaf, one hidden layer: every nonzero of d theta / dx and grad log|det J| in one product,
+        # f'(a) @ P, P's columns W_out[p, h] W_1x[h, j] for the (i, j) pairs the masks connect (half of
+        # n x n) and sum_i W_out[s_i, h] W_1x[h, j] for the log-determinant
+        rows, cols, flat = _ar_pairs(module, x.device)  # y_rows[k] reads x_cols[k]; flat = rows n + cols
+        k, lead = rows.numel(), slope.shape[:-1]
+        outer = w_out.T.unsqueeze(-1) * tangent.unsqueeze(1)  # (H, 2 n, n): d theta_p / dx_j through unit h
+        cols_p = torch.cat([outer.reshape(hidden, -1).index_select(1, torch.cat([flat, flat + n * n])),
+                            outer[:, n:].sum(1)], dim=1)  # (H, 2 k + n): (mu, s) of each pair, then d sum s / dx
+        prod = slope.reshape(-1, hidden) @ cols_p  # (draws, 2 k + n)
+        vals = torch.addcmul(prod[:, :k], sx.expand(lead + (n,)).reshape(-1, n).index_select(1, rows), prod[:, k:2 * k])
+        jac = prod.new_zeros(prod.shape[0], n * n).scatter_(1, flat.expand(prod.shape[0], k), vals)  # (index_put: 7x slower)
+        jac = jac.reshape(lead + (n, n))
+        grad_ld = prod[:, 2 * k:].reshape(lead + (n,))
     else:
         # C[i, ..., h] = sum_k d y_i / d theta_ki W_out[ki, h] f'(a_h), coordinate-major (one bmm, no permuted copy)
         lead = slope.shape[:-1]
         cy = gy.expand(lead + (m, n)).reshape(-1, m, n).permute(2, 0, 1) @ w_out.reshape(m, n, hidden).transpose(0, 1)
         cy = cy.reshape((n,) + slope.shape).mul_(slope)  # (n, ..., H)
+        v = (gl @ w_out) * slope  # (..., H): d log|det| / d a
         if tangent.dim() == 2:
             jac = (cy.reshape(-1, hidden) @ tangent).reshape((n,) + lead + (n,)).movedim(0, -2)
+            grad_ld = (v.reshape(-1, hidden) @ tangent).reshape(lead + (n,))
         else:
             jac = (cy.unsqueeze(-2) @ tangent).squeeze(-2).movedim(0, -2)
+            grad_ld = (v.unsqueeze(-2) @ tangent).squeeze(-2)
     if dy_dx is not None:  # jac was strictly triangular (the masks): add phi's own d y_i / d x_i
         jac.diagonal(dim1=-2, dim2=-1).add_(dy_dx)
-    v = (gl @ w_out) * slope  # (..., H): d log|det| / d a
-    grad_ld = v @ tangent if tangent.dim() == 2 else (v.unsqueeze(-2) @ tangent).squeeze(-2)
     if arn.skip_layer is not None:
         ws = w_skip[:, c:]
         jac = jac + torch.einsum("...ki,kij->...ij", gy, ws.reshape(m, n, n))
