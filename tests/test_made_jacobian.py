@@ -57,12 +57,14 @@ def test_closed_form_jacobian_matches_autograd(kind, n, hidden, f, skip, order):
 
     with torch.no_grad():
         jac, grad_ld = _autoregressive_jacobian(module, ctx, x)
-        if kind == "iaf":  # the score passes the sampler's own log-scale, sparing the MADE's output layer
-            t = module.condition(ctx)
-            t(x)
-            jac2, grad_ld2 = _autoregressive_jacobian(module, ctx, x, t._cached_log_scale)
-            torch.testing.assert_close(jac2, jac, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(grad_ld2, grad_ld, rtol=1e-12, atol=1e-12)
+        # the score passes what the sampler computed: the MADE's first-layer output (on [context, x]) and an
+        # iaf layer's log-scale, sparing the MADE's first (and output) layer
+        t = module.condition(ctx)
+        t(x)
+        pre = module.nn.layers[0](torch.cat([ctx.expand(x.shape[:-1] + (CONTEXT,)), x], dim=-1))
+        jac2, grad_ld2 = _autoregressive_jacobian(module, ctx, x, getattr(t, "_cached_log_scale", None), pre)
+        torch.testing.assert_close(jac2, jac, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad_ld2, grad_ld, rtol=1e-12, atol=1e-12)
     assert jac.shape == (2, 3, n, n) and grad_ld.shape == (2, 3, n)
 
     for s in range(2):
@@ -110,14 +112,18 @@ def test_iaf_layers_batched_match_autograd():
     assert _iaf_simple(modules)
     ctx = torch.randn(3, CONTEXT, dtype=torch.float64)
     xs = [torch.randn(2, 3, n, dtype=torch.float64) for _ in modules]
-    recorded = []
+    recorded, pres = [], []
     for m, x in zip(modules, xs):
         t = m.condition(ctx)
         t(x)
         recorded.append(t._cached_log_scale)
+        pres.append(m.nn.layers[0](torch.cat([ctx.expand(x.shape[:-1] + (CONTEXT,)), x], dim=-1)).detach())
     with torch.no_grad():
         jacs, grad_lds = _iaf_jacobians(modules, ctx, xs, [recorded[0], None, recorded[2]])
+        jacs2, grad_lds2 = _iaf_jacobians(modules, ctx, xs, recorded, pres)  # the sampler's own, as the score
     assert jacs.shape == (3, 2, 3, n, n) and grad_lds.shape == (3, 2, 3, n)
+    torch.testing.assert_close(jacs2, jacs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_lds2, grad_lds, rtol=1e-12, atol=1e-12)
     for layer, (m, x) in enumerate(zip(modules, xs)):
         for s in range(2):
             for b in range(3):

@@ -144,17 +144,18 @@ class _ConditionalRadial(ConditionalRadial):
 
 
 class _Draw:
-    """What the last :meth:`FlowDistribution.rsample` drew, detached: ``u_0 .. u_K``, ``log q(u_K)`` and each
-    layer's log-scale where the layer computed one (an iaf layer's clamped ``s``; None for the others).
+    """What the last :meth:`FlowDistribution.rsample` drew, detached: ``u_0 .. u_K``, ``log q(u_K)``, each
+    layer's log-scale where the layer computed one (an iaf layer's clamped ``s``; None for the others) and
+    each autoregressive layer's MADE first-layer output (its hidden pre-activation; None for the others).
 
     Shared by a flow's q, its expanded copies (Pyro's particle plate expands q before drawing)
     and its stop-gradient score, so the score reads the very values the sampler computed.
     """
 
-    __slots__ = ("us", "log_q", "log_scales")
+    __slots__ = ("us", "log_q", "log_scales", "pre")
 
     def __init__(self):
-        self.us, self.log_q, self.log_scales = None, None, None
+        self.us, self.log_q, self.log_scales, self.pre = None, None, None, None
 
 
 class FlowDistribution(dist.TransformedDistribution):
@@ -185,9 +186,17 @@ class FlowDistribution(dist.TransformedDistribution):
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         x = self.base_dist.rsample(sample_shape)
-        us, lds = [x], []
+        us, lds, pre = [x], [], []
         for t in self.transforms:
-            y = t(x)  # Transform.__call__: Pyro caches (x, y) and this layer's log|det J|
+            first = _made_first_layer(t)
+            seen = []
+            hook = None if first is None else first.register_forward_hook(lambda m, i, out: seen.append(out))
+            try:
+                y = t(x)  # Transform.__call__: Pyro caches (x, y) and this layer's log|det J|
+            finally:
+                if hook is not None:
+                    hook.remove()
+            pre.append(seen[-1].detach() if seen else None)
             lds.append(t.log_abs_det_jacobian(x, y))
             x = y
             us.append(x)
@@ -198,11 +207,20 @@ class FlowDistribution(dist.TransformedDistribution):
             log_q = log_q + self.base_dist.log_prob(us[0])
         self.draw.us, self.draw.log_q = [u.detach() for u in us], log_q.detach()
         self.draw.log_scales = [_detached_or_none(getattr(t, "_cached_log_scale", None)) for t in self.transforms]
+        self.draw.pre = pre
         return x
 
 
 def _detached_or_none(t):
     return None if t is None else t.detach()
+
+
+def _made_first_layer(t):
+    """The first masked layer of a conditioned autoregressive layer's MADE (its output: the hidden
+    pre-activation the stl/dreg score reads), else None."""
+    arn = getattr(t, "arn", None)  # Pyro's conditioned iaf/spline: partial(ConditionalAutoRegressiveNN, context)
+    made = getattr(arn, "func", None)
+    return made.layers[0] if isinstance(made, ConditionalAutoRegressiveNN) else None
 
 
 class DetachedFlowScore(dist.TorchDistribution):
@@ -250,7 +268,7 @@ class DetachedFlowScore(dist.TorchDistribution):
 
     def value_gradient(self) -> torch.Tensor:
         """:math:`\partial \log q / \partial z` at the recorded draw with the parameters held fixed, ``(..., n)``."""
-        us, modules, log_scales = self.draw.us, list(self.head.transforms), self.draw.log_scales
+        us, modules, log_scales, pre = self.draw.us, list(self.head.transforms), self.draw.log_scales, self.draw.pre
         with torch.no_grad():
             g = -(us[0] - self.loc) / self.scale ** 2
             if _iaf_simple(modules) and all(s is not None for s in log_scales):
@@ -259,14 +277,15 @@ class DetachedFlowScore(dist.TorchDistribution):
                 per = len(modules) if us[0].numel() // us[0].shape[-1] <= _FUSE_DRAWS else 1
                 for i in range(0, len(modules), per):
                     group = modules[i:i + per]
-                    jacs, grad_lds = _iaf_jacobians(group, self.h, us[i:i + len(group)], log_scales[i:i + per])
+                    jacs, grad_lds = _iaf_jacobians(group, self.h, us[i:i + len(group)], log_scales[i:i + per],
+                                                    pre[i:i + per])
                     for module, jac, grad_ld in zip(group, jacs, grad_lds):
                         g = _solve_transposed(module, jac, g - grad_ld)
                 return g
-            for module, x, log_scale in zip(modules, us[:-1], log_scales):
+            for module, x, log_scale, a in zip(modules, us[:-1], log_scales, pre):
                 # an autoregressive layer is read from its module (conditioning one builds a Module: ~0.2 ms)
                 t = None if _ar_info(module) else module.condition(self.h)
-                g = _transpose_solve_step(module, t, self.h, x, g, log_scale)
+                g = _transpose_solve_step(module, t, self.h, x, g, log_scale, a)
         return g
 
 
@@ -284,11 +303,12 @@ class _ScoreFromDraw(torch.autograd.Function):
 
 
 def _transpose_solve_step(module, t, ctx: torch.Tensor, x: torch.Tensor, g: torch.Tensor,
-                          log_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          log_scale: Optional[torch.Tensor] = None, pre: Optional[torch.Tensor] = None
+                          ) -> torch.Tensor:
     """``J^{-T} (g - grad_x log|det J|)`` for the layer ``module`` conditioned on ``ctx`` as ``t``, at ``x``.
 
-    ``t`` None: an autoregressive ``module`` (read directly); ``log_scale``: an iaf layer's, as its sampler
-    computed it at ``x`` (else recomputed)."""
+    ``t`` None: an autoregressive ``module`` (read directly); ``log_scale`` (an iaf layer's) and ``pre``
+    (its MADE's first-layer output), as its sampler computed them at ``x`` (else recomputed)."""
     if isinstance(t, ConditionedPlanar):
         # y = x + u tanh(w.x + b): J = I + u psi^T, psi = (1 - tanh^2) w, log|det J| = log|1 + psi.u|
         bias, u, w = t._params() if callable(t._params) else t._params
@@ -316,7 +336,7 @@ def _transpose_solve_step(module, t, ctx: torch.Tensor, x: torch.Tensor, g: torc
         v = g - dld * e
         return v / a - (b / (a * (a + b))) * e * (e * v).sum(-1, keepdim=True)  # J symmetric: J^{-1} v
     # autoregressive (iaf, spline): J is triangular in the layer's variable order
-    jac, grad_ld = _autoregressive_jacobian(module, ctx, x, log_scale)
+    jac, grad_ld = _autoregressive_jacobian(module, ctx, x, log_scale, pre)
     return _solve_transposed(module, jac, g - grad_ld)
 
 
@@ -409,7 +429,7 @@ def _iaf_simple(modules) -> bool:
     return len(shapes) == 1 and len({_ar_info(m)[0] for m in modules}) == 1
 
 
-def _iaf_jacobians(modules, ctx: torch.Tensor, xs, log_scales) -> tuple:
+def _iaf_jacobians(modules, ctx: torch.Tensor, xs, log_scales, pres=None) -> tuple:
     """``(dy/dx (L, ..., n, n), grad_x log|det J| (L, ..., n))`` of L iaf layers (:func:`_iaf_simple`) at ``xs``.
 
     Layer l is ``y = exp(s) x + mu`` with ``(mu, s) = MADE_l(x, ctx)``, one hidden layer:
@@ -417,7 +437,9 @@ def _iaf_jacobians(modules, ctx: torch.Tensor, xs, log_scales) -> tuple:
     connect: half of n x n) and its ``grad log|det J| = grad sum s`` come from one product
     ``f'(a) @ P`` with ``P``'s columns ``W_out[p, h] W_1x[h, j]``, the L layers batched (each
     op once per step, not once per layer). ``log_scales[l]``: the layer's clamped ``s`` at
-    ``xs[l]`` as its sampler computed it, or None (recomputed from the MADE's output layer).
+    ``xs[l]`` as its sampler computed it, or None (recomputed from the MADE's output layer);
+    ``pres[l]``: its MADE's first-layer output there, or None (recomputed, the context's
+    share once per context row).
     """
     n, c = xs[0].shape[-1], ctx.shape[-1]
     arns = [m.nn for m in modules]
@@ -436,11 +458,14 @@ def _iaf_jacobians(modules, ctx: torch.Tensor, xs, log_scales) -> tuple:
     x = stack(list(xs))  # (L, ..., n)
     lead = x.shape[1:-1]
     tangent = w1[..., c:]  # (L, H, n): d a / d x
-    share = bmm(ctx.reshape(1, -1, c).expand(n_layers, -1, c), w1[..., :c].transpose(1, 2),
-                stack([a.layers[0].bias for a in arns]).unsqueeze(1))
-    share = share.reshape((n_layers,) + (1,) * (len(lead) + 1 - ctx.dim()) + ctx.shape[:-1] + (hidden,))
-    a = bmm(x.reshape(n_layers, -1, n), tangent.transpose(1, 2)).reshape((n_layers,) + lead + (hidden,))
-    a = a.add_(share) if torch.broadcast_shapes(a.shape, share.shape) == a.shape else a + share
+    if pres is not None and all(p is not None for p in pres):  # the sampler's own
+        a, owned = stack(list(pres)), n_layers > 1  # (a stacked copy may be overwritten)
+    else:
+        share = bmm(ctx.reshape(1, -1, c).expand(n_layers, -1, c), w1[..., :c].transpose(1, 2),
+                    stack([a.layers[0].bias for a in arns]).unsqueeze(1))
+        share = share.reshape((n_layers,) + (1,) * (len(lead) + 1 - ctx.dim()) + ctx.shape[:-1] + (hidden,))
+        a = bmm(x.reshape(n_layers, -1, n), tangent.transpose(1, 2)).reshape((n_layers,) + lead + (hidden,))
+        a, owned = a.add_(share) if torch.broadcast_shapes(a.shape, share.shape) == a.shape else a + share, True
     if any(s is None for s in log_scales):  # the MADE's output layer, as the sampler ran it
         theta_s = bmm(arns[0].f(a).reshape(n_layers, -1, hidden), w_out[:, n:].transpose(1, 2),
                       stack([a_.layers[1].bias[n:] for a_ in arns]).unsqueeze(1))
@@ -449,7 +474,7 @@ def _iaf_jacobians(modules, ctx: torch.Tensor, xs, log_scales) -> tuple:
         log_s = stack([log_s[i] if s is None else s for i, s in enumerate(log_scales)])
     else:
         log_s = stack(list(log_scales))
-    slope = _slope(arns[0].f, a, inplace=True).reshape(n_layers, -1, hidden)  # (a is not read again)
+    slope = _slope(arns[0].f, a, inplace=owned).reshape(n_layers, -1, hidden)  # (a is not read again)
     rows, cols, flat = (stack(t) for t in zip(*(_ar_pairs(m, x.device) for m in modules)))  # (L, k)
     k = rows.shape[-1]
     outer = w_out.transpose(1, 2).unsqueeze(-1) * tangent.unsqueeze(2)  # (L, H, 2n, n): d theta_p/dx_j via unit h
@@ -466,8 +491,8 @@ def _iaf_jacobians(modules, ctx: torch.Tensor, xs, log_scales) -> tuple:
     return jac.reshape((n_layers,) + lead + (n, n)), prod[..., 2 * k:].reshape(x.shape)
 
 
-def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_scale: Optional[torch.Tensor] = None
-                             ) -> tuple:
+def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_scale: Optional[torch.Tensor] = None,
+                             pre: Optional[torch.Tensor] = None) -> tuple:
     """``(dy/dx (..., n, n), grad_x log|det J| (..., n))`` of the autoregressive layer ``module`` at ``x``, context ``ctx``.
 
     The layer is ``y_i = phi(x_i; theta_i)`` with ``theta = MADE(x, context)``, a
@@ -481,22 +506,26 @@ def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_sca
     closed form for the iaf (``y = exp(s) x + m``) and from two reverse passes over the
     layer's own map otherwise (spline); the context's share of the first layer is computed
     once per context row, not per particle. An iaf layer's ``log_scale`` (clamped ``s``), when
-    given (the sampler's), spares the MADE's output layer.
+    given (the sampler's), spares the MADE's output layer; ``pre``, its first layer's output
+    (the sampler's), the first layer.
     """
     if _iaf_simple([module]):
-        jac, grad_ld = _iaf_jacobians([module], ctx, [x], [log_scale])
+        jac, grad_ld = _iaf_jacobians([module], ctx, [x], [log_scale], [pre])
         return jac[0], grad_ld[0]
     arn, n = module.nn, x.shape[-1]
     c = ctx.shape[-1]
     first, *hidden_layers, last = list(arn.layers)  # (slicing a ModuleList builds one: ~50 us)
     w1 = first.weight * first.mask  # (H, c + n): the MADE reads cat([context, x])
     tangent = w1[:, c:]  # d a / d x: (H, n) for every draw; (..., H, n) after a second hidden layer
-    a, share = F.linear(x, tangent), F.linear(ctx, w1[:, :c], first.bias)  # share: once per context row
-    a = a.add_(share) if torch.broadcast_shapes(a.shape, share.shape) == a.shape else a + share
+    if pre is not None:  # the sampler's own
+        a, owned = pre, False
+    else:
+        a, share = F.linear(x, tangent), F.linear(ctx, w1[:, :c], first.bias)  # share: once per context row
+        a, owned = a.add_(share) if torch.broadcast_shapes(a.shape, share.shape) == a.shape else a + share, True
     for layer in hidden_layers:
         w = layer.weight * layer.mask
         tangent = w @ (_slope(arn.f, a).unsqueeze(-1) * tangent)
-        a = F.linear(arn.f(a), w, layer.bias)
+        a, owned = F.linear(arn.f(a), w, layer.bias), True
     w_out = last.weight * last.mask  # (m n, H): output k n + i is parameter row k of coordinate i
     m = w_out.shape[0] // n
     clip = _ar_info(module)[0]
@@ -506,7 +535,7 @@ def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_sca
         theta = F.linear(arn.f(a), w_out, last.bias)
         if arn.skip_layer is not None:
             theta = theta + F.linear(ctx, w_skip[:, :c], arn.skip_layer.bias) + F.linear(x, w_skip[:, c:])
-    slope = _slope(arn.f, a, inplace=True)  # (a is not read again)
+    slope = _slope(arn.f, a, inplace=owned)  # (a is not read again)
     hidden = w_out.shape[-1]
     if clip is not None:
         # iaf: y = exp(s) x + mu (s clamped, its gradient kept, as Pyro does), log|det| = sum s
