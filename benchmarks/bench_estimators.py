@@ -129,7 +129,8 @@ def main() -> None:
             "--threads", str(a.threads), "--guides", a.guides, "--clock", a.clock]
     before = _before(a.before, argv) if a.before else None
     print(f"digits VAE (8 latents, 128 hidden), batch {a.batch}, K={a.k} for iwae/dreg, {a.steps} steps, "
-          f"{a.threads} thread(s); median ms per step ({a.clock} time)" + (f"; before = revision {a.before}" if before else ""))
+          f"{a.threads} thread(s); median ms per step ({a.clock} time)"
+          + (f"; before = revision {a.before}" if before else ""))
     if before:
         print("| guide | elbo | stl | iwae | dreg | stl/elbo | dreg/iwae | stl/elbo before | dreg/iwae before |")
         print("|---|---|---|---|---|---|---|---|---|")

@@ -14,10 +14,15 @@ How the detached q is obtained, per guide site:
    :data:`STOP_GRADIENT_FN`. For a Gaussian or mixture this is the same
    distribution built from detached parameter tensors (a closed form). For a
    flow it is :class:`~pyrovi.guides.flow.DetachedFlowScore`, which reads what
-   the flow's sampler recorded for its draw (the base draw and every layer's
-   value): its value is the sampler's own ``log q`` (bit for bit) and its
-   gradient to ``z`` is :math:`\partial \log q / \partial z` at fixed
+   the flow's sampler recorded for its draw (the base draw, every layer's
+   value and, for autoregressive layers, the MADE's first-layer output and the
+   iaf's log-scale): its value is the sampler's own ``log q`` (bit for bit) and
+   its gradient to ``z`` is :math:`\partial \log q / \partial z` at fixed
    parameters, propagated through the layers' Jacobians, so nothing is inverted.
+   Planar and radial layers take closed forms; an autoregressive layer's
+   triangular Jacobian is formed in closed form from the MADE's masked weights
+   (``d theta / dx = W_out diag(f'(a)) W_1x``) and solved. Its cost, per guide,
+   is in ``benchmarks/RESULTS.md`` (*Cost of stl and dreg per guide*).
 2. Any other guide (Pyro autoguides, a user's guide): the site's distribution
    is rebuilt from detached copies of its parameter tensors
    (:func:`detach_distribution`), which covers the usual reparameterized

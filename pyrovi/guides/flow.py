@@ -237,8 +237,10 @@ class DetachedFlowScore(dist.TorchDistribution):
 
     with :math:`J_k = \partial f_k / \partial u_{k-1}`. Nothing is inverted: planar
     and radial layers use closed forms (rank-one updates of the identity), the
-    autoregressive layers (iaf, spline) their triangular Jacobian, formed by one
-    vectorized forward-mode pass and solved with ``torch.linalg.solve_triangular``.
+    autoregressive layers (iaf, spline) their triangular Jacobian, formed in closed
+    form from the MADE's masked weights and the sampler's recorded first-layer output
+    (:func:`_iaf_jacobians`, :func:`_autoregressive_jacobian`) and solved with
+    ``torch.linalg.solve_triangular``.
     Only ``log_prob`` of the recorded draw (any value of its shape, e.g. a copy of
     it, is taken to be that draw) is defined.
     """
@@ -493,7 +495,8 @@ def _iaf_jacobians(modules, ctx: torch.Tensor, xs, log_scales, pres=None) -> tup
 
 def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_scale: Optional[torch.Tensor] = None,
                              pre: Optional[torch.Tensor] = None) -> tuple:
-    """``(dy/dx (..., n, n), grad_x log|det J| (..., n))`` of the autoregressive layer ``module`` at ``x``, context ``ctx``.
+    """``(dy/dx (..., n, n), grad_x log|det J| (..., n))`` of the autoregressive layer ``module`` at ``x``
+    (context ``ctx``).
 
     The layer is ``y_i = phi(x_i; theta_i)`` with ``theta = MADE(x, context)``, a
     ``ConditionalAutoRegressiveNN`` (masked linear layers ``W_l``, elementwise nonlinearity
