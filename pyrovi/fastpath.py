@@ -29,7 +29,7 @@ weights as ``log_rho``; a caller that does not draw them so must not take the fa
 path for such a guide, hence :func:`supported`'s ``stratify`` flag. The lean
 distributions of :mod:`pyrovi.distributions` keep the rest of the step close to
 hand-written PyTorch (``benchmarks/RESULTS.md``). ``stl`` and ``dreg`` take a fast
-path of their own for guides without mixture sites
+path of their own, drawn as here (mixture guides too: ``stl`` stratified, ``dreg`` plain)
 (:func:`pyrovi.stop_gradient.fast_stop_gradient_weights`).
 
 Which path ran is recorded by the caller: ``Objective.path_counts``.

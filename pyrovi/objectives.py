@@ -369,11 +369,10 @@ class STL(Objective):
                 return iw_bound(fastpath.fast_elbo_weights(model, guide, *args, particles=self.particles, beta=beta),
                                 alpha=1.0)
             return iw_bound(self._elbo_weights(model, guide, args, kwargs, depth), alpha=1.0)
-        if fast and strata(guide) == 1:
-            lw = fast_stop_gradient_weights(model, guide, args, self.particles, beta)
+        if fast:  # a mixture guide's draws stratified over its components, as on the traced path
+            c = strata(guide)
+            lw = fast_stop_gradient_weights(model, guide, args, self.particles * c, beta, stratify=c > 1)
         else:
-            if fast and beta != 1.0:  # a mixture guide's stratified draws are traced: beta into the traces
-                model, guide = ScaleLatents(beta)(model), ScaleLatents(beta)(guide)
             lw = self._elbo_weights(model, guide, args, kwargs, depth, guide_log_prob=StopGradientScorer())
         log_w = lw.log_w  # (S, B) or (S, 1)
         assert log_w.dim() == 2 and log_w.shape[0] == self.particles * strata(guide)
@@ -480,12 +479,10 @@ class DReG(Objective):
                 lw = log_weights(model, guide, *args, particles=self.particles, max_plate_nesting=depth,
                                  data_plate=self.data_plate, **kwargs)
             return iw_bound(lw, alpha=0.0)
-        if fast and strata(guide) == 1:
+        if fast:  # a mixture guide's draws plain (the IWAE bound), as on the traced path
             scale = ScaleLatentGradients(rank=2, data_plate=self.data_plate)
             lw = fast_stop_gradient_weights(model, guide, args, self.particles, beta, scale)
         else:
-            if fast and beta != 1.0:  # a mixture's twin is read from the traces: beta into the traces
-                model, guide = ScaleLatents(beta)(model), ScaleLatents(beta)(guide)
             if depth is None:
                 depth = guess_max_plate_nesting(model, guide, args, kwargs)
             scale = ScaleLatentGradients(rank=depth + 1, data_plate=self.data_plate)

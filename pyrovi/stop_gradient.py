@@ -14,10 +14,15 @@ How the detached q is obtained, per guide site:
    :data:`STOP_GRADIENT_FN`. For a Gaussian or mixture this is the same
    distribution built from detached parameter tensors (a closed form). For a
    flow it is :class:`~pyrovi.guides.flow.DetachedFlowScore`, which reads what
-   the flow's sampler recorded for its draw (the base draw and every layer's
-   value): its value is the sampler's own ``log q`` (bit for bit) and its
-   gradient to ``z`` is :math:`\partial \log q / \partial z` at fixed
+   the flow's sampler recorded for its draw (the base draw, every layer's
+   value and, for autoregressive layers, the MADE's first-layer output and the
+   iaf's log-scale): its value is the sampler's own ``log q`` (bit for bit) and
+   its gradient to ``z`` is :math:`\partial \log q / \partial z` at fixed
    parameters, propagated through the layers' Jacobians, so nothing is inverted.
+   Planar and radial layers take closed forms; an autoregressive layer's
+   triangular Jacobian is formed in closed form from the MADE's masked weights
+   (``d theta / dx = W_out diag(f'(a)) W_1x``) and solved. Its cost, per guide,
+   is in ``benchmarks/RESULTS.md`` (*Cost of stl and dreg per guide*).
 2. Any other guide (Pyro autoguides, a user's guide): the site's distribution
    is rebuilt from detached copies of its parameter tensors
    (:func:`detach_distribution`), which covers the usual reparameterized
@@ -123,25 +128,26 @@ def detached(q):
 
 
 def fast_stop_gradient_weights(model, guide, args: tuple, particles: int, beta: float = 1.0,
-                               scale: "ScaleLatentGradients | None" = None):
+                               scale: "ScaleLatentGradients | None" = None, stratify: bool = False):
     """:func:`pyrovi.fastpath.fast_log_weights` with ``log q`` scored by each q's stop-gradient twin.
 
-    For pyrovi's model/guide pairs without mixture sites (the fast path's plain draws):
-    ``particles`` draws ``z ~ q`` per site; with ``scale`` (DReG) the model and the twin read
-    ``z`` through :class:`ScaleLatentGradients` (``rank`` 2: particles, datapoints).
+    For pyrovi's model/guide pairs: ``particles`` draws ``z ~ q`` per site, drawn as the fast
+    path draws them (:func:`pyrovi.fastpath._draw`: a mixture site expanded to ``(S, B)``; with
+    ``stratify``, stratified over its components, ``particles`` being per component times
+    ``guide.strata``, with ``log_rho``); with ``scale`` (DReG) the model and the twin read ``z``
+    through :class:`ScaleLatentGradients` (``rank`` 2: particles, datapoints).
     Returns :class:`~pyrovi.weights.LogWeights` with shapes ``(S, B)``.
     """
+    from .fastpath import _draw
     from .weights import LogWeights
 
     x, y = args[0], (args[1] if len(args) > 1 else None)
-    qs = guide.posterior(x, y)  # {site: q}, batch (B,)
-    z, log_q = {}, None
+    qs, z, _, log_rho = _draw(guide, x, y, particles, score=False, stratify=stratify)  # z (S, B, *event)
+    log_q = None
     for s, q in qs.items():
-        v = q.rsample((particles,))  # (S, B, *event)
-        n = len(q.event_shape)
+        v = z[s]
         if scale is not None:
-            v = scale.wrap(v, n, None)
-        z[s] = v
+            v = z[s] = scale.wrap(v, len(q.event_shape), None)
         lq = detached(q).log_prob(v)  # (S, B)
         log_q = lq if log_q is None else log_q + lq
     log_lik, priors = model.fast_log_joint(x, z, y)
@@ -152,7 +158,9 @@ def fast_stop_gradient_weights(model, guide, args: tuple, particles: int, beta: 
     if log_lik.shape != log_q.shape:
         log_lik = log_lik.expand_as(log_q)
     log_w = log_lik + (log_prior - log_q) if beta == 1.0 else log_lik + beta * (log_prior - log_q)
-    return LogWeights(log_w, log_lik + log_prior, log_q, log_lik, 1.0, True, None, None, None)
+    if log_rho is not None:
+        log_rho = log_rho.expand_as(log_w)
+    return LogWeights(log_w, log_lik + log_prior, log_q, log_lik, 1.0, True, None, None, log_rho)
 
 
 class _ScaleGrad(torch.autograd.Function):
