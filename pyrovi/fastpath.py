@@ -128,6 +128,12 @@ def fast_log_weights(model, guide, *args, particles: int = 1, beta: float = 1.0,
     """
     x, y = _split(args)
     qs, z, log_q, log_rho = _draw(guide, x, y, particles, stratify=stratify)  # log_q (S, B)
+    return _weights(model, x, y, qs, z, log_q, log_rho, beta)
+
+
+def _weights(model, x, y, qs: dict, z: dict, log_q: torch.Tensor, log_rho, beta: float) -> LogWeights:
+    """:class:`LogWeights` ``(S, B)`` of the draws ``z`` of the sites ``qs``, scored ``log_q`` (by q itself, or by
+    its stop-gradient twin: :func:`pyrovi.stop_gradient.fast_stop_gradient_weights`)."""
     log_lik, priors = model.fast_log_joint(x, z, y)  # (S, B), {site: p(z)}
     log_prior = _total(priors[s].log_prob(z[s]) for s in qs)  # (S, B)
     if log_lik.shape != log_q.shape:

@@ -138,8 +138,7 @@ def fast_stop_gradient_weights(model, guide, args: tuple, particles: int, beta: 
     through :class:`ScaleLatentGradients` (``rank`` 2: particles, datapoints).
     Returns :class:`~pyrovi.weights.LogWeights` with shapes ``(S, B)``.
     """
-    from .fastpath import _draw
-    from .weights import LogWeights
+    from .fastpath import _draw, _weights
 
     x, y = args[0], (args[1] if len(args) > 1 else None)
     qs, z, _, log_rho = _draw(guide, x, y, particles, score=False, stratify=stratify)  # z (S, B, *event)
@@ -150,17 +149,7 @@ def fast_stop_gradient_weights(model, guide, args: tuple, particles: int, beta: 
             v = z[s] = scale.wrap(v, len(q.event_shape), None)
         lq = detached(q).log_prob(v)  # (S, B)
         log_q = lq if log_q is None else log_q + lq
-    log_lik, priors = model.fast_log_joint(x, z, y)
-    log_prior = None
-    for s in qs:
-        lp = priors[s].log_prob(z[s])
-        log_prior = lp if log_prior is None else log_prior + lp
-    if log_lik.shape != log_q.shape:
-        log_lik = log_lik.expand_as(log_q)
-    log_w = log_lik + (log_prior - log_q) if beta == 1.0 else log_lik + beta * (log_prior - log_q)
-    if log_rho is not None:
-        log_rho = log_rho.expand_as(log_w)
-    return LogWeights(log_w, log_lik + log_prior, log_q, log_lik, 1.0, True, None, None, log_rho)
+    return _weights(model, x, y, qs, z, log_q, log_rho, beta)
 
 
 class _ScaleGrad(torch.autograd.Function):
