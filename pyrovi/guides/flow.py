@@ -188,7 +188,8 @@ class FlowDistribution(dist.TransformedDistribution):
         x = self.base_dist.rsample(sample_shape)
         us, lds, pre = [x], [], []
         for t in self.transforms:
-            first = _made_first_layer(t)
+            # the score's backward reads it; without gradients (evaluation) nothing will, so it is not kept
+            first = _made_first_layer(t) if torch.is_grad_enabled() else None
             seen = []
             hook = None if first is None else first.register_forward_hook(lambda m, i, out: seen.append(out))
             try:
