@@ -97,6 +97,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="share of the data held out for validation (default: 0.1); 0: none, early stopping "
                         "then watches the training loss")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                   help="float64 trains model, guide and data in double precision (default: float32)")
     g.add_argument("--precision", default=None,
                    help="32 | tf32 | bf16 | 16-mixed: mixed precision for the nets; loss and log-densities stay "
                         "float32 (default: 32)")
@@ -240,7 +242,8 @@ def _train(args) -> int:
               val_fraction=args.val_fraction, optimizer=args.optimizer,
               optimizer_kwargs=_json_arg(args.optimizer_kwargs, "--optimizer-kwargs"),
               progress=_progress(args), strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes,
-              val_every=args.val_every, logger=args.logger, precision=args.precision, compile=args.compile or None)
+              val_every=args.val_every, logger=args.logger, precision=args.precision, compile=args.compile or None,
+              dtype=args.dtype)
     if run.directory is None and args.strategy:  # a DDP rank other than 0: rank 0 reports and evaluates
         return 0
     print(f"run directory: {out}")

@@ -47,6 +47,15 @@ def _device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def _float_dtype(module) -> torch.dtype:
+    """The dtype of ``module``'s floating-point parameters (a run trained with ``dtype=torch.float64`` has float64
+    nets: data must be cast to it, not only moved); float32 without any."""
+    for p in getattr(module, "parameters", lambda: ())():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def _rows(x, name: str) -> torch.Tensor:
     x = torch.as_tensor(x)
     if x.dim() == 1:
@@ -91,7 +100,8 @@ def encode(run, x, y=None) -> torch.Tensor:
     dev = _device(guide)
     y = _labels(model, y, x.shape[0])
     with scope:
-        args = (x.to(dev),) if y is None else (x.to(dev), y.to(dev))
+        x = x.to(dev, _float_dtype(guide))
+        args = (x,) if y is None else (x, y.to(dev))
         params = guide.encode(*args)
     site = getattr(model, "latent_site", "z")
     if site not in params:
