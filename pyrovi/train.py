@@ -38,13 +38,14 @@ from .loop import BatchLoss, World, train, train_step
 from .precision import canonical_compile, canonical_precision
 from .progress import TrainingBar
 from .run import Run, resolve_device
+from .run_files import RUN_DTYPES
 from .train_state import adam, check_optimizer_kwargs, optimizer_class
 
 __all__ = ["fit", "train_step", "TrainConfig", "LR_SCHEDULES", "BatchLoss", "DTYPES", "adam"]
 
 LR_SCHEDULES = ("constant", "cosine", "exponential")
 #: floating-point precisions fit trains in (``dtype=``)
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = RUN_DTYPES  # the one table: config.json names these, load_run reads them back
 
 
 @dataclass
