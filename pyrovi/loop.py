@@ -521,6 +521,7 @@ def _epochs(world: World, run, loss_fn, val_fn, train, val, cfg, opt, sched, shu
                 src = train
                 if stream is not None:  # read from disk one batch ahead by the DataLoader's workers
                     src, idx = next(stream), slice(None)
+                run.objective.at_step(loop["step"])  # its warm start counts the steps before a resume too
                 loss, beta, rows = batch_step(loss_fn, opt, src, idx, n, cfg, loop, warm_steps, binarize, params,
                                               ckpt_path, where=world.where)
                 watch.step(loss, beta)

@@ -60,7 +60,7 @@ from . import enumeration, fastpath
 from .errors import ConfigError, check_positive, lookup
 from .stop_gradient import ScaleLatentGradients, StopGradientScorer, fast_stop_gradient_weights
 from .stratify import strata
-from .traces import ScaleLatents, guess_max_plate_nesting
+from .traces import guess_max_plate_nesting, scale_latents
 from .vimco import check_particles, vimco_bound
 from .weights import LogWeights, log_weights
 
@@ -110,7 +110,7 @@ class Objective:
             # a subclass written against the older API (it overrides __call__): its own estimate, traced
             self.path_counts["traced"] += 1
             if beta != 1.0:
-                model, guide = ScaleLatents(beta)(model), ScaleLatents(beta)(guide)
+                model, guide = scale_latents(beta, model, guide)
             return self(model, guide, *args, **kwargs)
         return self._loss(model, guide, args, kwargs, beta)
 
@@ -120,7 +120,7 @@ class Objective:
         fast = self.fast and self.has_fast_path and not kwargs and fastpath.supported(model, guide, stratify=True)
         self.path_counts["fast" if fast else "traced"] += 1
         if not fast and beta != 1.0:
-            model, guide = ScaleLatents(beta)(model), ScaleLatents(beta)(guide)
+            model, guide = scale_latents(beta, model, guide)
             beta = 1.0  # now in the traces' site scales
         return -self._bound(model, guide, args, kwargs, fast=fast, beta=beta, depth=depth)
 
@@ -132,6 +132,10 @@ class Objective:
 
         ``fit`` asks before training. The base accepts every guide.
         """
+
+    def at_step(self, step: int) -> None:
+        """``fit``'s loop, before each gradient step: ``step`` steps were taken before it (those before a
+        checkpoint included, when resumed). The base ignores it; ``stl``/``dreg`` count their warm start by it."""
 
     def _bound(self, model, guide, args: tuple, kwargs: dict, *, fast: bool, beta: float,
                depth: Optional[int]) -> torch.Tensor:  # pragma: no cover - abstract
@@ -324,7 +328,27 @@ class IWAE(Renyi):
         return {"name": self.name, "particles": self.particles}
 
 
-class STL(Objective):
+class _StopGradient(Objective):
+    """What ``stl`` and ``dreg`` share: the warm start of plain-gradient steps (:func:`flow_warm_start`)."""
+
+    def __init__(self, particles: int, warm_start: Optional[int] = None):
+        super().__init__(particles)
+        _init_warm_start(self, warm_start)
+
+    def check_guide(self, guide) -> None:
+        """Resolves the automatic warm start (``warm_start=None``) for ``guide``; see :func:`flow_warm_start`."""
+        _resolve_warm_start(self, guide)
+
+    def config(self) -> dict:
+        """JSON-able description (name, particles and, when set, warm_start)."""
+        return _warm_config(self, super().config())
+
+    def at_step(self, step: int) -> None:
+        """Set the count of gradient steps taken before the next one (the warm start reads it)."""
+        self._told = int(step)
+
+
+class STL(_StopGradient):
     """ELBO with the *sticking-the-landing* gradient (Roeder, Wu & Duvenaud, 2017).
 
     The reparameterized ELBO gradient of one draw :math:`z = g_\\phi(\\varepsilon)` is
@@ -352,16 +376,7 @@ class STL(Objective):
     name = "stl"
 
     def __init__(self, particles: int = 1, warm_start: Optional[int] = None):
-        super().__init__(particles)
-        _init_warm_start(self, warm_start)
-
-    def check_guide(self, guide) -> None:
-        """Resolves the automatic warm start (``warm_start=None``) for ``guide``; see :func:`flow_warm_start`."""
-        _resolve_warm_start(self, guide)
-
-    def config(self) -> dict:
-        """JSON-able description (name, particles and, when set, warm_start)."""
-        return _warm_config(self, super().config())
+        super().__init__(particles, warm_start)
 
     def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
         if _warming(self):  # the plain ELBO gradient (same value)
@@ -398,7 +413,8 @@ def _init_warm_start(obj, warm_start) -> None:
         check_positive("warm_start", warm_start, integer=True, allow_zero=True)
     obj.warm_start = warm_start  # None: automatic, resolved by check_guide (fit asks it before training)
     obj._warm_steps = 0 if warm_start is None else int(warm_start)
-    obj._steps = 0  # gradient steps seen (calls with gradients enabled)
+    obj._steps = 0  # gradient steps seen (calls with gradients enabled), when no loop says (at_step)
+    obj._told = None  # steps taken before the current one, as fit's loop last said (at_step)
 
 
 def _resolve_warm_start(obj, guide) -> None:
@@ -406,9 +422,16 @@ def _resolve_warm_start(obj, guide) -> None:
 
 
 def _warming(obj) -> bool:
-    """Count a gradient step; True while it is one of the first ``_warm_steps``."""
+    """True while this call (with gradients) belongs to one of the first ``_warm_steps`` gradient steps.
+
+    Under ``fit`` the loop says how many steps were taken (:meth:`Objective.at_step`), so every call of a
+    step agrees (a semi-supervised step calls the objective twice) and a resumed fit goes on counting;
+    called on its own, each call with gradients counts as a step.
+    """
     if not torch.is_grad_enabled():
         return False
+    if obj._told is not None:
+        return obj._told < obj._warm_steps
     obj._steps += 1
     return obj._steps <= obj._warm_steps
 
@@ -419,7 +442,7 @@ def _warm_config(obj, d: dict) -> dict:
     return d
 
 
-class DReG(Objective):
+class DReG(_StopGradient):
     """IWAE bound with the *doubly reparameterized* encoder gradient (Tucker, Lawson, Gu & Maddison, 2018).
 
     With normalized weights :math:`\\tilde w_s = w_s / \\sum_t w_t`, the IWAE
@@ -450,12 +473,7 @@ class DReG(Objective):
     name = "dreg"
 
     def __init__(self, particles: int = 8, warm_start: Optional[int] = None):
-        super().__init__(particles)
-        _init_warm_start(self, warm_start)
-
-    def config(self) -> dict:
-        """JSON-able description (name, particles and, when set, warm_start)."""
-        return _warm_config(self, super().config())
+        super().__init__(particles, warm_start)
 
     def check_guide(self, guide) -> None:
         """A point-mass guide (``guide.point_mass``: Delta, Codebook) has no density to reparameterize twice:
@@ -465,7 +483,7 @@ class DReG(Objective):
             raise ConfigError(f"objective 'dreg' does not support the guide {type(guide).__name__}: q is a point mass, "
                               "so the doubly reparameterized gradient does not apply; use 'elbo' (or 'iwae', which "
                               "equals it for a point mass)")
-        _resolve_warm_start(self, guide)
+        super().check_guide(guide)
 
     def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
         if not self.vectorize:

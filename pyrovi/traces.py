@@ -27,7 +27,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 __all__ = ["PARTICLE_PLATE", "data_frame", "data_dim", "in_data_plate", "trace_pair", "structure",
-           "guess_max_plate_nesting", "rng_neutral", "ScaleLatents", "ScalePlate"]
+           "guess_max_plate_nesting", "rng_neutral", "ScaleLatents", "scale_latents", "ScalePlate"]
 
 PARTICLE_PLATE = "num_particles_vectorized"  # Pyro's own name, so Pyro code treats it as particles
 
@@ -150,6 +150,30 @@ class ScaleLatents(Messenger):
     def _process_message(self, msg):
         if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
             msg["scale"] = self.beta * msg["scale"]
+
+
+class _Scaled:
+    """``fn`` run under :class:`ScaleLatents` (``beta``), keeping the ``strata`` it declares.
+
+    A plain Pyro wrapper (``ScaleLatents(beta)(guide)``) hides the guide's attributes, so the
+    objectives would not see a mixture guide's components and would draw it plainly, not
+    stratified (unbiased, but not the estimator ``beta = 1`` uses).
+    """
+
+    def __init__(self, beta: float, fn):
+        self.beta, self.fn = beta, fn
+        if getattr(fn, "strata", None) is not None:
+            self.strata = fn.strata
+
+    def __call__(self, *args, **kwargs):
+        with ScaleLatents(self.beta):
+            return self.fn(*args, **kwargs)
+
+
+def scale_latents(beta: float, model, guide) -> tuple:
+    """``(model, guide)`` with every latent site's log-density scaled by ``beta`` (:class:`ScaleLatents`);
+    the guide still declares its ``strata`` (mixture components the objectives stratify over)."""
+    return _Scaled(beta, model), _Scaled(beta, guide)
 
 
 class ScalePlate(Messenger):

@@ -93,6 +93,12 @@ def test_warm_start_takes_the_plain_gradient_first(name, plain):
     with torch.no_grad():  # evaluation does not count as a step
         obj(model, flow, x)
     assert obj._steps == 3
+    # under fit the loop says how many steps were taken: every call of that step agrees (no self-counting)
+    for told, warm in ((1, True), (2, False)):
+        obj.at_step(told)
+        for call in range(2):
+            g, g_plain = _guide_grads(obj, model, flow, x, call), _guide_grads(ref, model, flow, x, call)
+            assert torch.allclose(g, g_plain) == warm
 
 
 def test_automatic_warm_start_is_for_flows():
@@ -133,3 +139,42 @@ def test_planar_layer_keeps_its_determinant_away_from_zero():
     assert (v.norm(dim=-1) / g.norm(dim=-1)).max().item() <= 1.0 / PLANAR_MIN_DET + 1e-6
     # the inverse (scoring an arbitrary z) uses the same u_hat: it recovers x
     torch.testing.assert_close(InvertiblePlanar((b, u, w))._inverse(y), x, atol=1e-8, rtol=1e-8)
+
+
+def test_resumed_fit_keeps_counting_the_warm_start(tmp_path, monkeypatch):
+    """The warm start counts fit's steps, those before a checkpoint included: a resumed stl fit takes the same
+    steps as the uninterrupted one (it used to start the warm start again). 15 warm steps of 50 cross the
+    interruption after epoch 1 (10 steps an epoch)."""
+    import pyrovi.loop
+    from pyrovi.checkpoint import load_tensors
+
+    model = pv.models.LinearGaussian(torch.tensor([[1.0, 0.8], [0.9, 1.0], [1.0, 1.1]]), learn=False)
+    x = model.sample_data(110, seed=1)
+
+    def flow(seed=0):
+        torch.manual_seed(seed)
+        return pv.guides.Flow(model, flow="iaf", depth=2, hidden=(8,))
+
+    kw = dict(objective={"name": "stl", "warm_start": 15}, epochs=5, batch_size=10, val_fraction=1 / 11, seed=0,
+              progress=False, figures=False)
+    g1 = flow()
+    straight = pv.fit(model, g1, x, out=str(tmp_path / "a"), **kw)
+    real, calls = pyrovi.loop.mean_loss, []
+
+    def interrupt_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pyrovi.loop, "mean_loss", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        pv.fit(model, flow(), x, out=str(tmp_path / "b"), **kw)
+    monkeypatch.undo()
+    assert load_tensors(str(tmp_path / "b" / "checkpoint.safetensors"))[1]["loop"]["epoch"] == 1
+    g3 = flow(seed=99)  # other initial weights: the checkpoint's replace them
+    with pytest.warns(pv.errors.SeedWarning):
+        resumed = pv.fit(model, g3, x, out=str(tmp_path / "b"), resume=True, **kw)
+    # one process, one machine, the same kernels in the same order: the very same trajectory
+    assert [h["train_loss"] for h in straight.history] == [h["train_loss"] for h in resumed.history]
+    assert all(torch.equal(a, b) for a, b in zip(g1.state_dict().values(), g3.state_dict().values()))
