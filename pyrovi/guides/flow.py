@@ -649,8 +649,9 @@ def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, boun
     # knots of widths and heights together, as Pyro forms them (the same operations: x lands in Pyro's bin)
     s = torch.softmax(theta[..., :2 * k_, :].unflatten(-2, (2, k_)), dim=-2).expand(lead + (2, k_, d_))
     mins = (c["min_bin_width"] if c["min_bin_width"] == c["min_bin_height"]
-            else s.new_tensor([c["min_bin_width"], c["min_bin_height"]]).reshape(2, 1, 1))
-    knots = F.pad(torch.cumsum(mins + (1.0 - mins * k_) * s, dim=-2), (0, 0, 1, 0))
+            else s.new_tensor([c["min_bin_width"], c["min_bin_height"]]).reshape(2, 1))
+    mins_ = mins if isinstance(mins, float) else mins.unsqueeze(-1)  # (2, 1, 1): over (widths/heights, K, d)
+    knots = F.pad(torch.cumsum(mins_ + (1.0 - mins_ * k_) * s, dim=-2), (0, 0, 1, 0))
     knots = 2.0 * bound * knots - bound  # (..., 2, K + 1, d)
     knots[..., 0, :], knots[..., k_, :] = -bound, bound
     b = ((x.unsqueeze(-2) >= knots[..., 0, :, :] + c["eps"]).sum(-2, keepdim=True) - 1).clamp_(0, k_ - 1)
@@ -735,15 +736,17 @@ def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, boun
     a_w = a_w - a_h * delta - a_x * t  # = the partial with respect to X_{b+1}
     # to the raw outputs: widths and heights (softmax, then cumsum), as
     # 2B (1 - K min) s_l (left-knot adjoint [l < b] + right-knot adjoint [l <= b] - shift)
-    lo = torch.stack([-(a_x + a_w), a_ya - a_h], dim=-2).unsqueeze(-2)  # (2, ..., 2, 1, d): X_b; Y_b
-    hi = torch.stack([a_w, a_yb + a_h], dim=-2).unsqueeze(-2)  # X_{b+1}; Y_{b+1}
-    inside_ = inside.unsqueeze(-2)
+    scale = (2.0 * bound) * (1.0 - mins * k_)  # dX_k / d(cumulative fraction)
+    inside_ = inside.to(x.dtype).unsqueeze(-2)  # (..., 1, d)
+    lo = torch.stack([-(a_x + a_w), a_ya - a_h], dim=-2).mul_(inside_ * scale).unsqueeze(-2)  # (2, ..., 2, 1, d)
+    hi = torch.stack([a_w, a_yb + a_h], dim=-2).mul_(inside_ * scale).unsqueeze(-2)  # X_b, Y_b; X_{b+1}, Y_{b+1}
     shift = lo * cab[..., :1, :] + hi * cab[..., 1:, :]
     bins = torch.arange(k_, device=x.device).unsqueeze(-1)  # (K, 1)
     below, upto = (bins < b).unsqueeze(-3).to(x.dtype), (bins <= b).unsqueeze(-3).to(x.dtype)  # (..., 1, K, d)
     grads = theta.new_empty((2,) + lead + (m, d_))
-    part = torch.addcmul(lo * below, hi, upto).sub_(shift).mul_(inside_.unsqueeze(-3))
-    torch.mul(part, (2.0 * bound) * (1.0 - mins * k_) * s, out=grads[..., :2 * k_, :].unflatten(-2, (2, k_)))
+    # (lo * below + ... with both operands broadcast ran 10x slower than addcmul onto the small shift)
+    torch.mul(torch.addcmul(shift.neg_(), lo, below).addcmul_(hi, upto), s,
+              out=grads[..., :2 * k_, :].unflatten(-2, (2, k_)))
     # slopes (raw k sets interior knot k + 1) and lambdas: one entry each, added where it sits
     grads[..., 2 * k_:, :] = 0.0
     pos = [ends + (2 * k_ - 1)]
@@ -755,6 +758,13 @@ def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, boun
     pos = torch.cat(pos, dim=-2).clamp_(max=m - 1)  # (a clamped entry adds 0)
     grads.scatter_add_(-2, pos.expand((2,) + pos.shape), torch.cat(val, dim=-2))
     return torch.where(inside, a_x[0], 1.0), a_x[1] * inside, grads
+
+#: The stl/dreg score of spline layers contracts every coordinate's MADE-output partials at once while there
+#: are at most this many draws; with more, one coordinate at a time through one reused buffer: with 1024 draws
+#: (dreg, K = 8) the batched product's (L, n, H, draws) output (5 MB) cost more in fresh memory than in
+#: arithmetic (page faults), while with 128 (stl) the 16 small products cost more in calls.
+_SPLINE_BATCH_DRAWS = 512
+
 
 def _spline_simple(modules) -> bool:
     """True for spline layers whose MADE has one hidden layer and no skip connections, all of one shape."""
@@ -785,16 +795,23 @@ def _spline_jacobians(modules, ctx: torch.Tensor, xs, pres=None) -> tuple:
     w_out = _stack([a_.layers[1].weight for a_ in arns]) * _stack([a_.layers[1].mask for a_ in arns])  # (L, m n, H)
     m = w_out.shape[1] // n
     w_cm = w_out.reshape(n_layers, m, n, hidden).transpose(1, 2).reshape(n_layers * n, m, hidden)  # coordinate-major
+    w_cm_t = w_cm.transpose(1, 2).contiguous()  # (L n, H, m): a transposed operand made bmm 1.8x slower
     b_cm = _stack([a_.layers[1].bias for a_ in arns]).reshape(n_layers, m, n).transpose(1, 2).reshape(
         n_layers, n * m, 1)
     theta = torch.baddbmm(b_cm, w_cm.reshape(n_layers, n * m, hidden), arns[0].f(a).transpose(1, 2))  # (L, n m, draws)
     xt = x.reshape(n_layers, draws, n).transpose(1, 2)  # (L, n, draws)
     dy_dx, dld_dx, grads = _spline_partials(theta.reshape(n_layers, n, m, draws), xt, *_spline_info(modules[0]))
-    slope = _slope(arns[0].f, a, inplace=owned).transpose(1, 2)  # (L, H, draws)
+    slope = _slope(arns[0].f, a, inplace=owned).transpose(1, 2).contiguous()  # (L, H, draws)
     tangent_t = w1[..., c:].transpose(1, 2)  # (L, n, H): d a / d x, transposed
-    cy = torch.bmm(w_cm.transpose(1, 2), grads[0].reshape(n_layers * n, m, draws))  # (L n, H, draws)
-    cy = cy.reshape(n_layers, n, hidden, draws).mul_(slope.unsqueeze(1))
-    jac = torch.matmul(tangent_t.unsqueeze(1), cy)  # (L, n_i, n_j, draws): d y_i / d x_j through the MADE
+    gy = grads[0].reshape(n_layers * n, m, draws)
+    if draws <= _SPLINE_BATCH_DRAWS:  # all coordinates in one batched product
+        cy = torch.bmm(w_cm_t, gy).reshape(n_layers, n, hidden, draws).mul_(slope.unsqueeze(1))  # (L, n, H, draws)
+        jac = torch.matmul(tangent_t.unsqueeze(1), cy)  # (L, n_i, n_j, draws): d y_i / d x_j through the MADE
+    else:  # one coordinate at a time, through one (H, draws) buffer
+        jac, cy = dy_dx.new_empty(n_layers, n, n, draws), dy_dx.new_empty(hidden, draws)
+        for l in range(n_layers):
+            for i in range(n):
+                torch.mm(tangent_t[l], torch.mm(w_cm_t[l * n + i], gy[l * n + i], out=cy).mul_(slope[l]), out=jac[l, i])
     jac.diagonal(dim1=1, dim2=2).add_(dy_dx.transpose(1, 2))  # (the diagonal view is (L, draws, n))
     v = torch.bmm(w_cm.reshape(n_layers, n * m, hidden).transpose(1, 2), grads[1].reshape(n_layers, n * m, draws))
     grad_ld = torch.baddbmm(dld_dx, tangent_t, v.mul_(slope))  # (L, n, draws)
