@@ -242,7 +242,7 @@ class DetachedFlowScore(dist.TorchDistribution):
     and radial layers use closed forms (rank-one updates of the identity), the
     autoregressive layers (iaf, spline) their triangular Jacobian, formed in closed
     form from the MADE's masked weights and the sampler's recorded first-layer output
-    (:func:`_iaf_jacobians`, :func:`_autoregressive_jacobian`) and solved with
+    (:func:`_iaf_jacobians`, :func:`_spline_jacobians`, :func:`_autoregressive_jacobian`) and solved with
     ``torch.linalg.solve_triangular``.
     Only ``log_prob`` of the recorded draw (any value of its shape, e.g. a copy of
     it, is taken to be that draw) is defined.
@@ -521,8 +521,9 @@ def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_sca
     (``C[i, h] = sum_k d y_i / d theta_ki W_out[ki, h]``), so no per-draw tensor of size
     ``n x`` (MADE outputs) is formed: ``dy/dx = diag(d phi/d x) + (C diag(f'(a))) W_1x``, and
     ``grad log|det J|`` the same with ``log|det J|``'s partials. ``phi``'s partials are in
-    closed form for the iaf (``y = exp(s) x + m``) and the spline (:func:`_spline_partials`); the context's share of the first layer is computed
-    once per context row, not per particle. An iaf layer's ``log_scale`` (clamped ``s``), when
+    closed form: the iaf's (``y = exp(s) x + m``) inline, the spline's from :func:`_spline_partials`
+    (one-hidden-layer spline MADEs take the faster :func:`_spline_jacobians`). The context's share
+    of the first layer is computed once per context row, not per particle. An iaf layer's ``log_scale`` (clamped ``s``), when
     given (the sampler's), spares the MADE's output layer; ``pre``, its first layer's output
     (the sampler's), the first layer.
     """
@@ -780,9 +781,10 @@ def _spline_jacobians(modules, ctx: torch.Tensor, xs, pres=None) -> tuple:
     diag(dg/dx) + (dg/dtheta) W_out diag(f'(a)) W_1x``, and ``grad log|det J|`` the same with
     ``log g'``'s partials (:func:`_spline_partials`). Everything per draw runs with the draws on
     the last dim (long contiguous rows): the MADE's output is formed coordinate-major as
-    ``(L, n, m, draws)`` and contracted with ``W_out`` one coordinate at a time (one batched
-    product). ``pres[l]``: the MADE's first-layer output at ``xs[l]`` as the sampler computed it,
-    or None (recomputed).
+    ``(L, n, m, draws)`` and the partials are contracted with ``W_out`` per coordinate (one
+    batched product, or a loop over coordinates for many draws: :data:`_SPLINE_BATCH_DRAWS`).
+    ``pres[l]``: the MADE's first-layer output at ``xs[l]`` as the sampler computed it, or None
+    (recomputed).
     """
     n, c = xs[0].shape[-1], ctx.shape[-1]
     arns = [m.nn for m in modules]
@@ -809,9 +811,9 @@ def _spline_jacobians(modules, ctx: torch.Tensor, xs, pres=None) -> tuple:
         jac = torch.matmul(tangent_t.unsqueeze(1), cy)  # (L, n_i, n_j, draws): d y_i / d x_j through the MADE
     else:  # one coordinate at a time, through one (H, draws) buffer
         jac, cy = dy_dx.new_empty(n_layers, n, n, draws), dy_dx.new_empty(hidden, draws)
-        for l in range(n_layers):
+        for k in range(n_layers):
             for i in range(n):
-                torch.mm(tangent_t[l], torch.mm(w_cm_t[l * n + i], gy[l * n + i], out=cy).mul_(slope[l]), out=jac[l, i])
+                torch.mm(tangent_t[k], torch.mm(w_cm_t[k * n + i], gy[k * n + i], out=cy).mul_(slope[k]), out=jac[k, i])
     jac.diagonal(dim1=1, dim2=2).add_(dy_dx.transpose(1, 2))  # (the diagonal view is (L, draws, n))
     v = torch.bmm(w_cm.reshape(n_layers, n * m, hidden).transpose(1, 2), grads[1].reshape(n_layers, n * m, draws))
     grad_ld = torch.baddbmm(dld_dx, tangent_t, v.mul_(slope))  # (L, n, draws)
