@@ -611,14 +611,34 @@ def _spline_info(module) -> tuple:
     return _SPLINE_INFO[module]
 
 
-def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, bound: float, order: str) -> tuple:
+_SCRATCH: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _scratch(owner, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer of ``shape`` (``like``'s dtype and device) kept for module ``owner`` between calls.
+
+    The spline score's two largest arrays (the MADE's outputs and their partials: 6 MB with 1024
+    draws) live within one call; allocated afresh, their memory was faulted in anew on every step
+    (the C allocator returns it to the system between steps): ~1000 page faults a dreg step,
+    5-10% of its time. One owner's buffers must not be used by two threads at once.
+    """
+    bufs = _SCRATCH.setdefault(owner, {})
+    buf = bufs.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = bufs[name] = like.new_empty(shape)
+    return buf
+
+
+def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, bound: float, order: str,
+                     out: Optional[torch.Tensor] = None) -> tuple:
     """Partials of Pyro's monotone rational spline ``y = g(x; theta)`` and of ``L = log(dy/dx)``, elementwise.
 
     ``theta (..., m, d)``: each of ``x (..., d)``'s raw MADE outputs (``m = 4K - 1`` for
     ``order="linear"``: K widths, K heights, K - 1 slopes, K lambdas; ``3K - 1`` for ``"quadratic"``,
     no lambdas). Returns ``dy/dx``, ``dL/dx`` ``(..., d)`` and the partials with respect to theta
-    ``(2, ..., m, d)`` (``[0]`` of y, ``[1]`` of L). Any layout works; the stl/dreg score puts the
-    draws last (``d``), so that every operation over bins runs along long contiguous rows.
+    ``(2, ..., m, d)`` (``[0]`` of y, ``[1]`` of L; written into ``out`` if given). Any layout works;
+    the stl/dreg score puts the draws last (``d``), so that every operation over bins runs along long
+    contiguous rows.
 
     Widths and heights are ``min + (1 - K min) softmax(raw)`` scaled onto ``[-B, B]`` (knots
     ``X_k``, ``Y_k``), the interior slopes ``min_derivative + softplus(raw)`` (the two end ones
@@ -647,22 +667,27 @@ def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, boun
     d_ = x.shape[-1]
     inside = (x >= -bound) & (x <= bound)
     x = torch.where(inside, x, 0.0)  # outside: the identity; every partial below is finite, then masked
-    # knots of widths and heights together, as Pyro forms them (the same operations: x lands in Pyro's bin)
+    # knots of widths and heights together, as Pyro forms them (the same operations, so x lands in Pyro's bin):
+    # C_k = sum_{j<=k} (min + (1 - K min) s_j), knot k + 1 = 2B C_k - B; knots 0 and K are -B and B
     s = torch.softmax(theta[..., :2 * k_, :].unflatten(-2, (2, k_)), dim=-2).expand(lead + (2, k_, d_))
     mins = (c["min_bin_width"] if c["min_bin_width"] == c["min_bin_height"]
             else s.new_tensor([c["min_bin_width"], c["min_bin_height"]]).reshape(2, 1))
     mins_ = mins if isinstance(mins, float) else mins.unsqueeze(-1)  # (2, 1, 1): over (widths/heights, K, d)
-    knots = F.pad(torch.cumsum(mins_ + (1.0 - mins_ * k_) * s, dim=-2), (0, 0, 1, 0))
-    knots = 2.0 * bound * knots - bound  # (..., 2, K + 1, d)
-    knots[..., 0, :], knots[..., k_, :] = -bound, bound
-    b = ((x.unsqueeze(-2) >= knots[..., 0, :, :] + c["eps"]).sum(-2, keepdim=True) - 1).clamp_(0, k_ - 1)
+    frac = 1.0 - mins_ * k_
+    cum = torch.cumsum(s.mul(frac).add_(mins_), dim=-2)  # (..., 2, K, d)
+    interior = cum[..., 0, :k_ - 1, :] * (2.0 * bound) - bound  # X_1 .. X_{K-1}
+    b = (x.unsqueeze(-2) >= interior + c["eps"]).sum(-2, keepdim=True)  # (..., 1, d): x's bin, as Pyro's search
     ends = torch.cat([b, b + 1], dim=-2)  # (..., 2, d): x's bin's knots
-    at = ends.unsqueeze(-3).expand(lead + (2, 2, d_))
-    kab = knots.gather(-2, at)  # (..., 2, 2, d): X_b, X_{b+1}; Y_b, Y_{b+1}
-    cab = F.pad(torch.cumsum(s, dim=-2), (0, 0, 1, 0)).gather(-2, at)  # S_b, S_{b+1} of widths; of heights
+    fixed = ends.remainder(k_) == 0  # knots 0 and K: fixed positions, fixed slopes
+    at = torch.cat([(b - 1).clamp_(min=0), b], dim=-2)  # C_{k-1} of knots b and b + 1
+    cab = cum.gather(-2, at.unsqueeze(-3).expand(lead + (2, 2, d_)))  # (..., 2, 2, d)
+    kab = torch.where(fixed.unsqueeze(-3), s.new_tensor([[-bound], [bound]]), cab * (2.0 * bound) - bound)
     xa, xb, ya, yb = kab[..., 0, 0, :], kab[..., 0, 1, :], kab[..., 1, 0, :], kab[..., 1, 1, :]
-    d_raw = F.pad(theta[..., 2 * k_:3 * k_ - 1, :], (0, 0, 1, 1)).expand(lead + (k_ + 1, d_)).gather(-2, ends)
-    fixed = ends.remainder(k_) == 0  # (..., 2, d): the first and last knots' slopes are fixed
+    # S_k = sum_{j<k} s_j at the bin's knots (what a knot's partial reads): (C_{k-1} - k min) / (1 - K min)
+    cab = torch.where(fixed.unsqueeze(-3) & (ends == 0).unsqueeze(-3), 0.0,
+                      (cab - ends.unsqueeze(-3).to(cab.dtype) * mins_) / frac)  # (int * float: the default dtype)
+    d_raw = theta[..., 2 * k_:3 * k_ - 1, :].expand(lead + (k_ - 1, d_)).gather(
+        -2, torch.cat([at[..., :1, :], b.clamp(max=k_ - 2)], dim=-2))  # raw slopes at knots b, b + 1 (interior)
     d = torch.where(fixed, 1.0 - c["min_derivative"], F.softplus(d_raw) + c["min_derivative"])
     d0, d1 = d[..., 0, :], d[..., 1, :]
     w = xb - xa
@@ -744,10 +769,10 @@ def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, boun
     shift = lo * cab[..., :1, :] + hi * cab[..., 1:, :]
     bins = torch.arange(k_, device=x.device).unsqueeze(-1)  # (K, 1)
     below, upto = (bins < b).unsqueeze(-3).to(x.dtype), (bins <= b).unsqueeze(-3).to(x.dtype)  # (..., 1, K, d)
-    grads = theta.new_empty((2,) + lead + (m, d_))
+    grads = theta.new_empty((2,) + lead + (m, d_)) if out is None else out
     # (lo * below + ... with both operands broadcast ran 10x slower than addcmul onto the small shift)
-    torch.mul(torch.addcmul(shift.neg_(), lo, below).addcmul_(hi, upto), s,
-              out=grads[..., :2 * k_, :].unflatten(-2, (2, k_)))
+    torch.addcmul(shift.neg_(), lo, below, out=grads[..., :2 * k_, :].unflatten(-2, (2, k_))).addcmul_(
+        hi, upto).mul_(s)
     # slopes (raw k sets interior knot k + 1) and lambdas: one entry each, added where it sits
     grads[..., 2 * k_:, :] = 0.0
     pos = [ends + (2 * k_ - 1)]
@@ -800,9 +825,11 @@ def _spline_jacobians(modules, ctx: torch.Tensor, xs, pres=None) -> tuple:
     w_cm_t = w_cm.transpose(1, 2).contiguous()  # (L n, H, m): a transposed operand made bmm 1.8x slower
     b_cm = _stack([a_.layers[1].bias for a_ in arns]).reshape(n_layers, m, n).transpose(1, 2).reshape(
         n_layers, n * m, 1)
-    theta = torch.baddbmm(b_cm, w_cm.reshape(n_layers, n * m, hidden), arns[0].f(a).transpose(1, 2))  # (L, n m, draws)
+    theta = torch.baddbmm(b_cm, w_cm.reshape(n_layers, n * m, hidden), arns[0].f(a).transpose(1, 2),
+                          out=_scratch(modules[0], "theta", (n_layers, n * m, draws), a))  # (L, n m, draws)
     xt = x.reshape(n_layers, draws, n).transpose(1, 2)  # (L, n, draws)
-    dy_dx, dld_dx, grads = _spline_partials(theta.reshape(n_layers, n, m, draws), xt, *_spline_info(modules[0]))
+    dy_dx, dld_dx, grads = _spline_partials(theta.reshape(n_layers, n, m, draws), xt, *_spline_info(modules[0]),
+                                            out=_scratch(modules[0], "partials", (2, n_layers, n, m, draws), a))
     slope = _slope(arns[0].f, a, inplace=owned).transpose(1, 2).contiguous()  # (L, H, draws)
     tangent_t = w1[..., c:].transpose(1, 2)  # (L, n, H): d a / d x, transposed
     gy = grads[0].reshape(n_layers * n, m, draws)
