@@ -452,12 +452,12 @@ def _made_first(arns, ctx: torch.Tensor, x: torch.Tensor, pres) -> tuple:
     else recomputed (the context's share once per context row); ``owned``: ``a`` may be overwritten."""
     n_layers, n, c = len(arns), x.shape[-1], ctx.shape[-1]
     lead = x.shape[1:-1]
-    w1 = _stack([a.layers[0].weight for a in arns]) * _stack([a.layers[0].mask for a in arns])  # (L, H, c + n)
+    w1 = _stack([arn.layers[0].weight for arn in arns]) * _stack([arn.layers[0].mask for arn in arns])  # (L, H, c + n)
     if pres is not None and all(p is not None for p in pres):  # the sampler's own
         return w1, _stack(list(pres)), n_layers > 1  # (a stacked copy may be overwritten)
     hidden = w1.shape[1]
     share = _bmm(ctx.reshape(1, -1, c).expand(n_layers, -1, c), w1[..., :c].transpose(1, 2),
-                 _stack([a.layers[0].bias for a in arns]).unsqueeze(1))
+                 _stack([arn.layers[0].bias for arn in arns]).unsqueeze(1))
     share = share.reshape((n_layers,) + (1,) * (len(lead) + 1 - ctx.dim()) + ctx.shape[:-1] + (hidden,))
     a = _bmm(x.reshape(n_layers, -1, n), w1[..., c:].transpose(1, 2)).reshape((n_layers,) + lead + (hidden,))
     return w1, a.add_(share) if torch.broadcast_shapes(a.shape, share.shape) == a.shape else a + share, True
@@ -480,12 +480,12 @@ def _iaf_jacobians(modules, ctx: torch.Tensor, xs, log_scales, pres=None) -> tup
     x = _stack(list(xs))  # (L, ..., n)
     lead = x.shape[1:-1]
     w1, a, owned = _made_first(arns, ctx, x, pres)
-    w_out = _stack([a.layers[1].weight for a in arns]) * _stack([a.layers[1].mask for a in arns])  # (L, 2n, H)
+    w_out = _stack([arn.layers[1].weight for arn in arns]) * _stack([arn.layers[1].mask for arn in arns])  # (L, 2n, H)
     n_layers, hidden = w1.shape[0], w1.shape[1]
     tangent = w1[..., c:]  # (L, H, n): d a / d x
     if any(s is None for s in log_scales):  # the MADE's output layer, as the sampler ran it
         theta_s = _bmm(arns[0].f(a).reshape(n_layers, -1, hidden), w_out[:, n:].transpose(1, 2),
-                      _stack([a_.layers[1].bias[n:] for a_ in arns]).unsqueeze(1))
+                      _stack([arn.layers[1].bias[n:] for arn in arns]).unsqueeze(1))
         clip = _ar_info(modules[0])[0]
         log_s = clamp_preserve_gradients(theta_s, *clip).reshape(x.shape)
         log_s = _stack([log_s[i] if s is None else s for i, s in enumerate(log_scales)])
@@ -523,9 +523,9 @@ def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_sca
     ``grad log|det J|`` the same with ``log|det J|``'s partials. ``phi``'s partials are in
     closed form: the iaf's (``y = exp(s) x + m``) inline, the spline's from :func:`_spline_partials`
     (one-hidden-layer spline MADEs take the faster :func:`_spline_jacobians`). The context's share
-    of the first layer is computed once per context row, not per particle. An iaf layer's ``log_scale`` (clamped ``s``), when
-    given (the sampler's), spares the MADE's output layer; ``pre``, its first layer's output
-    (the sampler's), the first layer.
+    of the first layer is computed once per context row, not per particle. An iaf layer's
+    ``log_scale`` (clamped ``s``), when given (the sampler's), spares the MADE's output layer;
+    ``pre``, its first layer's output (the sampler's), the first layer.
     """
     if _iaf_simple([module]):
         jac, grad_ld = _iaf_jacobians([module], ctx, [x], [log_scale], [pre])
@@ -819,11 +819,11 @@ def _spline_jacobians(modules, ctx: torch.Tensor, xs, pres=None) -> tuple:
     n_layers, hidden = w1.shape[0], w1.shape[1]
     a = a.reshape(n_layers, -1, hidden)  # (L, draws, H)
     draws = a.shape[1]
-    w_out = _stack([a_.layers[1].weight for a_ in arns]) * _stack([a_.layers[1].mask for a_ in arns])  # (L, m n, H)
+    w_out = _stack([arn.layers[1].weight for arn in arns]) * _stack([arn.layers[1].mask for arn in arns])  # (L, m n, H)
     m = w_out.shape[1] // n
     w_cm = w_out.reshape(n_layers, m, n, hidden).transpose(1, 2).reshape(n_layers * n, m, hidden)  # coordinate-major
     w_cm_t = w_cm.transpose(1, 2).contiguous()  # (L n, H, m): a transposed operand made bmm 1.8x slower
-    b_cm = _stack([a_.layers[1].bias for a_ in arns]).reshape(n_layers, m, n).transpose(1, 2).reshape(
+    b_cm = _stack([arn.layers[1].bias for arn in arns]).reshape(n_layers, m, n).transpose(1, 2).reshape(
         n_layers, n * m, 1)
     theta = torch.baddbmm(b_cm, w_cm.reshape(n_layers, n * m, hidden), arns[0].f(a).transpose(1, 2),
                           out=_scratch(modules[0], "theta", (n_layers, n * m, draws), a))  # (L, n m, draws)
