@@ -36,6 +36,7 @@ differentiable Newton step; :class:`InvertibleRadial`: closed form).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 import weakref
@@ -54,6 +55,7 @@ from pyro.distributions.transforms import (
 from pyro.distributions.transforms.affine_autoregressive import AffineAutoregressive
 from pyro.distributions.transforms.planar import ConditionedPlanar
 from pyro.distributions.transforms.radial import ConditionedRadial
+from pyro.distributions.transforms.spline import _monotonic_rational_spline
 from pyro.distributions.transforms.utils import clamp_preserve_gradients
 from pyro.nn import ConditionalAutoRegressiveNN, DenseNN
 from torch import nn
@@ -240,7 +242,7 @@ class DetachedFlowScore(dist.TorchDistribution):
     and radial layers use closed forms (rank-one updates of the identity), the
     autoregressive layers (iaf, spline) their triangular Jacobian, formed in closed
     form from the MADE's masked weights and the sampler's recorded first-layer output
-    (:func:`_iaf_jacobians`, :func:`_autoregressive_jacobian`) and solved with
+    (:func:`_iaf_jacobians`, :func:`_spline_jacobians`, :func:`_autoregressive_jacobian`) and solved with
     ``torch.linalg.solve_triangular``.
     Only ``log_prob`` of the recorded draw (any value of its shape, e.g. a copy of
     it, is taken to be that draw) is defined.
@@ -284,6 +286,11 @@ class DetachedFlowScore(dist.TorchDistribution):
                                                     pre[i:i + per])
                     for module, jac, grad_ld in zip(group, jacs, grad_lds):
                         g = _solve_transposed(module, jac, g - grad_ld)
+                return g
+            if _spline_simple(modules):  # spline layers: every layer's Jacobian in one batch, then the solves
+                jacs, grad_lds = _spline_jacobians(modules, self.h, us[:-1], pre)
+                for module, jac, grad_ld in zip(modules, jacs, grad_lds):
+                    g = _solve_transposed(module, jac, g - grad_ld)
                 return g
             for module, x, log_scale, a in zip(modules, us[:-1], log_scales, pre):
                 # an autoregressive layer is read from its module (conditioning one builds a Module: ~0.2 ms)
@@ -402,18 +409,6 @@ def _ar_pairs(module, device) -> tuple:
     return pairs
 
 
-def _made_params(arn, h: torch.Tensor) -> tuple:
-    """Split a MADE's last-layer output ``(..., m n)`` into its parameters, as the MADE's own forward does."""
-    if arn.output_multiplier == 1:
-        return h
-    h = h.reshape(h.shape[:-1] + (arn.output_multiplier, arn.input_dim))
-    if arn.count_params == 1:
-        return h
-    if arn.all_ones:
-        return torch.unbind(h, dim=-2)
-    return tuple(h[..., sl, :] for sl in arn.param_slices)
-
-
 def _slope(f, a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``f'(a)`` of the MADE's elementwise nonlinearity ``f`` (``inplace``: ``a`` may be overwritten)."""
     if isinstance(f, nn.ReLU):  # 1 where a > 0, else 0 (as ReLU's backward); 3x faster than (a > 0).to()
@@ -423,13 +418,49 @@ def _slope(f, a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         return torch.autograd.grad(f(a_).sum(), a_)[0]
 
 
-def _iaf_simple(modules) -> bool:
-    """True for iaf layers whose MADE has one hidden layer and no skip connections, all of one shape."""
-    if not modules or any(_ar_info(m) is None or _ar_info(m)[0] is None or len(m.nn.layers) != 2
-                          or m.nn.skip_layer is not None for m in modules):
+def _made_simple(modules) -> bool:
+    """True for autoregressive layers whose MADE has one hidden layer and no skip connections, all of one shape."""
+    if not modules or any(_ar_info(m) is None or len(m.nn.layers) != 2 or m.nn.skip_layer is not None
+                          for m in modules):
         return False
     shapes = {(tuple(m.nn.layers[0].weight.shape), tuple(m.nn.layers[1].weight.shape), type(m.nn.f)) for m in modules}
-    return len(shapes) == 1 and len({_ar_info(m)[0] for m in modules}) == 1
+    return len(shapes) == 1
+
+
+def _iaf_simple(modules) -> bool:
+    """True for iaf layers whose MADE has one hidden layer and no skip connections, all of one shape."""
+    return (_made_simple(modules) and all(_ar_info(m)[0] is not None for m in modules)
+            and len({_ar_info(m)[0] for m in modules}) == 1)
+
+
+def _stack(ts):
+    """``torch.stack(ts)``; one tensor: a view, no copy."""
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+
+def _bmm(p, q, add=None):
+    """``p @ q (+ add)`` over a leading layer dim; one layer: a plain matrix product (25% faster than bmm on
+    tall-skinny p)."""
+    if p.shape[0] == 1:
+        return (p[0] @ q[0] if add is None else torch.addmm(add[0], p[0], q[0])).unsqueeze(0)
+    return p @ q if add is None else torch.baddbmm(add, p, q)
+
+
+def _made_first(arns, ctx: torch.Tensor, x: torch.Tensor, pres) -> tuple:
+    """``(W_1 (L, H, c + n), a (L, ..., H), owned)`` of L one-hidden-layer MADEs ``arns`` at ``x (L, ..., n)``:
+    their masked first-layer weights and first-layer outputs, the sampler's ``pres`` where all are given,
+    else recomputed (the context's share once per context row); ``owned``: ``a`` may be overwritten."""
+    n_layers, n, c = len(arns), x.shape[-1], ctx.shape[-1]
+    lead = x.shape[1:-1]
+    w1 = _stack([arn.layers[0].weight for arn in arns]) * _stack([arn.layers[0].mask for arn in arns])  # (L, H, c + n)
+    if pres is not None and all(p is not None for p in pres):  # the sampler's own
+        return w1, _stack(list(pres)), n_layers > 1  # (a stacked copy may be overwritten)
+    hidden = w1.shape[1]
+    share = _bmm(ctx.reshape(1, -1, c).expand(n_layers, -1, c), w1[..., :c].transpose(1, 2),
+                 _stack([arn.layers[0].bias for arn in arns]).unsqueeze(1))
+    share = share.reshape((n_layers,) + (1,) * (len(lead) + 1 - ctx.dim()) + ctx.shape[:-1] + (hidden,))
+    a = _bmm(x.reshape(n_layers, -1, n), w1[..., c:].transpose(1, 2)).reshape((n_layers,) + lead + (hidden,))
+    return w1, a.add_(share) if torch.broadcast_shapes(a.shape, share.shape) == a.shape else a + share, True
 
 
 def _iaf_jacobians(modules, ctx: torch.Tensor, xs, log_scales, pres=None) -> tuple:
@@ -446,44 +477,27 @@ def _iaf_jacobians(modules, ctx: torch.Tensor, xs, log_scales, pres=None) -> tup
     """
     n, c = xs[0].shape[-1], ctx.shape[-1]
     arns = [m.nn for m in modules]
-
-    def stack(ts):  # one layer: a view, no copy
-        return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
-
-    def bmm(p, q, add=None):  # one layer: a plain matrix product (25% faster than bmm on tall-skinny p)
-        if p.shape[0] == 1:
-            return (p[0] @ q[0] if add is None else torch.addmm(add[0], p[0], q[0])).unsqueeze(0)
-        return p @ q if add is None else torch.baddbmm(add, p, q)
-
-    w1 = stack([a.layers[0].weight for a in arns]) * stack([a.layers[0].mask for a in arns])  # (L, H, c + n)
-    w_out = stack([a.layers[1].weight for a in arns]) * stack([a.layers[1].mask for a in arns])  # (L, 2n, H)
-    n_layers, hidden = w1.shape[0], w1.shape[1]
-    x = stack(list(xs))  # (L, ..., n)
+    x = _stack(list(xs))  # (L, ..., n)
     lead = x.shape[1:-1]
+    w1, a, owned = _made_first(arns, ctx, x, pres)
+    w_out = _stack([arn.layers[1].weight for arn in arns]) * _stack([arn.layers[1].mask for arn in arns])  # (L, 2n, H)
+    n_layers, hidden = w1.shape[0], w1.shape[1]
     tangent = w1[..., c:]  # (L, H, n): d a / d x
-    if pres is not None and all(p is not None for p in pres):  # the sampler's own
-        a, owned = stack(list(pres)), n_layers > 1  # (a stacked copy may be overwritten)
-    else:
-        share = bmm(ctx.reshape(1, -1, c).expand(n_layers, -1, c), w1[..., :c].transpose(1, 2),
-                    stack([a.layers[0].bias for a in arns]).unsqueeze(1))
-        share = share.reshape((n_layers,) + (1,) * (len(lead) + 1 - ctx.dim()) + ctx.shape[:-1] + (hidden,))
-        a = bmm(x.reshape(n_layers, -1, n), tangent.transpose(1, 2)).reshape((n_layers,) + lead + (hidden,))
-        a, owned = a.add_(share) if torch.broadcast_shapes(a.shape, share.shape) == a.shape else a + share, True
     if any(s is None for s in log_scales):  # the MADE's output layer, as the sampler ran it
-        theta_s = bmm(arns[0].f(a).reshape(n_layers, -1, hidden), w_out[:, n:].transpose(1, 2),
-                      stack([a_.layers[1].bias[n:] for a_ in arns]).unsqueeze(1))
+        theta_s = _bmm(arns[0].f(a).reshape(n_layers, -1, hidden), w_out[:, n:].transpose(1, 2),
+                      _stack([arn.layers[1].bias[n:] for arn in arns]).unsqueeze(1))
         clip = _ar_info(modules[0])[0]
         log_s = clamp_preserve_gradients(theta_s, *clip).reshape(x.shape)
-        log_s = stack([log_s[i] if s is None else s for i, s in enumerate(log_scales)])
+        log_s = _stack([log_s[i] if s is None else s for i, s in enumerate(log_scales)])
     else:
-        log_s = stack(list(log_scales))
+        log_s = _stack(list(log_scales))
     slope = _slope(arns[0].f, a, inplace=owned).reshape(n_layers, -1, hidden)  # (a is not read again)
-    rows, cols, flat = (stack(t) for t in zip(*(_ar_pairs(m, x.device) for m in modules)))  # (L, k)
+    rows, cols, flat = (_stack(t) for t in zip(*(_ar_pairs(m, x.device) for m in modules)))  # (L, k)
     k = rows.shape[-1]
     outer = w_out.transpose(1, 2).unsqueeze(-1) * tangent.unsqueeze(2)  # (L, H, 2n, n): d theta_p/dx_j via unit h
     picked = outer.reshape(n_layers, hidden, -1).gather(2, torch.cat([flat, flat + n * n], 1).unsqueeze(1).expand(
         -1, hidden, -1))  # (L, H, 2k): (mu, s) of each connected pair
-    prod = bmm(slope, torch.cat([picked, outer[:, :, n:].sum(2)], dim=2))  # (L, draws, 2k + n)
+    prod = _bmm(slope, torch.cat([picked, outer[:, :, n:].sum(2)], dim=2))  # (L, draws, 2k + n)
     scale = torch.exp(log_s).reshape(n_layers, -1, n)
     sx = scale * x.reshape(n_layers, -1, n)  # d y_i / d s_i (d y_i / d mu_i = 1)
     draws = sx.shape[1]
@@ -507,11 +521,11 @@ def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_sca
     (``C[i, h] = sum_k d y_i / d theta_ki W_out[ki, h]``), so no per-draw tensor of size
     ``n x`` (MADE outputs) is formed: ``dy/dx = diag(d phi/d x) + (C diag(f'(a))) W_1x``, and
     ``grad log|det J|`` the same with ``log|det J|``'s partials. ``phi``'s partials are in
-    closed form for the iaf (``y = exp(s) x + m``) and from two reverse passes over the
-    layer's own map otherwise (spline); the context's share of the first layer is computed
-    once per context row, not per particle. An iaf layer's ``log_scale`` (clamped ``s``), when
-    given (the sampler's), spares the MADE's output layer; ``pre``, its first layer's output
-    (the sampler's), the first layer.
+    closed form: the iaf's (``y = exp(s) x + m``) inline, the spline's from :func:`_spline_partials`
+    (one-hidden-layer spline MADEs take the faster :func:`_spline_jacobians`). The context's share
+    of the first layer is computed once per context row, not per particle. An iaf layer's
+    ``log_scale`` (clamped ``s``), when given (the sampler's), spares the MADE's output layer;
+    ``pre``, its first layer's output (the sampler's), the first layer.
     """
     if _iaf_simple([module]):
         jac, grad_ld = _iaf_jacobians([module], ctx, [x], [log_scale], [pre])
@@ -547,24 +561,9 @@ def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_sca
         dy_dx, dld_dx = scale, None
         gy = torch.stack([torch.ones_like(scale), scale * x], dim=-2)  # (..., 2, n): d y_i / d (mu_i, s_i)
         gl = torch.cat([x.new_zeros(n), x.new_ones(n)])  # d log|det| / d theta, the same for every draw
-    else:
-        t = module.condition(ctx)
-        with torch.enable_grad():
-            x_ = x.detach().requires_grad_(True)
-            theta_ = theta.detach().requires_grad_(True)
-            params = _made_params(arn, theta_)
-            given = lambda _: params  # noqa: E731 - the MADE's output, given
-            if hasattr(t, "spline"):  # a spline layer reads its MADE through its spline's own reference
-                t.spline.nn = given
-            else:
-                t.arn = given
-            y = t(x_)  # Transform.__call__ caches (x, y): log_abs_det_jacobian then reads the cached value
-            ld = t.log_abs_det_jacobian(x_, y)
-            dy_dx, gy = torch.autograd.grad(y.sum(), [x_, theta_], retain_graph=True, allow_unused=True)
-            dld_dx, gl = torch.autograd.grad(ld.sum(), [x_, theta_], allow_unused=True)
-        gy = torch.zeros_like(theta) if gy is None else gy
-        gy = gy.reshape(gy.shape[:-1] + (m, n))
-        gl = torch.zeros_like(theta) if gl is None else gl
+    else:  # spline: its partials in closed form (_spline_partials)
+        dy_dx, dld_dx, grads = _spline_partials(theta.reshape(theta.shape[:-1] + (m, n)), x, *_spline_info(module))
+        gy, gl = grads[0], grads[1].reshape(theta.shape)
     # C[i, ..., h] = sum_k d y_i / d theta_ki W_out[ki, h] f'(a_h), coordinate-major (one bmm, no permuted copy)
     lead = slope.shape[:-1]
     cy = gy.expand(lead + (m, n)).reshape(-1, m, n).permute(2, 0, 1) @ w_out.reshape(m, n, hidden).transpose(0, 1)
@@ -585,6 +584,268 @@ def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_sca
     if dld_dx is not None:
         grad_ld = grad_ld + dld_dx
     return jac, grad_ld  # jac[..., i, j] = dy_i / dx_j
+
+
+# --------------------------------------------------------------------------- spline partials in closed form
+#
+# The stl/dreg score needs, per draw and coordinate, the partials of a spline layer's y_i and of
+# log|dy_i/dx_i| with respect to x_i and to every raw MADE output of coordinate i. Neither Pyro nor torch
+# gives them except by reverse-mode autograd through Pyro's spline (one forward and two backward passes
+# per layer: ~70% of the score's time, against issue 17's cost target of 1.3x the elbo step), so they
+# are derived here by hand, from Pyro's parameterisation (pyro.distributions.transforms.spline) and
+# checked against autograd in tests/test_spline_partials.py.
+
+#: Pyro's spline constants (min_bin_width, min_bin_height, min_derivative, min_lambda, eps), read from the
+#: defaults of the function its spline layers call, so a change there is followed here.
+_SPLINE_CONSTANTS = {k: p.default for k, p in inspect.signature(_monotonic_rational_spline).parameters.items()
+                     if k in ("min_bin_width", "min_bin_height", "min_derivative", "min_lambda", "eps")}
+
+_SPLINE_INFO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _spline_info(module) -> tuple:
+    """``(count_bins, bound, order)`` of a ``ConditionalSplineAutoregressive`` layer (fixed when it is built)."""
+    if module not in _SPLINE_INFO:
+        s = module.condition(None).spline  # its options only: the MADE is not called
+        _SPLINE_INFO[module] = (s.count_bins, float(s.bound), s.order)
+    return _SPLINE_INFO[module]
+
+
+_SCRATCH: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _scratch(owner, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer of ``shape`` (``like``'s dtype and device) kept for module ``owner`` between calls.
+
+    The spline score's two largest arrays (the MADE's outputs and their partials: 6 MB with 1024
+    draws) live within one call; allocated afresh, their memory was faulted in anew on every step
+    (the C allocator returns it to the system between steps): ~1000 page faults a dreg step,
+    5-10% of its time. One owner's buffers must not be used by two threads at once.
+    """
+    bufs = _SCRATCH.setdefault(owner, {})
+    buf = bufs.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = bufs[name] = like.new_empty(shape)
+    return buf
+
+
+def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, bound: float, order: str,
+                     out: Optional[torch.Tensor] = None) -> tuple:
+    """Partials of Pyro's monotone rational spline ``y = g(x; theta)`` and of ``L = log(dy/dx)``, elementwise.
+
+    ``theta (..., m, d)``: each of ``x (..., d)``'s raw MADE outputs (``m = 4K - 1`` for
+    ``order="linear"``: K widths, K heights, K - 1 slopes, K lambdas; ``3K - 1`` for ``"quadratic"``,
+    no lambdas). Returns ``dy/dx``, ``dL/dx`` ``(..., d)`` and the partials with respect to theta
+    ``(2, ..., m, d)`` (``[0]`` of y, ``[1]`` of L; written into ``out`` if given). Any layout works;
+    the stl/dreg score puts the draws last (``d``), so that every operation over bins runs along long
+    contiguous rows.
+
+    Widths and heights are ``min + (1 - K min) softmax(raw)`` scaled onto ``[-B, B]`` (knots
+    ``X_k``, ``Y_k``), the interior slopes ``min_derivative + softplus(raw)`` (the two end ones
+    fixed at ``1 - min_derivative``, as in Pyro), the lambdas ``min + (1 - 2 min) sigmoid(raw)``.
+    In x's bin ``b`` (``t = (x - X_b) / w``, ``w = X_{b+1} - X_b``, ``delta = (Y_{b+1} - Y_b) / w``,
+    end slopes ``d0, d1``):
+
+    * quadratic (Durkan et al. 2019, eq. 4): ``y = Y_b + (Y_{b+1} - Y_b) (delta t^2 + d0 t(1-t)) / den``,
+      ``den = delta + (d0 + d1 - 2 delta) t(1-t)``, ``dy/dx = delta^2 (d1 t^2 + 2 delta t(1-t)
+      + d0 (1-t)^2) / den^2``;
+    * linear (Dolatabadi et al. 2020): ``w_b = sqrt(d0/d1)``, ``w_c = (lambda d0 + (1 - lambda) w_b d1)
+      / delta``, ``y_c = ((1 - lambda) Y_b + lambda w_b Y_{b+1}) / ((1 - lambda) + lambda w_b)``; both
+      halves of the bin are ``y = p + (y_c - p) r tau / D``, ``D = mu + (r - 1) tau``,
+      ``dy/dtau = (y_c - p) r mu / D^2``, with ``(p, tau, mu, r) = (Y_b, t, lambda, w_c)`` for
+      ``t <= lambda`` and ``(Y_{b+1}, 1 - t, 1 - lambda, w_c / w_b)`` above.
+
+    The partials with respect to the bin's scalars (``X_b, X_{b+1}, Y_b, Y_{b+1}, d0, d1, lambda``)
+    are carried back by hand (reverse mode, y's and L's adjoints stacked), then to the raw outputs:
+    ``dX_k / draw_l = 2B (1 - K min) s_l ([l < k] - S_k)`` (softmax ``s``, ``S_k = sum_{j<k} s_j``),
+    ``softplus' = sigmoid`` (1 above 20, as torch's), ``sigmoid' = s (1 - s)``. Outside ``[-B, B]``
+    the layer is the identity: ``dy/dx = 1``, every other partial 0.
+    """
+    c = _SPLINE_CONSTANTS
+    k_, m = count_bins, theta.shape[-2]
+    lead = torch.broadcast_shapes(theta.shape[:-2], x.shape[:-1])
+    d_ = x.shape[-1]
+    inside = (x >= -bound) & (x <= bound)
+    x = torch.where(inside, x, 0.0)  # outside: the identity; every partial below is finite, then masked
+    # knots of widths and heights together, as Pyro forms them (the same operations, so x lands in Pyro's bin):
+    # C_k = sum_{j<=k} (min + (1 - K min) s_j), knot k + 1 = 2B C_k - B; knots 0 and K are -B and B
+    s = torch.softmax(theta[..., :2 * k_, :].unflatten(-2, (2, k_)), dim=-2).expand(lead + (2, k_, d_))
+    mins = (c["min_bin_width"] if c["min_bin_width"] == c["min_bin_height"]
+            else s.new_tensor([c["min_bin_width"], c["min_bin_height"]]).reshape(2, 1))
+    mins_ = mins if isinstance(mins, float) else mins.unsqueeze(-1)  # (2, 1, 1): over (widths/heights, K, d)
+    frac = 1.0 - mins_ * k_
+    cum = torch.cumsum(s.mul(frac).add_(mins_), dim=-2)  # (..., 2, K, d)
+    interior = cum[..., 0, :k_ - 1, :] * (2.0 * bound) - bound  # X_1 .. X_{K-1}
+    b = (x.unsqueeze(-2) >= interior + c["eps"]).sum(-2, keepdim=True)  # (..., 1, d): x's bin, as Pyro's search
+    ends = torch.cat([b, b + 1], dim=-2)  # (..., 2, d): x's bin's knots
+    fixed = ends.remainder(k_) == 0  # knots 0 and K: fixed positions, fixed slopes
+    at = torch.cat([(b - 1).clamp_(min=0), b], dim=-2)  # C_{k-1} of knots b and b + 1
+    cab = cum.gather(-2, at.unsqueeze(-3).expand(lead + (2, 2, d_)))  # (..., 2, 2, d)
+    kab = torch.where(fixed.unsqueeze(-3), s.new_tensor([[-bound], [bound]]), cab * (2.0 * bound) - bound)
+    xa, xb, ya, yb = kab[..., 0, 0, :], kab[..., 0, 1, :], kab[..., 1, 0, :], kab[..., 1, 1, :]
+    # S_k = sum_{j<k} s_j at the bin's knots (what a knot's partial reads): (C_{k-1} - k min) / (1 - K min)
+    cab = torch.where(fixed.unsqueeze(-3) & (ends == 0).unsqueeze(-3), 0.0,
+                      (cab - ends.unsqueeze(-3).to(cab.dtype) * mins_) / frac)  # (int * float: the default dtype)
+    d_raw = theta[..., 2 * k_:3 * k_ - 1, :].expand(lead + (k_ - 1, d_)).gather(
+        -2, torch.cat([at[..., :1, :], b.clamp(max=k_ - 2)], dim=-2))  # raw slopes at knots b, b + 1 (interior)
+    d = torch.where(fixed, 1.0 - c["min_derivative"], F.softplus(d_raw) + c["min_derivative"])
+    d0, d1 = d[..., 0, :], d[..., 1, :]
+    w = xb - xa
+    iw = 1.0 / w
+    delta = (yb - ya) * iw
+    t = (x - xa) * iw
+    if order == "linear":
+        sig_l = torch.sigmoid(theta[..., 3 * k_ - 1:, :].expand(lead + (k_, d_)).gather(-2, b).squeeze(-2))
+        lam = (1.0 - 2.0 * c["min_lambda"]) * sig_l + c["min_lambda"]
+        lam1 = 1.0 - lam
+        wb = torch.sqrt(d0 / d1)
+        lwb, lwd = lam * wb, lam1 * wb
+        idc = (lam1 + lwb).reciprocal_()
+        yc = torch.addcmul(lam1 * ya, lwb, yb).mul_(idc)
+        idelta = w / (yb - ya)
+        wc = torch.addcmul(lam * d0, lwd, d1).mul_(idelta)
+        low = t <= lam
+        sign = torch.where(low, 1.0, -1.0)
+        p = torch.where(low, ya, yb)
+        tau = torch.where(low, t, 1.0 - t)
+        mu = torch.where(low, lam, lam1)
+        rho = torch.where(low, 1.0, wb.reciprocal())  # d r / d w_c
+        r = wc * rho
+        r1 = r - 1.0
+        q = yc - p
+        iden = torch.addcmul(mu, r1, tau).reciprocal_()
+        phi = r * tau * iden
+        e = (iden * iden).mul_(q)
+        er = e * r
+        iq = q.reciprocal()
+        # (2, ..., d): d(y, L) / d(p, y_c, tau, r, mu), then to (Y_b, Y_{b+1}, t, w_c, w_b, lambda)
+        a_yc = torch.stack([phi, iq])
+        a_p = torch.stack([1.0 - phi, -iq])
+        a_t = torch.stack([er * mu, -2.0 * r1 * iden]).mul_(sign)
+        a_r = torch.stack([e * tau * (mu - tau), r.reciprocal().sub_(2.0 * tau * iden)])
+        a_lam = torch.stack([-er * tau, mu.reciprocal().sub_(2.0 * iden)]).mul_(sign)
+        # back through y_c, w_c (r = w_c rho), w_b (rho and y_c, w_c); L = log(dy/dt) - log w
+        ayc = a_yc * idc
+        awc = a_r * (rho * idelta)  # d / d(lambda d0 + (1 - lambda) w_b d1)
+        a_ya = torch.addcmul(a_p * low, ayc, lam1)
+        a_yb = torch.addcmul(a_p * ~low, ayc, lwb)
+        a_wb = torch.addcmul(a_r * torch.where(low, 0.0, -r * rho), ayc, lam * (yb - yc)).addcmul_(awc, lam1 * d1)
+        a_lam = a_lam.addcmul_(ayc, torch.addcmul(yc - ya, wb, yb - yc)).addcmul_(awc, d0 - wb * d1)
+        a_delta = awc * -wc
+        hw = 0.5 * wb
+        a_d0 = torch.addcmul(awc * lam, a_wb, hw / d0)
+        a_d1 = torch.addcmul(awc * lwd, a_wb, -hw / d1)
+        a_w = torch.stack([torch.zeros_like(iw), -iw])
+    elif order == "quadratic":
+        u = t * (1.0 - t)
+        one_2t = 1.0 - 2.0 * t
+        cc = d0 + d1 - 2.0 * delta
+        den = delta + cc * u
+        p = delta * t ** 2 + d0 * u
+        q = d1 * t ** 2 + 2.0 * delta * u + d0 * (1.0 - t) ** 2
+        hd = (yb - ya) / den ** 2
+        zero = torch.zeros_like(t)
+        a_t = torch.stack([hd * ((2.0 * delta * t + d0 * one_2t) * den - p * cc * one_2t),
+                           (2.0 * d1 * t + 2.0 * delta * one_2t - 2.0 * d0 * (1.0 - t)) / q - 2.0 * cc * one_2t / den])
+        a_yb = torch.stack([p / den, zero])  # y = Y_b + (Y_{b+1} - Y_b) p / den
+        a_ya = torch.stack([1.0 - p / den, zero])
+        a_delta = torch.stack([hd * (t ** 2 * den - p * (1.0 - 2.0 * u)),
+                               2.0 / delta + 2.0 * u / q - 2.0 * (1.0 - 2.0 * u) / den])
+        a_d0 = torch.stack([hd * u * (den - p), (1.0 - t) ** 2 / q - 2.0 * u / den])
+        a_d1 = torch.stack([-hd * p * u, t ** 2 / q - 2.0 * u / den])
+        a_w, a_lam = torch.stack([zero, zero]), None
+    else:  # pragma: no cover - Pyro accepts only these two
+        raise ConfigError(f"unknown spline order {order!r}")
+    # back through delta = (Y_{b+1} - Y_b) / w, t = (x - X_b) / w, w = X_{b+1} - X_b
+    a_h = a_delta * iw
+    a_x = a_t * iw  # (2, ...): dy/dx, dL/dx
+    a_w = a_w - a_h * delta - a_x * t  # = the partial with respect to X_{b+1}
+    # to the raw outputs: widths and heights (softmax, then cumsum), as
+    # 2B (1 - K min) s_l (left-knot adjoint [l < b] + right-knot adjoint [l <= b] - shift)
+    scale = (2.0 * bound) * (1.0 - mins * k_)  # dX_k / d(cumulative fraction)
+    inside_ = inside.to(x.dtype).unsqueeze(-2)  # (..., 1, d)
+    lo = torch.stack([-(a_x + a_w), a_ya - a_h], dim=-2).mul_(inside_ * scale).unsqueeze(-2)  # (2, ..., 2, 1, d)
+    hi = torch.stack([a_w, a_yb + a_h], dim=-2).mul_(inside_ * scale).unsqueeze(-2)  # X_b, Y_b; X_{b+1}, Y_{b+1}
+    shift = lo * cab[..., :1, :] + hi * cab[..., 1:, :]
+    bins = torch.arange(k_, device=x.device).unsqueeze(-1)  # (K, 1)
+    below, upto = (bins < b).unsqueeze(-3).to(x.dtype), (bins <= b).unsqueeze(-3).to(x.dtype)  # (..., 1, K, d)
+    grads = theta.new_empty((2,) + lead + (m, d_)) if out is None else out
+    # (lo * below + ... with both operands broadcast ran 10x slower than addcmul onto the small shift)
+    torch.addcmul(shift.neg_(), lo, below, out=grads[..., :2 * k_, :].unflatten(-2, (2, k_))).addcmul_(
+        hi, upto).mul_(s)
+    # slopes (raw k sets interior knot k + 1) and lambdas: one entry each, added where it sits
+    grads[..., 2 * k_:, :] = 0.0
+    pos = [ends + (2 * k_ - 1)]
+    val = [torch.stack([a_d0, a_d1], dim=-2) * torch.where(fixed, 0.0, torch.where(d_raw > 20.0, 1.0, torch.sigmoid(
+        d_raw)) * inside_)]
+    if a_lam is not None:
+        pos.append(b + (3 * k_ - 1))
+        val.append((a_lam * ((1.0 - 2.0 * c["min_lambda"]) * sig_l * (1.0 - sig_l) * inside)).unsqueeze(-2))
+    pos = torch.cat(pos, dim=-2).clamp_(max=m - 1)  # (a clamped entry adds 0)
+    grads.scatter_add_(-2, pos.expand((2,) + pos.shape), torch.cat(val, dim=-2))
+    return torch.where(inside, a_x[0], 1.0), a_x[1] * inside, grads
+
+#: The stl/dreg score of spline layers contracts every coordinate's MADE-output partials at once while there
+#: are at most this many draws; with more, one coordinate at a time through one reused buffer: with 1024 draws
+#: (dreg, K = 8) the batched product's (L, n, H, draws) output (5 MB) cost more in fresh memory than in
+#: arithmetic (page faults), while with 128 (stl) the 16 small products cost more in calls.
+_SPLINE_BATCH_DRAWS = 512
+
+
+def _spline_simple(modules) -> bool:
+    """True for spline layers whose MADE has one hidden layer and no skip connections, all of one shape."""
+    return (_made_simple(modules) and all(isinstance(m, ConditionalSplineAutoregressive) for m in modules)
+            and len({_spline_info(m) for m in modules}) == 1)
+
+
+def _spline_jacobians(modules, ctx: torch.Tensor, xs, pres=None) -> tuple:
+    """``(dy/dx (L, ..., n, n), grad_x log|det J| (L, ..., n))`` of L spline layers (:func:`_spline_simple`) at
+    ``xs``, batched over layers (each op once per step, not once per layer).
+
+    Layer l is ``y_i = g(x_i; theta_i)`` with ``theta = MADE_l(x, ctx)``, one hidden layer: ``dy/dx =
+    diag(dg/dx) + (dg/dtheta) W_out diag(f'(a)) W_1x``, and ``grad log|det J|`` the same with
+    ``log g'``'s partials (:func:`_spline_partials`). Everything per draw runs with the draws on
+    the last dim (long contiguous rows): the MADE's output is formed coordinate-major as
+    ``(L, n, m, draws)`` and the partials are contracted with ``W_out`` per coordinate (one
+    batched product, or a loop over coordinates for many draws: :data:`_SPLINE_BATCH_DRAWS`).
+    ``pres[l]``: the MADE's first-layer output at ``xs[l]`` as the sampler computed it, or None
+    (recomputed).
+    """
+    n, c = xs[0].shape[-1], ctx.shape[-1]
+    arns = [m.nn for m in modules]
+    x = _stack(list(xs))  # (L, ..., n)
+    lead = x.shape[1:-1]
+    w1, a, owned = _made_first(arns, ctx, x, pres)
+    n_layers, hidden = w1.shape[0], w1.shape[1]
+    a = a.reshape(n_layers, -1, hidden)  # (L, draws, H)
+    draws = a.shape[1]
+    w_out = _stack([arn.layers[1].weight for arn in arns]) * _stack([arn.layers[1].mask for arn in arns])  # (L, m n, H)
+    m = w_out.shape[1] // n
+    w_cm = w_out.reshape(n_layers, m, n, hidden).transpose(1, 2).reshape(n_layers * n, m, hidden)  # coordinate-major
+    w_cm_t = w_cm.transpose(1, 2).contiguous()  # (L n, H, m): a transposed operand made bmm 1.8x slower
+    b_cm = _stack([arn.layers[1].bias for arn in arns]).reshape(n_layers, m, n).transpose(1, 2).reshape(
+        n_layers, n * m, 1)
+    theta = torch.baddbmm(b_cm, w_cm.reshape(n_layers, n * m, hidden), arns[0].f(a).transpose(1, 2),
+                          out=_scratch(modules[0], "theta", (n_layers, n * m, draws), a))  # (L, n m, draws)
+    xt = x.reshape(n_layers, draws, n).transpose(1, 2)  # (L, n, draws)
+    dy_dx, dld_dx, grads = _spline_partials(theta.reshape(n_layers, n, m, draws), xt, *_spline_info(modules[0]),
+                                            out=_scratch(modules[0], "partials", (2, n_layers, n, m, draws), a))
+    slope = _slope(arns[0].f, a, inplace=owned).transpose(1, 2).contiguous()  # (L, H, draws)
+    tangent_t = w1[..., c:].transpose(1, 2)  # (L, n, H): d a / d x, transposed
+    gy = grads[0].reshape(n_layers * n, m, draws)
+    if draws <= _SPLINE_BATCH_DRAWS:  # all coordinates in one batched product
+        cy = torch.bmm(w_cm_t, gy).reshape(n_layers, n, hidden, draws).mul_(slope.unsqueeze(1))  # (L, n, H, draws)
+        jac = torch.matmul(tangent_t.unsqueeze(1), cy)  # (L, n_i, n_j, draws): d y_i / d x_j through the MADE
+    else:  # one coordinate at a time, through one (H, draws) buffer
+        jac, cy = dy_dx.new_empty(n_layers, n, n, draws), dy_dx.new_empty(hidden, draws)
+        for k in range(n_layers):
+            for i in range(n):
+                torch.mm(tangent_t[k], torch.mm(w_cm_t[k * n + i], gy[k * n + i], out=cy).mul_(slope[k]), out=jac[k, i])
+    jac.diagonal(dim1=1, dim2=2).add_(dy_dx.transpose(1, 2))  # (the diagonal view is (L, draws, n))
+    v = torch.bmm(w_cm.reshape(n_layers, n * m, hidden).transpose(1, 2), grads[1].reshape(n_layers, n * m, draws))
+    grad_ld = torch.baddbmm(dld_dx, tangent_t, v.mul_(slope))  # (L, n, draws)
+    return (jac.permute(0, 3, 1, 2).reshape((n_layers,) + lead + (n, n)),
+            grad_ld.transpose(1, 2).reshape((n_layers,) + lead + (n,)))
 
 
 # --------------------------------------------------------------------------- head
