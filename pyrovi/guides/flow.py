@@ -55,7 +55,6 @@ from pyro.distributions.transforms import (
 from pyro.distributions.transforms.affine_autoregressive import AffineAutoregressive
 from pyro.distributions.transforms.planar import ConditionedPlanar
 from pyro.distributions.transforms.radial import ConditionedRadial
-from pyro.distributions.transforms.spline import _monotonic_rational_spline
 from pyro.distributions.transforms.utils import clamp_preserve_gradients
 from pyro.nn import ConditionalAutoRegressiveNN, DenseNN
 from torch import nn
@@ -597,8 +596,16 @@ def _autoregressive_jacobian(module, ctx: torch.Tensor, x: torch.Tensor, log_sca
 
 #: Pyro's spline constants (min_bin_width, min_bin_height, min_derivative, min_lambda, eps), read from the
 #: defaults of the function its spline layers call, so a change there is followed here.
-_SPLINE_CONSTANTS = {k: p.default for k, p in inspect.signature(_monotonic_rational_spline).parameters.items()
-                     if k in ("min_bin_width", "min_bin_height", "min_derivative", "min_lambda", "eps")}
+def _spline_constants() -> dict:
+    names = ("min_bin_width", "min_bin_height", "min_derivative", "min_lambda", "eps")
+    try:  # a private function of Pyro's: if a release renames it, Pyro 1.9's values (tests compare with its spline)
+        from pyro.distributions.transforms.spline import _monotonic_rational_spline
+    except ImportError:  # pragma: no cover - Pyro 1.9 has it
+        return dict(zip(names, (1e-3, 1e-3, 1e-3, 0.025, 1e-6)))
+    return {k: p.default for k, p in inspect.signature(_monotonic_rational_spline).parameters.items() if k in names}
+
+
+_SPLINE_CONSTANTS = _spline_constants()
 
 _SPLINE_INFO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -614,6 +621,10 @@ def _spline_info(module) -> tuple:
 _SCRATCH: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+#: the largest scratch buffer kept between steps (bytes); larger ones are allocated per call
+_SCRATCH_MAX_BYTES = 32 * 2 ** 20
+
+
 def _scratch(owner, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised buffer of ``shape`` (``like``'s dtype and device) kept for module ``owner`` between calls.
 
@@ -622,6 +633,8 @@ def _scratch(owner, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor
     (the C allocator returns it to the system between steps): ~1000 page faults a dreg step,
     5-10% of its time. One owner's buffers must not be used by two threads at once.
     """
+    if math.prod(shape) * like.element_size() > _SCRATCH_MAX_BYTES:  # a large one is not held between steps
+        return like.new_empty(shape)
     bufs = _SCRATCH.setdefault(owner, {})
     buf = bufs.get(name)
     if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
@@ -784,6 +797,7 @@ def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, boun
     pos = torch.cat(pos, dim=-2).clamp_(max=m - 1)  # (a clamped entry adds 0)
     grads.scatter_add_(-2, pos.expand((2,) + pos.shape), torch.cat(val, dim=-2))
     return torch.where(inside, a_x[0], 1.0), a_x[1] * inside, grads
+
 
 #: The stl/dreg score of spline layers contracts every coordinate's MADE-output partials at once while there
 #: are at most this many draws; with more, one coordinate at a time through one reused buffer: with 1024 draws
