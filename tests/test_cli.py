@@ -55,7 +55,7 @@ def test_val_fraction_out_of_range_is_named_in_cli_spelling(capsys):
 
 
 def test_dtype_float64_from_the_shell(tmp_path, capsys):
-    """``pyrovi train --dtype float64`` (the remedy docs/objectives.md gives for float32 rises): the run trains, is
+    """``pyrovi train --dtype float64`` (docs/cli.md): the run trains, is
     recorded, loads and evaluates in float64; an unknown dtype is a one-line usage error."""
     import pyrovi as pv
     from pyrovi.checkpoint import read_json
