@@ -329,23 +329,45 @@ class IWAE(Renyi):
 
 
 class _StopGradient(Objective):
-    """What ``stl`` and ``dreg`` share: the warm start of plain-gradient steps (:func:`flow_warm_start`)."""
+    """What ``stl`` and ``dreg`` share: a warm start of plain-gradient steps (:func:`flow_warm_start`)."""
 
     def __init__(self, particles: int, warm_start: Optional[int] = None):
         super().__init__(particles)
-        _init_warm_start(self, warm_start)
+        if warm_start is not None:
+            check_positive("warm_start", warm_start, integer=True, allow_zero=True)
+        self.warm_start = warm_start  # None: automatic, resolved by check_guide (fit asks it before training)
+        self._warm_steps = 0 if warm_start is None else int(warm_start)
+        self._steps = 0  # gradient steps seen (calls with gradients enabled), when no loop says (at_step)
+        self._told = None  # steps taken before the current one, as fit's loop last said (at_step)
 
     def check_guide(self, guide) -> None:
         """Resolves the automatic warm start (``warm_start=None``) for ``guide``; see :func:`flow_warm_start`."""
-        _resolve_warm_start(self, guide)
+        self._warm_steps = flow_warm_start(guide) if self.warm_start is None else int(self.warm_start)
 
     def config(self) -> dict:
         """JSON-able description (name, particles and, when set, warm_start)."""
-        return _warm_config(self, super().config())
+        d = super().config()
+        if self.warm_start is not None:
+            d["warm_start"] = self.warm_start
+        return d
 
     def at_step(self, step: int) -> None:
         """Set the count of gradient steps taken before the next one (the warm start reads it)."""
         self._told = int(step)
+
+    def _warming(self) -> bool:
+        """True while this call (with gradients) belongs to one of the first ``_warm_steps`` gradient steps.
+
+        Under ``fit`` the loop says how many steps were taken (:meth:`at_step`), so every call of a
+        step agrees (a semi-supervised step calls the objective twice) and a resumed fit goes on counting;
+        called on its own, each call with gradients counts as a step.
+        """
+        if not torch.is_grad_enabled():
+            return False
+        if self._told is not None:
+            return self._told < self._warm_steps
+        self._steps += 1
+        return self._steps <= self._warm_steps
 
 
 class STL(_StopGradient):
@@ -379,7 +401,7 @@ class STL(_StopGradient):
         super().__init__(particles, warm_start)
 
     def _bound(self, model, guide, args, kwargs, *, fast, beta, depth):
-        if _warming(self):  # the plain ELBO gradient (same value)
+        if self._warming():  # the plain ELBO gradient (same value)
             if fast:
                 return iw_bound(fastpath.fast_elbo_weights(model, guide, *args, particles=self.particles, beta=beta),
                                 alpha=1.0)
@@ -406,40 +428,6 @@ def flow_warm_start(guide) -> int:
     flows = heads is not None and any(getattr(getattr(h, "linear", h), "stop_gradient_warm_start", False)
                                       for h in heads.values())
     return FLOW_WARM_START if flows else 0
-
-
-def _init_warm_start(obj, warm_start) -> None:
-    if warm_start is not None:
-        check_positive("warm_start", warm_start, integer=True, allow_zero=True)
-    obj.warm_start = warm_start  # None: automatic, resolved by check_guide (fit asks it before training)
-    obj._warm_steps = 0 if warm_start is None else int(warm_start)
-    obj._steps = 0  # gradient steps seen (calls with gradients enabled), when no loop says (at_step)
-    obj._told = None  # steps taken before the current one, as fit's loop last said (at_step)
-
-
-def _resolve_warm_start(obj, guide) -> None:
-    obj._warm_steps = flow_warm_start(guide) if obj.warm_start is None else int(obj.warm_start)
-
-
-def _warming(obj) -> bool:
-    """True while this call (with gradients) belongs to one of the first ``_warm_steps`` gradient steps.
-
-    Under ``fit`` the loop says how many steps were taken (:meth:`Objective.at_step`), so every call of a
-    step agrees (a semi-supervised step calls the objective twice) and a resumed fit goes on counting;
-    called on its own, each call with gradients counts as a step.
-    """
-    if not torch.is_grad_enabled():
-        return False
-    if obj._told is not None:
-        return obj._told < obj._warm_steps
-    obj._steps += 1
-    return obj._steps <= obj._warm_steps
-
-
-def _warm_config(obj, d: dict) -> dict:
-    if obj.warm_start is not None:
-        d["warm_start"] = obj.warm_start
-    return d
 
 
 class DReG(_StopGradient):
@@ -490,7 +478,7 @@ class DReG(_StopGradient):
             raise ConfigError("objective 'dreg' reweights the gradient of each latent draw by the particles' "
                               "normalized weights, which needs vectorized particles; this model runs them one at a "
                               "time: use 'iwae' (same bound) or 'stl'")
-        if _warming(self):  # the plain IWAE gradient (same value)
+        if self._warming():  # the plain IWAE gradient (same value)
             if fast:
                 lw = fastpath.fast_log_weights(model, guide, *args, particles=self.particles, beta=beta)
             else:
