@@ -7,7 +7,7 @@ diverged, the final training loss, and the gap ``log p(x) - ELBO`` per row (Pyro
 ``Trace_ELBO`` with 1000 particles, vectorized, on the 2000 training rows; exact ``log p(x)``
 closed form), on the first 400 rows.
 
-    PYTHONPATH=. python benchmarks/stl_flow_seeds.py [--seeds 10] [--epochs 60] [--clip-norm X] [--pyro-planar]
+    PYTHONPATH=. python benchmarks/stl_flow_seeds.py [--seeds 10] [--epochs 60] [--lr 3e-3] [--clip-norm X] [--pyro-planar]
 
 ``benchmarks/stl_flow_trace.py`` prints one run's per-epoch loss and gradient norms.
 """
@@ -84,7 +84,8 @@ def pyro_planar() -> None:
 
 
 def run(guide_name: str, objective: str, seed: int, x: torch.Tensor, *, epochs: int = 60,
-        clip_norm=None, particles=None, warm_start=None, eval_particles: int = 1000, eval_rows: int = 400) -> dict:
+        clip_norm=None, particles=None, warm_start=None, eval_particles: int = 1000, eval_rows: int = 400,
+        lr: float = 3e-3) -> dict:
     """One training run; ``{"diverged", "loss", "gap", "seconds"}`` (gap None after a divergence)."""
     torch.manual_seed(seed)  # the guide's initial weights
     pyro.set_rng_seed(seed)
@@ -97,7 +98,7 @@ def run(guide_name: str, objective: str, seed: int, x: torch.Tensor, *, epochs: 
     t0 = time.perf_counter()
     try:
         r = pv.fit(model, guide, x, objective=obj, particles=particles, epochs=epochs, batch_size=100,
-                   lr=3e-3, seed=seed, val_fraction=VAL, progress=False, figures=False, clip_norm=clip_norm)
+                   lr=lr, seed=seed, val_fraction=VAL, progress=False, figures=False, clip_norm=clip_norm)
     except TrainingError as e:
         return {"diverged": True, "loss": math.nan, "gap": None, "seconds": time.perf_counter() - t0,
                 "error": str(e).splitlines()[0]}
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--clip-norm", type=float, default=None)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warm-start", type=int, default=None, help="stl/dreg warm start in steps (default: auto)")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--guides", default=",".join(GUIDES))
@@ -125,7 +127,7 @@ def main() -> None:
         pyro_planar()
     torch.set_num_threads(a.threads)
     x = data()
-    print(f"posterior correlation {posterior_correlation():.3f}; {a.epochs} epochs, batch 100, lr 3e-3, "
+    print(f"posterior correlation {posterior_correlation():.3f}; {a.epochs} epochs, batch 100, lr {a.lr:g}, "
           f"clip_norm {a.clip_norm}, warm_start {a.warm_start}, Pyro's planar {a.pyro_planar}; "
           "gap = log p(x) - ELBO per row (Trace_ELBO, 1000 particles)")
     print("| guide | objective | diverged | gap <= 0.05 | median gap | max gap | s / run |")
@@ -134,7 +136,7 @@ def main() -> None:
         for o in a.objectives.split(","):
             rs = []
             for s in range(a.first_seed, a.first_seed + a.seeds):
-                rs.append(run(g, o, s, x, epochs=a.epochs, clip_norm=a.clip_norm, warm_start=a.warm_start))
+                rs.append(run(g, o, s, x, epochs=a.epochs, clip_norm=a.clip_norm, warm_start=a.warm_start, lr=a.lr))
                 print(f"  {g} {o} seed {s}: {rs[-1]}", flush=True)
             gaps = sorted(r["gap"] for r in rs if r["gap"] is not None)
             div = sum(r["diverged"] for r in rs)
