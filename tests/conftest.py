@@ -55,6 +55,27 @@ def restore_environ():
     os.environ.update(saved)
 
 
+@pytest.fixture
+def ctrl_c_at_validation(monkeypatch):
+    """``ctrl_c_at_validation(k)``: the fit's k-th validation pass raises KeyboardInterrupt (Ctrl-C during epoch
+    k, after the checkpoint of epoch k - 1); returns ``undo``, which puts the real pass back."""
+    import pyrovi.loop
+
+    def arm(k: int):
+        real, calls = pyrovi.loop.mean_loss, []
+
+        def interrupt(*a, **kw):
+            calls.append(1)
+            if len(calls) == k:
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+
+        monkeypatch.setattr(pyrovi.loop, "mean_loss", interrupt)
+        return monkeypatch.undo
+
+    return arm
+
+
 @pytest.fixture(scope="session")
 def digits():
     import pyrovi as pv

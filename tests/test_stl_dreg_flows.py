@@ -141,11 +141,10 @@ def test_planar_layer_keeps_its_determinant_away_from_zero():
     torch.testing.assert_close(InvertiblePlanar((b, u, w))._inverse(y), x, atol=1e-8, rtol=1e-8)
 
 
-def test_resumed_fit_keeps_counting_the_warm_start(tmp_path, monkeypatch):
+def test_resumed_fit_keeps_counting_the_warm_start(tmp_path, ctrl_c_at_validation):
     """The warm start counts fit's steps, those before a checkpoint included: a resumed stl fit takes the same
     steps as the uninterrupted one (it used to start the warm start again). 15 warm steps of 50 cross the
     interruption after epoch 1 (10 steps an epoch)."""
-    import pyrovi.loop
     from pyrovi.checkpoint import load_tensors
 
     model = pv.models.LinearGaussian(torch.tensor([[1.0, 0.8], [0.9, 1.0], [1.0, 1.1]]), learn=False)
@@ -159,18 +158,10 @@ def test_resumed_fit_keeps_counting_the_warm_start(tmp_path, monkeypatch):
               progress=False, figures=False)
     g1 = flow()
     straight = pv.fit(model, g1, x, out=str(tmp_path / "a"), **kw)
-    real, calls = pyrovi.loop.mean_loss, []
-
-    def interrupt_second(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(pyrovi.loop, "mean_loss", interrupt_second)
+    undo = ctrl_c_at_validation(2)  # Ctrl-C during epoch 2: the checkpoint of epoch 1 stays
     with pytest.raises(KeyboardInterrupt):
         pv.fit(model, flow(), x, out=str(tmp_path / "b"), **kw)
-    monkeypatch.undo()
+    undo()
     assert load_tensors(str(tmp_path / "b" / "checkpoint.safetensors"))[1]["loop"]["epoch"] == 1
     g3 = flow(seed=99)  # other initial weights: the checkpoint's replace them
     with pytest.warns(pv.errors.SeedWarning):

@@ -61,24 +61,16 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_resume_continues_the_same_trajectory(digits, tmp_path, monkeypatch):
+def test_resume_continues_the_same_trajectory(digits, tmp_path, ctrl_c_at_validation):
     kw = dict(epochs=4, objective="iwae", particles=3, progress=False, seed=1, lr_schedule="cosine")
     m1, g1 = small(digits)
     straight = pv.fit(m1, g1, digits, out=str(tmp_path / "a"), **kw)
     # interrupt the same run (Ctrl-C) during epoch 3: the checkpoint of epoch 2 stays
-    real, calls = pyrovi.loop.mean_loss, []
-
-    def interrupt_third(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(pyrovi.loop, "mean_loss", interrupt_third)
+    undo = ctrl_c_at_validation(3)
     m2, g2 = small(digits)
     with pytest.raises(KeyboardInterrupt):
         pv.fit(m2, g2, digits, out=str(tmp_path / "b"), **kw)
-    monkeypatch.undo()
+    undo()
     _, meta = load_tensors(str(tmp_path / "b" / "checkpoint.safetensors"))
     assert meta["loop"]["epoch"] == 2
     m3, g3 = small(digits, seed=99)  # fresh objects with different initial weights
