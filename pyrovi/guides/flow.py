@@ -445,13 +445,18 @@ def _bmm(p, q, add=None):
     return p @ q if add is None else torch.baddbmm(add, p, q)
 
 
+def _masked(arns, k: int) -> torch.Tensor:
+    """Layer ``k``'s masked weights of each MADE in ``arns``, stacked: ``(L, out, in)``."""
+    return _stack([arn.layers[k].weight for arn in arns]) * _stack([arn.layers[k].mask for arn in arns])
+
+
 def _made_first(arns, ctx: torch.Tensor, x: torch.Tensor, pres) -> tuple:
     """``(W_1 (L, H, c + n), a (L, ..., H), owned)`` of L one-hidden-layer MADEs ``arns`` at ``x (L, ..., n)``:
     their masked first-layer weights and first-layer outputs, the sampler's ``pres`` where all are given,
     else recomputed (the context's share once per context row); ``owned``: ``a`` may be overwritten."""
     n_layers, n, c = len(arns), x.shape[-1], ctx.shape[-1]
     lead = x.shape[1:-1]
-    w1 = _stack([arn.layers[0].weight for arn in arns]) * _stack([arn.layers[0].mask for arn in arns])  # (L, H, c + n)
+    w1 = _masked(arns, 0)  # (L, H, c + n)
     if pres is not None and all(p is not None for p in pres):  # the sampler's own
         return w1, _stack(list(pres)), n_layers > 1  # (a stacked copy may be overwritten)
     hidden = w1.shape[1]
@@ -479,7 +484,7 @@ def _iaf_jacobians(modules, ctx: torch.Tensor, xs, log_scales, pres=None) -> tup
     x = _stack(list(xs))  # (L, ..., n)
     lead = x.shape[1:-1]
     w1, a, owned = _made_first(arns, ctx, x, pres)
-    w_out = _stack([arn.layers[1].weight for arn in arns]) * _stack([arn.layers[1].mask for arn in arns])  # (L, 2n, H)
+    w_out = _masked(arns, 1)  # (L, 2n, H)
     n_layers, hidden = w1.shape[0], w1.shape[1]
     tangent = w1[..., c:]  # (L, H, n): d a / d x
     if any(s is None for s in log_scales):  # the MADE's output layer, as the sampler ran it
@@ -833,7 +838,7 @@ def _spline_jacobians(modules, ctx: torch.Tensor, xs, pres=None) -> tuple:
     n_layers, hidden = w1.shape[0], w1.shape[1]
     a = a.reshape(n_layers, -1, hidden)  # (L, draws, H)
     draws = a.shape[1]
-    w_out = _stack([arn.layers[1].weight for arn in arns]) * _stack([arn.layers[1].mask for arn in arns])  # (L, m n, H)
+    w_out = _masked(arns, 1)  # (L, m n, H)
     m = w_out.shape[1] // n
     w_cm = w_out.reshape(n_layers, m, n, hidden).transpose(1, 2).reshape(n_layers * n, m, hidden)  # coordinate-major
     w_cm_t = w_cm.transpose(1, 2).contiguous()  # (L n, H, m): a transposed operand made bmm 1.8x slower
