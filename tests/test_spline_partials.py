@@ -97,8 +97,8 @@ def _layers(n, hidden, bins, order, context):
 ])
 def test_layer_jacobians_match_autograd(order, bins, per_draw_context, batched, monkeypatch):
     """``_spline_jacobians``: every layer's ``dy/dx`` and ``grad_x log|det J|`` at once, as autograd gives them
-    from the layer's forward map (Pyro's), with the MADE's first-layer output as the sampler recorded it or
-    recomputed; and the transposed solve the score makes with them."""
+    from the layer's forward map (Pyro's), with the MADE's first-layer output and output as the sampler
+    recorded them or recomputed; and the transposed solve the score makes with them."""
     pyro.set_rng_seed(bins)
     n, context = 4, 5
     monkeypatch.setattr(flow_module, "_SPLINE_BATCH_DRAWS", 10 ** 6 if batched else 0)
@@ -110,8 +110,9 @@ def test_layer_jacobians_match_autograd(order, bins, per_draw_context, batched, 
     xs = [1.6 * torch.randn(2, 3, n, dtype=torch.float64) for _ in layers]  # 2 particles of 3 datapoints
     pres = [layer.nn.layers[0](torch.cat([ctx.expand(x.shape[:-1] + (context,)), x], dim=-1)).detach()
             for layer, x in zip(layers, xs)]
+    outs = [layer.nn.layers[1](layer.nn.f(a)).detach() for layer, a in zip(layers, pres)]  # the MADE's outputs
     with torch.no_grad():
-        jacs, grad_lds = _spline_jacobians(layers, ctx, xs, pres)
+        jacs, grad_lds = _spline_jacobians(layers, ctx, xs, pres, outs)
         jacs2, grad_lds2 = _spline_jacobians(layers, ctx, xs)
     assert jacs.shape == (2, 2, 3, n, n) and grad_lds.shape == (2, 2, 3, n)
     torch.testing.assert_close(jacs2, jacs, rtol=1e-12, atol=1e-12)

@@ -55,6 +55,7 @@ from pyro.distributions.transforms import (
 from pyro.distributions.transforms.affine_autoregressive import AffineAutoregressive
 from pyro.distributions.transforms.planar import ConditionedPlanar
 from pyro.distributions.transforms.radial import ConditionedRadial
+from pyro.distributions.transforms.spline_autoregressive import SplineAutoregressive
 from pyro.distributions.transforms.utils import clamp_preserve_gradients
 from pyro.nn import ConditionalAutoRegressiveNN, DenseNN
 from torch import nn
@@ -147,16 +148,17 @@ class _ConditionalRadial(ConditionalRadial):
 class _Draw:
     """What the last :meth:`FlowDistribution.rsample` drew, detached: ``u_0 .. u_K``, ``log q(u_K)``, each
     layer's log-scale where the layer computed one (an iaf layer's clamped ``s``; None for the others) and
-    each autoregressive layer's MADE first-layer output (its hidden pre-activation; None for the others).
+    each autoregressive layer's MADE first-layer output (its hidden pre-activation; None for the others)
+    and each spline layer's MADE output (the raw bin parameters ``(..., m n)``; None for the others).
 
     Shared by a flow's q, its expanded copies (Pyro's particle plate expands q before drawing)
     and its stop-gradient score, so the score reads the very values the sampler computed.
     """
 
-    __slots__ = ("us", "log_q", "log_scales", "pre")
+    __slots__ = ("us", "log_q", "log_scales", "pre", "made_out")
 
     def __init__(self):
-        self.us, self.log_q, self.log_scales, self.pre = None, None, None, None
+        self.us, self.log_q, self.log_scales, self.pre, self.made_out = None, None, None, None, None
 
 
 class FlowDistribution(dist.TransformedDistribution):
@@ -187,18 +189,22 @@ class FlowDistribution(dist.TransformedDistribution):
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         x = self.base_dist.rsample(sample_shape)
-        us, lds, pre = [x], [], []
+        us, lds, pre, made_out = [x], [], [], []
         for t in self.transforms:
-            # the score's backward reads it; without gradients (evaluation) nothing will, so it is not kept
-            first = _made_first_layer(t) if torch.is_grad_enabled() else None
-            seen = []
-            hook = None if first is None else first.register_forward_hook(lambda m, i, out: seen.append(out))
+            # the score's backward reads them; without gradients (evaluation) nothing will, so they are not kept
+            made = _made(t) if torch.is_grad_enabled() else None
+            seen, seen_out, hooks = [], [], []
+            if made is not None:
+                hooks.append(made.layers[0].register_forward_hook(lambda m, i, out: seen.append(out)))
+                if isinstance(t, SplineAutoregressive):  # its bin parameters: the score reads them too
+                    hooks.append(made.layers[-1].register_forward_hook(lambda m, i, out: seen_out.append(out)))
             try:
                 y = t(x)  # Transform.__call__: Pyro caches (x, y) and this layer's log|det J|
             finally:
-                if hook is not None:
+                for hook in hooks:
                     hook.remove()
             pre.append(seen[-1].detach() if seen else None)
+            made_out.append(seen_out[-1].detach() if seen_out else None)
             lds.append(t.log_abs_det_jacobian(x, y))
             x = y
             us.append(x)
@@ -209,7 +215,7 @@ class FlowDistribution(dist.TransformedDistribution):
             log_q = log_q + self.base_dist.log_prob(us[0])
         self.draw.us, self.draw.log_q = [u.detach() for u in us], log_q.detach()
         self.draw.log_scales = [_detached_or_none(getattr(t, "_cached_log_scale", None)) for t in self.transforms]
-        self.draw.pre = pre
+        self.draw.pre, self.draw.made_out = pre, made_out
         return x
 
 
@@ -217,12 +223,12 @@ def _detached_or_none(t):
     return None if t is None else t.detach()
 
 
-def _made_first_layer(t):
-    """The first masked layer of a conditioned autoregressive layer's MADE (its output: the hidden
-    pre-activation the stl/dreg score reads), else None."""
+def _made(t):
+    """The MADE of a conditioned autoregressive layer (its first layer's output: the hidden pre-activation
+    the stl/dreg score reads; a spline's last layer's: its bin parameters), else None."""
     arn = getattr(t, "arn", None)  # Pyro's conditioned iaf/spline: partial(ConditionalAutoRegressiveNN, context)
     made = getattr(arn, "func", None)
-    return made.layers[0] if isinstance(made, ConditionalAutoRegressiveNN) else None
+    return made if isinstance(made, ConditionalAutoRegressiveNN) else None
 
 
 class DetachedFlowScore(dist.TorchDistribution):
@@ -287,7 +293,7 @@ class DetachedFlowScore(dist.TorchDistribution):
                         g = _solve_transposed(module, jac, g - grad_ld)
                 return g
             if _spline_simple(modules):  # spline layers: every layer's Jacobian in one batch, then the solves
-                jacs, grad_lds = _spline_jacobians(modules, self.h, us[:-1], pre)
+                jacs, grad_lds = _spline_jacobians(modules, self.h, us[:-1], pre, self.draw.made_out)
                 for module, jac, grad_ld in zip(modules, jacs, grad_lds):
                     g = _solve_transposed(module, jac, g - grad_ld)
                 return g
@@ -648,13 +654,14 @@ def _scratch(owner, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor
 
 
 def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, bound: float, order: str,
-                     out: Optional[torch.Tensor] = None) -> tuple:
+                     out: Optional[torch.Tensor] = None, owner=None) -> tuple:
     """Partials of Pyro's monotone rational spline ``y = g(x; theta)`` and of ``L = log(dy/dx)``, elementwise.
 
     ``theta (..., m, d)``: each of ``x (..., d)``'s raw MADE outputs (``m = 4K - 1`` for
     ``order="linear"``: K widths, K heights, K - 1 slopes, K lambdas; ``3K - 1`` for ``"quadratic"``,
     no lambdas). Returns ``dy/dx``, ``dL/dx`` ``(..., d)`` and the partials with respect to theta
-    ``(2, ..., m, d)`` (``[0]`` of y, ``[1]`` of L; written into ``out`` if given). Any layout works;
+    ``(2, ..., m, d)`` (``[0]`` of y, ``[1]`` of L; written into ``out`` if given; with ``owner``, the
+    largest temporaries are :func:`_scratch` buffers of that module). Any layout works;
     the stl/dreg score puts the draws last (``d``), so that every operation over bins runs along long
     contiguous rows.
 
@@ -683,18 +690,27 @@ def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, boun
     k_, m = count_bins, theta.shape[-2]
     lead = torch.broadcast_shapes(theta.shape[:-2], x.shape[:-1])
     d_ = x.shape[-1]
+    # the arrays over every bin are the large ones (K times the rest): with an owner they are written into
+    # buffers kept between steps (allocated afresh, their pages were faulted in anew: ~40% of this function)
+    work = ((lambda name, shape, dtype=x.dtype: _scratch(owner, name, shape, x.new_empty((), dtype=dtype)))
+            if owner is not None else (lambda name, shape, dtype=x.dtype: x.new_empty(shape, dtype=dtype)))
     inside = (x >= -bound) & (x <= bound)
     x = torch.where(inside, x, 0.0)  # outside: the identity; every partial below is finite, then masked
-    # knots of widths and heights together, as Pyro forms them (the same operations, so x lands in Pyro's bin):
-    # C_k = sum_{j<=k} (min + (1 - K min) s_j), knot k + 1 = 2B C_k - B; knots 0 and K are -B and B
-    s = torch.softmax(theta[..., :2 * k_, :].unflatten(-2, (2, k_)), dim=-2).expand(lead + (2, k_, d_))
+    # knots of widths and heights together, as Pyro forms them (the same operations as its spline, up to the
+    # softmax's rounding): C_k = sum_{j<=k} (min + (1 - K min) s_j), knot k + 1 = 2B C_k - B; knots 0, K: -B, B
+    raw = theta[..., :2 * k_, :].unflatten(-2, (2, k_))
+    s = work("s", raw.shape)
+    torch.sub(raw, raw.amax(-2, keepdim=True), out=s).exp_()
+    s = s.mul_(s.sum(-2, keepdim=True).reciprocal_()).expand(lead + (2, k_, d_))
     mins = (c["min_bin_width"] if c["min_bin_width"] == c["min_bin_height"]
             else s.new_tensor([c["min_bin_width"], c["min_bin_height"]]).reshape(2, 1))
     mins_ = mins if isinstance(mins, float) else mins.unsqueeze(-1)  # (2, 1, 1): over (widths/heights, K, d)
     frac = 1.0 - mins_ * k_
-    cum = torch.cumsum(s.mul(frac).add_(mins_), dim=-2)  # (..., 2, K, d)
-    interior = cum[..., 0, :k_ - 1, :] * (2.0 * bound) - bound  # X_1 .. X_{K-1}
-    b = (x.unsqueeze(-2) >= interior + c["eps"]).sum(-2, keepdim=True)  # (..., 1, d): x's bin, as Pyro's search
+    cum = torch.mul(s, frac, out=work("cum", s.shape)).add_(mins_).cumsum_(-2)  # (..., 2, K, d)
+    interior = torch.mul(cum[..., 0, :k_ - 1, :], 2.0 * bound, out=work("knots", lead + (k_ - 1, d_))).sub_(
+        bound).add_(c["eps"])  # X_1 .. X_{K-1}, plus Pyro's eps
+    b = torch.ge(x.unsqueeze(-2), interior, out=work("ge", interior.shape, torch.bool)).sum(
+        -2, keepdim=True)  # (..., 1, d): x's bin, as Pyro's search
     ends = torch.cat([b, b + 1], dim=-2)  # (..., 2, d): x's bin's knots
     fixed = ends.remainder(k_) == 0  # knots 0 and K: fixed positions, fixed slopes
     at = torch.cat([(b - 1).clamp_(min=0), b], dim=-2)  # C_{k-1} of knots b and b + 1
@@ -786,7 +802,8 @@ def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, boun
     hi = torch.stack([a_w, a_yb + a_h], dim=-2).mul_(inside_ * scale).unsqueeze(-2)  # X_b, Y_b; X_{b+1}, Y_{b+1}
     shift = lo * cab[..., :1, :] + hi * cab[..., 1:, :]
     bins = torch.arange(k_, device=x.device).unsqueeze(-1)  # (K, 1)
-    below, upto = (bins < b).unsqueeze(-3).to(x.dtype), (bins <= b).unsqueeze(-3).to(x.dtype)  # (..., 1, K, d)
+    below = torch.lt(bins, b, out=work("below", lead + (k_, d_), torch.bool)).unsqueeze(-3)  # (..., 1, K, d)
+    upto = torch.le(bins, b, out=work("upto", lead + (k_, d_), torch.bool)).unsqueeze(-3)
     grads = theta.new_empty((2,) + lead + (m, d_)) if out is None else out
     # (lo * below + ... with both operands broadcast ran 10x slower than addcmul onto the small shift)
     torch.addcmul(shift.neg_(), lo, below, out=grads[..., :2 * k_, :].unflatten(-2, (2, k_))).addcmul_(
@@ -817,18 +834,19 @@ def _spline_simple(modules) -> bool:
             and len({_spline_info(m) for m in modules}) == 1)
 
 
-def _spline_jacobians(modules, ctx: torch.Tensor, xs, pres=None) -> tuple:
+def _spline_jacobians(modules, ctx: torch.Tensor, xs, pres=None, outs=None) -> tuple:
     """``(dy/dx (L, ..., n, n), grad_x log|det J| (L, ..., n))`` of L spline layers (:func:`_spline_simple`) at
     ``xs``, batched over layers (each op once per step, not once per layer).
 
     Layer l is ``y_i = g(x_i; theta_i)`` with ``theta = MADE_l(x, ctx)``, one hidden layer: ``dy/dx =
     diag(dg/dx) + (dg/dtheta) W_out diag(f'(a)) W_1x``, and ``grad log|det J|`` the same with
     ``log g'``'s partials (:func:`_spline_partials`). Everything per draw runs with the draws on
-    the last dim (long contiguous rows): the MADE's output is formed coordinate-major as
-    ``(L, n, m, draws)`` and the partials are contracted with ``W_out`` per coordinate (one
-    batched product, or a loop over coordinates for many draws: :data:`_SPLINE_BATCH_DRAWS`).
-    ``pres[l]``: the MADE's first-layer output at ``xs[l]`` as the sampler computed it, or None
-    (recomputed).
+    the last dim (long contiguous rows), in the MADE's own output order: ``theta (L, m, n, draws)``
+    (parameter-major), so the partials of every coordinate run as one row of ``n draws`` and the
+    ``log g'`` partials contract with ``W_out`` in one product; the ``g`` partials contract per
+    coordinate (one batched product, or a loop over coordinates for many draws:
+    :data:`_SPLINE_BATCH_DRAWS`). ``pres[l]``, ``outs[l]``: the MADE's first-layer output and output
+    at ``xs[l]`` as the sampler computed them, or None (recomputed).
     """
     n, c = xs[0].shape[-1], ctx.shape[-1]
     arns = [m.nn for m in modules]
@@ -838,31 +856,34 @@ def _spline_jacobians(modules, ctx: torch.Tensor, xs, pres=None) -> tuple:
     n_layers, hidden = w1.shape[0], w1.shape[1]
     a = a.reshape(n_layers, -1, hidden)  # (L, draws, H)
     draws = a.shape[1]
-    w_out = _masked(arns, 1)  # (L, m n, H)
+    w_out = _masked(arns, 1)  # (L, m n, H): output p n + i is coordinate i's parameter p
     m = w_out.shape[1] // n
-    w_cm = w_out.reshape(n_layers, m, n, hidden).transpose(1, 2).reshape(n_layers * n, m, hidden)  # coordinate-major
-    w_cm_t = w_cm.transpose(1, 2).contiguous()  # (L n, H, m): a transposed operand made bmm 1.8x slower
-    b_cm = _stack([arn.layers[1].bias for arn in arns]).reshape(n_layers, m, n).transpose(1, 2).reshape(
-        n_layers, n * m, 1)
-    theta = torch.baddbmm(b_cm, w_cm.reshape(n_layers, n * m, hidden), arns[0].f(a).transpose(1, 2),
-                          out=_scratch(modules[0], "theta", (n_layers, n * m, draws), a))  # (L, n m, draws)
-    xt = x.reshape(n_layers, draws, n).transpose(1, 2)  # (L, n, draws)
-    dy_dx, dld_dx, grads = _spline_partials(theta.reshape(n_layers, n, m, draws), xt, *_spline_info(modules[0]),
-                                            out=_scratch(modules[0], "partials", (2, n_layers, n, m, draws), a))
+    theta = _scratch(modules[0], "theta", (n_layers, m * n, draws), a)  # (L, m n, draws)
+    if outs is not None and all(o is not None and o.numel() == draws * m * n for o in outs):  # the sampler's
+        for k, o in enumerate(outs):  # (a transposing copy: 5x cheaper than forming them again)
+            theta[k].copy_(o.reshape(draws, m * n).t())
+    else:
+        torch.baddbmm(_stack([arn.layers[1].bias for arn in arns]).unsqueeze(-1), w_out, arns[0].f(a).transpose(1, 2),
+                      out=theta)
+    xt = x.reshape(n_layers, draws, n).transpose(1, 2).reshape(n_layers, n * draws)  # (L, n draws)
+    dy_dx, dld_dx, grads = _spline_partials(theta.view(n_layers, m, n * draws), xt, *_spline_info(modules[0]),
+                                            out=_scratch(modules[0], "partials", (2, n_layers, m, n * draws), a),
+                                            owner=modules[0])
     slope = _slope(arns[0].f, a, inplace=owned).transpose(1, 2).contiguous()  # (L, H, draws)
     tangent_t = w1[..., c:].transpose(1, 2)  # (L, n, H): d a / d x, transposed
-    gy = grads[0].reshape(n_layers * n, m, draws)
+    w_cm_t = w_out.view(n_layers, m, n, hidden).permute(0, 2, 3, 1).contiguous()  # (L, n, H, m): per coordinate
+    gy = grads[0].view(n_layers, m, n, draws)
     if draws <= _SPLINE_BATCH_DRAWS:  # all coordinates in one batched product
-        cy = torch.bmm(w_cm_t, gy).reshape(n_layers, n, hidden, draws).mul_(slope.unsqueeze(1))  # (L, n, H, draws)
+        cy = torch.matmul(w_cm_t, gy.transpose(1, 2)).mul_(slope.unsqueeze(1))  # (L, n, H, draws)
         jac = torch.matmul(tangent_t.unsqueeze(1), cy)  # (L, n_i, n_j, draws): d y_i / d x_j through the MADE
     else:  # one coordinate at a time, through one (H, draws) buffer
         jac, cy = dy_dx.new_empty(n_layers, n, n, draws), dy_dx.new_empty(hidden, draws)
         for k in range(n_layers):
             for i in range(n):
-                torch.mm(tangent_t[k], torch.mm(w_cm_t[k * n + i], gy[k * n + i], out=cy).mul_(slope[k]), out=jac[k, i])
-    jac.diagonal(dim1=1, dim2=2).add_(dy_dx.transpose(1, 2))  # (the diagonal view is (L, draws, n))
-    v = torch.bmm(w_cm.reshape(n_layers, n * m, hidden).transpose(1, 2), grads[1].reshape(n_layers, n * m, draws))
-    grad_ld = torch.baddbmm(dld_dx, tangent_t, v.mul_(slope))  # (L, n, draws)
+                torch.mm(tangent_t[k], torch.mm(w_cm_t[k, i], gy[k, :, i], out=cy).mul_(slope[k]), out=jac[k, i])
+    jac.diagonal(dim1=1, dim2=2).add_(dy_dx.view(n_layers, n, draws).transpose(1, 2))  # (a (L, draws, n) view)
+    v = torch.bmm(w_out.transpose(1, 2), grads[1].view(n_layers, m * n, draws))  # (L, H, draws)
+    grad_ld = torch.baddbmm(dld_dx.view(n_layers, n, draws), tangent_t, v.mul_(slope))  # (L, n, draws)
     return (jac.permute(0, 3, 1, 2).reshape((n_layers,) + lead + (n, n)),
             grad_ld.transpose(1, 2).reshape((n_layers,) + lead + (n,)))
 
