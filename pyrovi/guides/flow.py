@@ -828,6 +828,22 @@ def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, boun
 _SPLINE_BATCH_DRAWS = 512
 
 
+_OUT_PREFIX: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _out_prefix(module) -> list:
+    """Per coordinate ``i`` of a one-hidden-layer autoregressive layer, how many hidden units its MADE outputs
+    read: 1 + the last column of ``W_out``'s mask that is set in any of ``i``'s rows (the masked weights after
+    it are zero). Pyro's MADE orders its hidden units by degree, so the coordinate at place ``p`` of the
+    order reads a prefix of about ``(p + 1) H / n`` units: products over the prefix do half the work."""
+    if module not in _OUT_PREFIX:
+        n = module.nn.input_dim
+        mask = module.nn.layers[1].mask.reshape(-1, n, module.nn.layers[1].mask.shape[-1]).ne(0).any(0)  # (n, H)
+        cols = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
+        _OUT_PREFIX[module] = (mask * cols).amax(-1).tolist()
+    return _OUT_PREFIX[module]
+
+
 def _spline_simple(modules) -> bool:
     """True for spline layers whose MADE has one hidden layer and no skip connections, all of one shape."""
     return (_made_simple(modules) and all(isinstance(m, ConditionalSplineAutoregressive) for m in modules)
@@ -876,13 +892,16 @@ def _spline_jacobians(modules, ctx: torch.Tensor, xs, pres=None, outs=None) -> t
     if draws <= _SPLINE_BATCH_DRAWS:  # all coordinates in one batched product
         cy = torch.matmul(w_cm_t, gy.transpose(1, 2)).mul_(slope.unsqueeze(1))  # (L, n, H, draws)
         jac = torch.matmul(tangent_t.unsqueeze(1), cy)  # (L, n_i, n_j, draws): d y_i / d x_j through the MADE
-    else:  # one coordinate at a time, through one (H, draws) buffer
+        v = torch.bmm(w_out.transpose(1, 2), grads[1].view(n_layers, m * n, draws))  # (L, H, draws)
+    else:  # one coordinate at a time, through one (H, draws) buffer, over the hidden units it reads
         jac, cy = dy_dx.new_empty(n_layers, n, n, draws), dy_dx.new_empty(hidden, draws)
+        v, gl = dy_dx.new_zeros(n_layers, hidden, draws), grads[1].view(n_layers, m, n, draws)
         for k in range(n_layers):
-            for i in range(n):
-                torch.mm(tangent_t[k], torch.mm(w_cm_t[k, i], gy[k, :, i], out=cy).mul_(slope[k]), out=jac[k, i])
+            for i, h in enumerate(_out_prefix(modules[k])):
+                torch.mm(w_cm_t[k, i, :h], gy[k, :, i], out=cy[:h]).mul_(slope[k, :h])
+                torch.mm(tangent_t[k, :, :h], cy[:h], out=jac[k, i])
+                v[k, :h].addmm_(w_cm_t[k, i, :h], gl[k, :, i])
     jac.diagonal(dim1=1, dim2=2).add_(dy_dx.view(n_layers, n, draws).transpose(1, 2))  # (a (L, draws, n) view)
-    v = torch.bmm(w_out.transpose(1, 2), grads[1].view(n_layers, m * n, draws))  # (L, H, draws)
     grad_ld = torch.baddbmm(dld_dx.view(n_layers, n, draws), tangent_t, v.mul_(slope))  # (L, n, draws)
     return (jac.permute(0, 3, 1, 2).reshape((n_layers,) + lead + (n, n)),
             grad_ld.transpose(1, 2).reshape((n_layers,) + lead + (n,)))
