@@ -9,7 +9,7 @@ steps interleaved round-robin so load changes hit all objectives alike, and prin
 medians and the ratios ``stl/elbo`` and ``dreg/iwae`` (target of issue 17: at most 1.3).
 
     PYTHONPATH=. python benchmarks/bench_estimators.py [--steps 30] [--k 8] [--threads 1] [--before REV]
-        [--clock cpu|wall]
+        [--repeats 1] [--clock cpu|wall]
 
 ``--clock cpu`` (the default with one thread) times each step by the calling thread's CPU time
 (``time.thread_time``): with one torch thread that is all of the step's work, and unlike the wall
@@ -21,6 +21,11 @@ With ``--before REV`` (a git revision, e.g. ``d8dc016``: main before the stop-gr
 the flow's recorded draw), the same measurement also runs on that revision's ``pyrovi`` package
 (extracted with ``git archive`` into a temporary directory, in a subprocess) and the table shows
 both revisions' ratios side by side: before and after, from one command.
+
+Every measurement runs in a fresh process. One process's ratios move by about +-0.1 from one
+process to the next (the spline's ``stl/elbo`` read 1.26-1.50 in four runs on one afternoon: the
+C allocator's state, which pages a step faults in, differs per process), so claims use
+``--repeats 5``: five processes per revision, alternating, each ratio printed as median (min-max).
 """
 
 from __future__ import annotations
@@ -94,16 +99,24 @@ def measure(gname: str, data, a) -> dict:
     return {o: 1e3 * statistics.median(v) for o, v in times.items()}
 
 
-def _before(rev: str, argv: list) -> dict:
-    """Run this script on revision ``rev``'s pyrovi package in a subprocess; ``{guide: {objective: ms}}``."""
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "archive", rev, "pyrovi"], cwd=root, check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        env = {**os.environ, "PYTHONPATH": tmp}
-        out = subprocess.run([sys.executable, __file__, "--json", *argv], env=env, check=True,
-                             capture_output=True, text=True).stdout
+def _run(pkg: Path, argv: list) -> dict:
+    """This script's measurement on the ``pyrovi`` package under ``pkg``, in a fresh process;
+    ``{guide: {objective: ms}}``."""
+    env = {**os.environ, "PYTHONPATH": str(pkg)}
+    out = subprocess.run([sys.executable, __file__, "--json", *argv], env=env, check=True,
+                         capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _ratios(runs: list, gname: str) -> tuple:
+    """Each run's ``(stl/elbo, dreg/iwae)`` for guide ``gname``."""
+    return tuple([r[gname][a] / r[gname][b] for r in runs] for a, b in (("stl", "elbo"), ("dreg", "iwae")))
+
+
+def _spread(values: list) -> str:
+    """``median`` of one run, ``median (min-max)`` of several."""
+    med = statistics.median(values)
+    return f"{med:.2f}" if len(values) == 1 else f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def main() -> None:
@@ -115,36 +128,47 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--guides", default=",".join(GUIDES))
     ap.add_argument("--clock", choices=("cpu", "wall"), default=None,
-                    help="cpu: the thread's CPU time (default with --threads 1); wall: elapsed time")
+                    help="cpu: the thread's CPU time (default with one thread); wall: elapsed time")
     ap.add_argument("--before", default=None, help="git revision to compare against (see the module doc)")
-    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # machine-readable, for --before
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="fresh processes per revision (alternating with --before's); ratios as median (min-max)")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # machine-readable, one process's run
     a = ap.parse_args()
     a.clock = a.clock or ("cpu" if a.threads == 1 else "wall")
     torch.set_num_threads(a.threads)
-    data = pv.data.load("digits")
     if a.json:
+        data = pv.data.load("digits")
         print(json.dumps({g: measure(g, data, a) for g in a.guides.split(",")}))
         return
+    if a.repeats < 1:
+        ap.error("--repeats must be at least 1")
     argv = ["--steps", str(a.steps), "--warmup", str(a.warmup), "--k", str(a.k), "--batch", str(a.batch),
             "--threads", str(a.threads), "--guides", a.guides, "--clock", a.clock]
-    before = _before(a.before, argv) if a.before else None
+    root = Path(__file__).resolve().parents[1]
+    runs, before = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.before:  # that revision's package, extracted once
+            archive = subprocess.run(["git", "archive", a.before, "pyrovi"], cwd=root, check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        for _ in range(a.repeats):  # alternating, so a change in the machine's load hits both alike
+            runs.append(_run(root, argv))
+            if a.before:
+                before.append(_run(Path(tmp), argv))
     print(f"digits VAE (8 latents, 128 hidden), batch {a.batch}, K={a.k} for iwae/dreg, {a.steps} steps, "
-          f"{a.threads} thread(s); median ms per step ({a.clock} time)"
-          + (f"; before = revision {a.before}" if before else ""))
-    if before:
-        print("| guide | elbo | stl | iwae | dreg | stl/elbo | dreg/iwae | stl/elbo before | dreg/iwae before |")
-        print("|---|---|---|---|---|---|---|---|---|")
-    else:
-        print("| guide | elbo | stl | iwae | dreg | stl/elbo | dreg/iwae |")
-        print("|---|---|---|---|---|---|---|")
+          f"{a.threads} thread(s); median ms per step ({a.clock} time), ratios "
+          + (f"median (min-max) over {a.repeats} processes" if a.repeats > 1 else "of one process")
+          + (f"; before = revision {a.before}" if a.before else ""))
+    head = "| guide | elbo | stl | iwae | dreg | stl/elbo | dreg/iwae |"
+    print(head + (" stl/elbo before | dreg/iwae before |" if a.before else ""))
+    print("|---" * (head.count("|") - 1 + (2 if a.before else 0)) + "|")
     for gname in a.guides.split(","):
-        ms = measure(gname, data, a)
+        ms = {o: statistics.median(r[gname][o] for r in runs) for o in OBJECTIVES}
         row = (f"| {gname} | {ms['elbo']:.1f} | {ms['stl']:.1f} | {ms['iwae']:.1f} | {ms['dreg']:.1f} | "
-               f"{ms['stl'] / ms['elbo']:.2f} | {ms['dreg'] / ms['iwae']:.2f} |")
-        if before:
-            b = before[gname]
-            row += f" {b['stl'] / b['elbo']:.2f} | {b['dreg'] / b['iwae']:.2f} |"
-        print(row, flush=True)
+               + " | ".join(_spread(v) for v in _ratios(runs, gname)) + " |")
+        if a.before:
+            row += " " + " | ".join(_spread(v) for v in _ratios(before, gname)) + " |"
+        print(row)
 
 
 if __name__ == "__main__":
