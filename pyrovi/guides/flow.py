@@ -246,7 +246,8 @@ class DetachedFlowScore(dist.TorchDistribution):
     with :math:`J_k = \partial f_k / \partial u_{k-1}`. Nothing is inverted: planar
     and radial layers use closed forms (rank-one updates of the identity), the
     autoregressive layers (iaf, spline) their triangular Jacobian, formed in closed
-    form from the MADE's masked weights and the sampler's recorded first-layer output
+    form from the MADE's masked weights and the sampler's recorded first-layer output (and a spline's
+    recorded MADE output)
     (:func:`_iaf_jacobians`, :func:`_spline_jacobians`, :func:`_autoregressive_jacobian`) and solved with
     ``torch.linalg.solve_triangular``.
     Only ``log_prob`` of the recorded draw (any value of its shape, e.g. a copy of
@@ -639,8 +640,8 @@ _SCRATCH_MAX_BYTES = 32 * 2 ** 20
 def _scratch(owner, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised buffer of ``shape`` (``like``'s dtype and device) kept for module ``owner`` between calls.
 
-    The spline score's two largest arrays (the MADE's outputs and their partials: 6 MB with 1024
-    draws) live within one call; allocated afresh, their memory was faulted in anew on every step
+    The spline score's largest arrays (the MADE's outputs, their partials and the arrays over the
+    bins: 8 MB with 1024 draws) live within one call; allocated afresh, their memory was faulted in anew on every step
     (the C allocator returns it to the system between steps): ~1000 page faults a dreg step,
     5-10% of its time. One owner's buffers must not be used by two threads at once.
     """
