@@ -641,9 +641,10 @@ def _scratch(owner, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor
     """An uninitialised buffer of ``shape`` (``like``'s dtype and device) kept for module ``owner`` between calls.
 
     The spline score's largest arrays (the MADE's outputs, their partials and the arrays over the
-    bins: 8 MB with 1024 draws) live within one call; allocated afresh, their memory was faulted in anew on every step
-    (the C allocator returns it to the system between steps): ~1000 page faults a dreg step,
-    5-10% of its time. One owner's buffers must not be used by two threads at once.
+    bins: about 8 MB with 1024 draws) live within one call; allocated afresh, their memory was
+    faulted in anew on every step (the C allocator returns it to the system between steps): ~1000
+    page faults a dreg step, 5-10% of its time. One owner's buffers must not be used by two threads
+    at once.
     """
     if math.prod(shape) * like.element_size() > _SCRATCH_MAX_BYTES:  # a large one is not held between steps
         return like.new_empty(shape)
@@ -692,7 +693,7 @@ def _spline_partials(theta: torch.Tensor, x: torch.Tensor, count_bins: int, boun
     lead = torch.broadcast_shapes(theta.shape[:-2], x.shape[:-1])
     d_ = x.shape[-1]
     # the arrays over every bin are the large ones (K times the rest): with an owner they are written into
-    # buffers kept between steps (allocated afresh, their pages were faulted in anew: ~40% of this function)
+    # buffers kept between steps rather than allocated (and their pages faulted in) afresh each step
     work = ((lambda name, shape, dtype=x.dtype: _scratch(owner, name, shape, x.new_empty((), dtype=dtype)))
             if owner is not None else (lambda name, shape, dtype=x.dtype: x.new_empty(shape, dtype=dtype)))
     inside = (x >= -bound) & (x <= bound)
