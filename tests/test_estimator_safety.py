@@ -299,6 +299,10 @@ def _copies_agree(guide, x):
         for name, site in t1.trace.nodes.items():
             if site["type"] == "sample":
                 torch.testing.assert_close(site["value"], t2.trace.nodes[name]["value"])
+                # the copy's q is the guide's own kind: a flow's keeps its stop-gradient score (a pickled
+                # copy of constraints.real once wrapped it in a TransformedDistribution: stl/dreg failed under
+                # ddp_spawn, whose workers get the guide pickled)
+                assert type(t2.trace.nodes[name]["fn"]) is type(site["fn"])
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["example", "lazy"])

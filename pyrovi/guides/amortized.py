@@ -80,16 +80,13 @@ class SiteSpec(NamedTuple):
     support: object  # torch constraint; q lives on R^n and is mapped by biject_to(support)
     unconstrained_shape: tuple  # event shape before biject_to (differs for e.g. simplex)
 
-    def __deepcopy__(self, memo):
-        # immutable; a copy must keep torch's constraint singletons, which are compared by identity
-        # (a copied constraints.real would wrap a copied guide's q in a needless TransformedDistribution)
-        return self
-
 
 def _is_real(support) -> bool:
+    """An unconstrained support: ``real``, maybe under ``independent``. By type, not identity: a copied or
+    pickled guide (a ``ddp_spawn`` worker's) holds its own copy of torch's ``constraints.real``."""
     while isinstance(support, constraints.independent):
         support = support.base_constraint
-    return support is constraints.real
+    return type(support) is type(constraints.real)
 
 
 def _spec(event_shape, support) -> SiteSpec:
@@ -500,16 +497,16 @@ class Amortized(PyroModule):
     def _site_distribution(self, spec: SiteSpec, q):
         """Map q on the head's space (flat ``(n,)`` or the unconstrained shape) to the site's shape and support."""
         if isinstance(q, dist.Delta):  # a point mass is mapped pointwise (no Jacobian: log q stays 0)
-            if tuple(q.event_shape) == tuple(spec.event_shape) and spec.support is constraints.real:
+            if tuple(q.event_shape) == tuple(spec.event_shape) and _is_real(spec.support):
                 return q
             v = q.v.reshape(q.batch_shape + torch.Size(spec.unconstrained_shape))
-            if spec.support is not constraints.real:
+            if not _is_real(spec.support):
                 v = biject_to(spec.support)(v)
             return dist.Delta(v, event_dim=len(spec.event_shape))
         ts = []
         if tuple(q.event_shape) != tuple(spec.unconstrained_shape):
             ts.append(T.ReshapeTransform(q.event_shape, torch.Size(spec.unconstrained_shape)))
-        if spec.support is not constraints.real:
+        if not _is_real(spec.support):
             ts.append(biject_to(spec.support))
         return dist.TransformedDistribution(q, ts) if ts else q
 
@@ -583,7 +580,7 @@ class Amortized(PyroModule):
         out = {}
         for name, spec in self.sites.items():
             head = self.heads[name]
-            if hasattr(head, "moments") and spec.support is constraints.real:
+            if hasattr(head, "moments") and _is_real(spec.support):
                 loc, scale = head.moments(h)
             else:
                 loc, scale = _mc_moments(self._site_distribution(spec, _q(head, h)))
