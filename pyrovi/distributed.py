@@ -42,14 +42,14 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from typing import Any, Callable
 
 import numpy as np
 import pyro
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
+from .checkpoint import load_tensors, save_tensors
 from .errors import CheckpointError, ConfigError, DataError, PyroviError, TrainingError, check_positive, lookup
 from .loop import World, train
 from .run import Run, empty_param_state, resolve_device
@@ -283,11 +283,18 @@ def launch(spec: dict, *, strategy: str, devices: int, num_nodes: int, accelerat
     fabric = fabric_mod.Fabric(accelerator=accel, strategy=strategy, devices=devices, num_nodes=num_nodes)
     if strategy != "ddp_spawn":
         return fabric.launch(_worker, spec, describe)
-    # Spawned ranks train copies; rank 0 hands its learned tensors back to this process.
-    try:
-        result = fabric.launch(_worker, spec, describe)
-    except Exception as e:  # torch's ProcessRaisedException carries a rank's pyrovi error as text
-        raise _rank_error(e) from None
+    # Spawned ranks train copies; rank 0 hands its learned tensors back to this process through a file:
+    # Lightning returns a worker's value through a pipe that is read only after every rank has exited,
+    # so a value over the pipe's 64 KiB (any real model's weights) left rank 0 blocked forever
+    with tempfile.TemporaryDirectory(prefix="pyrovi-spawn-") as handoff:
+        path = os.path.join(handoff, "rank0.safetensors")
+        try:
+            fabric.launch(_worker, spec, describe, path)
+        except Exception as e:  # torch's ProcessRaisedException carries a rank's pyrovi error as text
+            raise _rank_error(e) from None
+        if not os.path.exists(path):  # this node has no global rank 0 (num_nodes > 1)
+            raise PyroviError("ddp_spawn: rank 0 trained on another node, so no weights came back to this process")
+        tensors, result = load_tensors(path)
     model, guide, tr = spec["model"], spec["guide"], spec["train"]
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):
@@ -296,7 +303,7 @@ def launch(spec: dict, *, strategy: str, devices: int, num_nodes: int, accelerat
               param_state=empty_param_state(), device=_device_of(model, guide), data=spec["ds"],
               metrics=result["metrics"], model_kwargs=spec["model_kwargs"])
     probe, kw = run.call_args(tr.x[:2], None if tr.y is None else tr.y[:2])
-    run.load_state_tensors(st_load(result["tensors"]), result["constraints"], probe, kw)
+    run.load_state_tensors(tensors, result["constraints"], probe, kw)
     for m in (model, guide):
         if isinstance(m, torch.nn.Module):
             m.eval()
@@ -334,12 +341,13 @@ def _device_of(model, guide) -> torch.device:
     return torch.device("cpu")
 
 
-def _worker(fabric, spec: dict, describe: dict):
-    """One rank's fit (every rank runs this); returns the Run (or, spawned, rank 0's tensors)."""
+def _worker(fabric, spec: dict, describe: dict, handoff: "str | None" = None):
+    """One rank's fit (every rank runs this); returns the Run, or, spawned, None: rank 0 writes its tensors and
+    their run's record (history, metrics, config, param constraints) to the safetensors file ``handoff``."""
     run = train(FabricWorld(fabric, describe), spec)
     if describe["strategy"] == "ddp_spawn":
-        # as safetensors bytes: torch's shared-memory tensor passing breaks once this worker has exited
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in run.state_tensors().items()}
-        return {"tensors": st_save(tensors), "constraints": run.param_constraints(), "history": run.history,
-                "metrics": run.metrics, "config": run.config} if fabric.is_global_zero else None
+        if fabric.is_global_zero:
+            save_tensors(handoff, run.state_tensors(), {"constraints": run.param_constraints(), "history": run.history,
+                                                        "metrics": run.metrics, "config": run.config})
+        return None
     return run

@@ -282,20 +282,29 @@ def test_pyro_params_of_plain_functions_become_parameters_ddp_averages():
         assert torch.allclose(params[0].grad, -x.sum(0))
 
 
+def _spawn_build(data):
+    """A VAE whose weights (146 KB) exceed a pipe's 64 KiB: Lightning hands a spawned worker's return value
+    back through a pipe read only after every rank has exited, so weights returned that way hung rank 0."""
+    torch.manual_seed(0)
+    model = pv.models.VAE(data.shape, 4, hidden=(256,), image_shape=data.image_shape)
+    return model, pv.guides.DiagNormal(model, hidden=(256,))
+
+
 @pytest.mark.slow
 @needs_lightning
 def test_ddp_spawn_brings_weights_back_and_resumes_the_same_trajectory(digits, tmp_path, restore_environ):
     kw = dict(strategy="ddp_spawn", devices=2, accelerator="cpu", batch_size=128, progress=False, figures=False)
-    model, guide = ddp_script.build(digits)
+    model, guide = _spawn_build(digits)
     run = pv.fit(model, guide, digits, epochs=2, out=str(tmp_path / "a"), **kw)
     saved = load_tensors(str(tmp_path / "a" / "weights.safetensors"))[0]
     mine = run.state_tensors()
     assert saved.keys() == mine.keys() and all(torch.equal(saved[k], mine[k]) for k in saved)
-    untouched, _ = ddp_script.build(digits)  # the same initial weights: training moved them
+    assert sum(v.numel() * v.element_size() for v in mine.values()) > 2 * 2 ** 16  # over twice a pipe's buffer
+    untouched, _ = _spawn_build(digits)  # the same initial weights: training moved them
     assert not torch.equal(next(iter(model.parameters())), next(iter(untouched.parameters())))
     assert len(run.history) == 2 and run.config["distributed"]["strategy"] == "ddp_spawn"
     # one epoch, then resume to two: the same weights as two epochs straight (shards and seeds are per epoch)
-    m2, g2 = ddp_script.build(digits)
+    m2, g2 = _spawn_build(digits)
     pv.fit(m2, g2, digits, epochs=1, out=str(tmp_path / "b"), **kw)
     resumed = pv.fit(m2, g2, digits, epochs=2, out=str(tmp_path / "b"), resume=True, **kw)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
