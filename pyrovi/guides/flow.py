@@ -839,8 +839,8 @@ def _out_prefix(module) -> list:
     it are zero). Pyro's MADE orders its hidden units by degree, so the coordinate at place ``p`` of the
     order reads a prefix of about ``(p + 1) H / n`` units: products over the prefix do half the work."""
     if module not in _OUT_PREFIX:
-        n = module.nn.input_dim
-        mask = module.nn.layers[1].mask.reshape(-1, n, module.nn.layers[1].mask.shape[-1]).ne(0).any(0)  # (n, H)
+        out_mask = module.nn.layers[1].mask  # (m n, H): output p n + i is coordinate i's parameter p
+        mask = out_mask.reshape(-1, module.nn.input_dim, out_mask.shape[-1]).ne(0).any(0)  # (n, H)
         cols = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
         _OUT_PREFIX[module] = (mask * cols).amax(-1).tolist()
     return _OUT_PREFIX[module]
